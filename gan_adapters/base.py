@@ -1,0 +1,40 @@
+"""The `Generator` interface (DESIGN.md §3).
+
+Conventions: samples are float tensors in [-1, 1] (images NCHW), labels are one-hot float tensors
+[N, c_dim] or None when c_dim == 0. Calling the generator is differentiable in its trainable
+parameters; the refinement loop only ever sees this interface.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Generator(Protocol):
+    z_dim: int
+    c_dim: int  # 0 = unconditional
+    data_shape: tuple[int, ...]  # shape of one sample, e.g. (3, 32, 32) or (2,)
+
+    def sample_latents(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """n latents from the family's own prior (StyleGAN2: N(0, I); BigGAN: truncated normal)."""
+
+    def sample_labels(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+        """n one-hot labels drawn uniformly over the classes, or None for unconditional models."""
+
+    def __call__(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the generator in its family's native format."""
+
+
+def uniform_one_hot(n: int, c_dim: int, generator: Optional[torch.Generator] = None,
+                    device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+    """n one-hot rows with classes drawn uniformly (what NVIDIA's metric code does), or None if c_dim == 0."""
+    if c_dim == 0:
+        return None
+    idx = torch.randint(c_dim, (n,), generator=generator, device=device)
+    return torch.nn.functional.one_hot(idx, c_dim).float()

@@ -1,0 +1,3 @@
+from refiner.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The `refiner` command line: a click group whose commands live one per module in this package."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from fileformats.errors import UserError
+
+# command name -> module that defines `command` (a click.Command). Imported on first use.
+COMMANDS: dict[str, str] = {
+    "toy": "refiner.cli.toy",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(COMMANDS[name]).command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.UsageError(str(e)) from None
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="refiner")
+def cli() -> None:
+    """Refine GANs and distill EDM teachers with Diff-Instruct (Luo et al., NeurIPS 2023)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="refiner")
