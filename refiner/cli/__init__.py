@@ -15,6 +15,12 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _UserFacingError(click.ClickException):
+    """A user mistake: printed as one line `Error: ...`, exit code 2."""
+
+    exit_code = 2
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -28,7 +34,7 @@ class _LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            raise click.UsageError(str(e)) from None
+            raise _UserFacingError(str(e)) from None
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
