@@ -12,6 +12,9 @@ from fileformats.errors import UserError
 # command name -> module that defines `command` (a click.Command). Imported on first use.
 COMMANDS: dict[str, str] = {
     "toy": "refiner.cli.toy",
+    "inspect": "refiner.cli.inspect",
+    "metrics": "refiner.cli.metrics",
+    "sample": "refiner.cli.sample",
 }
 
 

@@ -1,0 +1,46 @@
+"""`load_generator`: recognise what a source holds and load it behind the `Generator` interface.
+
+One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builder). Supported now:
+- a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py).
+Folders (BigGAN-deep) and one-step EDM snapshots are to be added here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Union
+
+import torch
+
+from fileformats import nvpickle
+from fileformats.errors import UserError
+from gan_adapters.base import Generator
+from gan_adapters.stylegan2_adapter import StyleGAN2Options, source_name, stylegan2_from_snapshot
+
+Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
+
+_PICKLE_KINDS: list[tuple[Callable[[Any], bool], Builder]] = [
+    (lambda data: isinstance(data, dict) and "G_ema" in data,
+     lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts),
+                                                              name, device)),
+]
+
+
+def load_generator(source: nvpickle.Source, device: torch.device | str | None = None,
+                   **opts: Any) -> Generator:
+    """The generator stored in `source` (path, URL, bytes or binary file), on `device`.
+
+    opts are passed to the family's loader (StyleGAN2-ADA: noise_mode, truncation_psi,
+    truncation_cutoff, force_fp32, trainable). A file of no supported kind is a UserError saying
+    what the file holds.
+    """
+    name = source_name(source)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        raise UserError(f"{name} is a folder; no generator stored as a folder is supported yet. "
+                        "Give a StyleGAN2-ADA network snapshot (.pkl)")
+    data = nvpickle.load(source)
+    for matches, build in _PICKLE_KINDS:
+        if matches(data):
+            return build(data, name, device, opts)
+    raise UserError(f"{name}: no generator that can be loaded; found {nvpickle.describe(data)}. "
+                    "Give a StyleGAN2-ADA network snapshot (.pkl with G_ema)")

@@ -1,0 +1,225 @@
+"""A StyleGAN2-ADA network pickle behind the `Generator` interface, and writing it back.
+
+`load_stylegan2(source)` reads a snapshot (`network-snapshot-*.pkl`: training_set_kwargs, G, D,
+G_ema, augment_pipe) with the safe reader `fileformats.nvpickle`, builds the clean-room generator
+(gan_adapters/stylegan2.py) from `G_ema`'s constructor arguments and loads its weights. The
+returned `StyleGAN2Generator` keeps the loaded file; `save(path)` writes it back with the refined
+weights in place of G_ema's tensors (and G's, unless keep_G). Every other entry (D, augment_pipe,
+training_set_kwargs, module sources, attributes, init kwargs, global names) is written unchanged,
+so NVIDIA's `legacy.load_network_pkl` and our own loader read the result.
+
+Training-time choices (options of `load_stylegan2` / `load_generator`):
+- noise_mode 'random' (default): fresh per-pixel noise on every call, the distribution NVIDIA's
+  metric code samples (G_ema(z, c) with its default noise mode), so refinement improves what FID
+  measures. 'const' uses the stored noise_const buffers (each z gives one fixed image); 'none'
+  drops the noise inputs.
+- truncation_psi 1 (default, truncation off) and truncation_cutoff None; other values truncate
+  toward w_avg as the original does.
+- force_fp32 True (default): every block in float32 (the loop owns mixed precision). False runs the
+  blocks the file marks use_fp16 in float16, as NVIDIA's code does.
+- trainable, from most to least:
+  'all'            every parameter; in training mode the mapping tracks w_avg as StyleGAN2 training does.
+  'mapping-frozen' the mapping MLP (and w_avg) frozen; all of the synthesis network trains,
+                   including the per-layer affine style layers.
+  'synthesis'      the whole z -> style path frozen: the mapping MLP and every affine style layer.
+                   Only the image-making weights train (convolution weights and biases, ToRGB,
+                   the 4x4 constant input, noise strengths), so a z keeps its styles.
+  Frozen mappings stay in eval mode (no w_avg updates) whatever train() is called with.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from fileformats import nvpickle
+from fileformats.errors import UserError
+from gan_adapters.base import uniform_one_hot
+from gan_adapters.stylegan2 import NOISE_MODES, Generator, GeneratorConfig
+
+TRAINABLE = ("all", "mapping-frozen", "synthesis")
+
+
+@dataclass
+class StyleGAN2Options:
+    """How the loaded generator is sampled and trained (see the module docstring)."""
+
+    noise_mode: str = "random"
+    truncation_psi: float = 1.0
+    truncation_cutoff: int | None = None
+    force_fp32: bool = True
+    trainable: str = "all"
+
+    @classmethod
+    def from_kwargs(cls, opts: dict[str, Any]) -> StyleGAN2Options:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(opts) - set(names))
+        if unknown:
+            raise UserError(f"unknown StyleGAN2-ADA option(s) {unknown}; valid options: {names}")
+        options = cls(**opts)
+        if options.noise_mode not in NOISE_MODES:
+            raise UserError(f"noise_mode must be one of {list(NOISE_MODES)}, not {options.noise_mode!r}")
+        if options.trainable not in TRAINABLE:
+            raise UserError(f"trainable must be one of {list(TRAINABLE)}, not {options.trainable!r}")
+        return options
+
+
+class _Snapshot:
+    """The loaded pickle (top-level dict of records), kept for writing back.
+
+    Left as read (save() restores what it swaps in), so copies of the generator, such as the loop's
+    EMA made with copy.deepcopy, share it instead of duplicating D and the rest.
+    """
+
+    def __init__(self, data: dict, name: str):
+        self.data = data
+        self.name = name
+
+    def __deepcopy__(self, memo: dict) -> _Snapshot:
+        return self
+
+
+class StyleGAN2Generator(torch.nn.Module):
+    """`Generator` interface over a StyleGAN2-ADA G_ema. `.network` is the clean-room generator with
+    the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
+
+    def __init__(self, network: Generator, snapshot: _Snapshot, options: StyleGAN2Options):
+        super().__init__()
+        self.network = network
+        self.snapshot = snapshot
+        self.options = options
+        self.z_dim = network.z_dim
+        self.c_dim = network.c_dim
+        self.resolution = network.img_resolution
+        self.channels = network.img_channels
+        self.data_shape = (network.img_channels, network.img_resolution, network.img_resolution)
+        for name, p in network.named_parameters():
+            p.requires_grad_(self._is_trainable(name))
+
+    def _is_trainable(self, name: str) -> bool:
+        if self.options.trainable == "all":
+            return True
+        if name.startswith("mapping."):
+            return False
+        return self.options.trainable == "mapping-frozen" or ".affine." not in name
+
+    def train(self, mode: bool = True) -> StyleGAN2Generator:
+        super().train(mode)
+        if self.options.trainable != "all":
+            self.network.mapping.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.synthesis.b4.const.device
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ N(0, I) [n, z_dim], drawn on the torch.Generator's device (CPU without one)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn([n, self.z_dim], generator=generator, device=device)
+
+    def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        return uniform_one_hot(n, self.c_dim, generator, device=device)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [N, C, R, R] (float32, nominally in [-1, 1]; not clamped), differentiable."""
+        if self.c_dim > 0 and c is None:
+            raise ValueError(f"this generator is conditional ({self.c_dim} classes): pass one-hot labels c")
+        if c is None:
+            c = z.new_zeros([z.shape[0], 0])
+        o = self.options
+        return self.network(z, c, truncation_psi=o.truncation_psi, truncation_cutoff=o.truncation_cutoff,
+                            noise_mode=o.noise_mode, force_fp32=o.force_fp32)
+
+    def describe(self) -> str:
+        cfg = self.network.cfg
+        fp16 = [f"b{b.resolution}" for b in self.network.synthesis.blocks() if b.use_fp16]
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.parameters())
+        cond = f"{self.c_dim} classes" if self.c_dim else "unconditional"
+        return (f"StyleGAN2-ADA generator {self.resolution}x{self.resolution}x{self.channels}, {cond}, "
+                f"z_dim {self.z_dim}, w_dim {cfg.w_dim}, {self.network.num_ws} ws, "
+                f"architecture {cfg.synthesis.architecture}, float16 blocks "
+                f"{','.join(fp16) if fp16 else 'none'}, conv_clamp {cfg.synthesis.conv_clamp}; "
+                f"{n_train:,} of {n_all:,} parameters trainable ({self.options.trainable}); "
+                f"from {self.snapshot.name}")
+
+    def save(self, path: str | os.PathLike, keep_G: bool = False, overwrite: bool = False) -> None:
+        """Write the loaded pickle back with this network's weights as G_ema (and G unless keep_G).
+
+        Everything else is written as it was read, so saving unchanged weights reproduces the input
+        file byte for byte. Atomic; an existing file is refused unless overwrite.
+        """
+        data = self.snapshot.data
+        records = [data[k] for k in (("G_ema",) if keep_G else ("G_ema", "G")) if k in data]
+        originals = [OrderedDict((k, v.clone()) for k, v in r.state_dict().items()) for r in records]
+        weights = self.network.state_dict()
+        try:
+            # Copy into the stored tensors (their storages keep the headers they were read with),
+            # write, then restore: the kept snapshot never changes.
+            for record, stored in zip(records, originals):
+                record.load_state_dict({k: weights[k].detach().to("cpu", v.dtype) for k, v in stored.items()})
+            nvpickle.dump(data, path, overwrite=overwrite)
+        finally:
+            for record, stored in zip(records, originals):
+                record.load_state_dict(stored)
+
+
+def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<snapshot>",
+                            device: torch.device | str | None = None) -> StyleGAN2Generator:
+    """The generator of an already loaded snapshot (what `nvpickle.load` returned)."""
+    record = data.get("G_ema") if isinstance(data, dict) else None
+    if not isinstance(record, nvpickle.PersistentObject):
+        raise UserError(f"{name}: no StyleGAN2-ADA generator (G_ema) in this file; found "
+                        f"{nvpickle.describe(data)}. Give a StyleGAN2-ADA network snapshot "
+                        "(network-snapshot-*.pkl)")
+    if record.class_name != "Generator":
+        raise UserError(f"{name}: G_ema is a {record.class_name}, not a StyleGAN2-ADA Generator")
+    try:
+        cfg = GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs)
+        network = Generator(cfg)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{name}: G_ema's constructor arguments do not describe a StyleGAN2-ADA generator "
+                        f"({e}); StyleGAN3 and StyleGAN2 (TensorFlow) files are not supported") from None
+    _check_same_tensors(name, record.state_dict(), network.state_dict())
+    network.load_state_dict(record.state_dict())
+    network.eval()
+    adapter = StyleGAN2Generator(network, _Snapshot(data, name), options).eval()
+    return adapter.to(device) if device is not None else adapter
+
+
+def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in built if k not in stored]
+    extra = [k for k in stored if k not in built]
+    shapes = [f"{k} {list(stored[k].shape)} vs {list(v.shape)}" for k, v in built.items()
+              if k in stored and stored[k].shape != v.shape]
+    if missing or extra or shapes:
+        problems = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                             for what, items in (("missing", missing), ("unexpected", extra),
+                                                 ("shape differs (file vs rebuilt)", shapes)) if items)
+        raise UserError(f"{name}: G_ema's weights do not match a StyleGAN2-ADA generator built from its "
+                        f"constructor arguments ({problems}); the file may come from another "
+                        "StyleGAN version")
+
+
+def load_stylegan2(source: nvpickle.Source, device: torch.device | str | None = None,
+                   **opts: Any) -> StyleGAN2Generator:
+    """Load a StyleGAN2-ADA snapshot (path, URL, bytes or binary file) as a `StyleGAN2Generator`.
+
+    opts: noise_mode, truncation_psi, truncation_cutoff, force_fp32, trainable (module docstring).
+    The pickle's other networks (D, augment_pipe) stay on the CPU, untouched.
+    """
+    options = StyleGAN2Options.from_kwargs(opts)
+    return stylegan2_from_snapshot(nvpickle.load(source), options, source_name(source), device)
+
+
+def source_name(source: nvpickle.Source) -> str:
+    """How to name a source in messages: its path or URL, a file object's name, else '<data>'."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(os.fspath(source))
+    return str(getattr(source, "name", "<data>"))

@@ -1,0 +1,144 @@
+"""FID / IS / KID of a generator or an image set against reference statistics, NVIDIA's way.
+
+Metric names follow NVIDIA's metric_main: `fid50k_full`, `is50k`, `kid50k_full`; also `fid10k`, `fid2000`
+or plain `fid` (count from `num`). Reference statistics always cover the whole reference set, which is
+what the `_full` suffix means; the suffix is accepted and changes nothing.
+
+A generator is anything with `sample_latents(n, generator)`, `sample_labels(n, generator)` and
+`__call__(z, c)` returning images in [-1, 1] (the Generator interface, duck-typed here): latents from its
+own prior, labels uniform over its classes, output quantised as NVIDIA does (images.quantize).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fileformats.errors import UserError
+from metrics.features import FeatureCollector, collect, device_of
+from metrics.images import ImageSet, open_image_set, quantize, to_rgb
+from metrics.reference import ReferenceStats, load_reference
+from metrics.stats import fid, inception_score, kid
+
+DEFAULT_GENERATOR_SAMPLES = 50_000  # fid50k / is50k / kid50k
+_NAME = re.compile(r"(fid|is|kid)(?:(\d+)([km]?))?(_full)?")
+_SCALE = {"": 1, "k": 1_000, "m": 1_000_000}
+
+
+@dataclass(frozen=True)
+class MetricRequest:
+    name: str  # 'fid', 'is' or 'kid'
+    num: int | None  # samples it uses; None = the caller's default
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
+    """'fid50k_full,is50k' or ['fid', 'kid10k'] -> requests. Each metric may appear once."""
+    items = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:
+        raise UserError("no metrics given: use e.g. --metrics fid50k_full,is50k")
+    requests: dict[str, MetricRequest] = {}
+    for item in items:
+        m = _NAME.fullmatch(item)
+        if m is None:
+            raise UserError(f"unknown metric {item!r}: use fid, is or kid, optionally with a sample count "
+                            "(fid50k, is10k, kid50k_full, fid2000)")
+        name, digits, unit = m.group(1), m.group(2), m.group(3) or ""
+        num = int(digits) * _SCALE[unit] if digits else None
+        if num == 0:
+            raise UserError(f"metric {item!r} asks for 0 samples")
+        if name in requests:
+            raise UserError(f"metric {name!r} is asked for twice ({item!r}); ask for each metric once")
+        requests[name] = MetricRequest(name, num)
+    return list(requests.values())
+
+
+def generated_batches(G, num: int, batch_size: int = 64, seed: int = 0) -> Iterator[torch.Tensor]:
+    """`num` samples of G as uint8 RGB batches [B, 3, H, W]; latents and labels come from G's own priors
+    through one torch.Generator seeded with `seed`, so a seed gives the same latents to any generator
+    with the same priors (before / after refinement)."""
+    rng = torch.Generator(device_of(G)).manual_seed(seed)
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        with torch.no_grad():
+            z = G.sample_latents(b, rng)
+            c = G.sample_labels(b, rng)
+            x = G(z, c)
+        if x.ndim != 4:
+            raise UserError(f"the generator returns shape {list(x.shape)}, not images [N, C, H, W]; "
+                            "image metrics need an image generator")
+        yield to_rgb(quantize(x)).cpu()
+
+
+def _is_generator(source: object) -> bool:
+    return all(callable(getattr(source, a, None)) for a in ("sample_latents", "sample_labels", "__call__"))
+
+
+def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid"),
+             ref: str | os.PathLike | ImageSet | ReferenceStats | None = None, num: int | None = None, *,
+             batch_size: int = 64, seed: int = 0, fid_method: str = "sqrtm", frontend: str | None = None,
+             cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Compute the requested metrics of `source` and return {'fid', 'is_mean', 'is_std', 'kid'} (those asked).
+
+    source: a generator (duck-typed, see module doc), an image set or its path, or an iterable of uint8
+    batches [B, 3, H, W]. num: samples for metrics named without a count (default: 50k for a generator,
+    the whole set for images, everything for an iterable). An image set larger than a metric's count is
+    subsampled with a fixed seed (EDM's fid.py). ref: reference images or statistics (FID and KID)."""
+    requests = parse_metrics(metrics)
+    if isinstance(source, (str, os.PathLike)):
+        source = open_image_set(source)
+    if isinstance(source, ImageSet):
+        default = num or len(source)
+    elif _is_generator(source):
+        default = num or DEFAULT_GENERATOR_SAMPLES
+    else:
+        default = num or sys.maxsize  # until the iterable ends
+    counts = {r.name: r.num or default for r in requests}
+    total = max(counts.values())
+
+    reference = None
+    if "fid" in counts or "kid" in counts:
+        if ref is None:
+            raise UserError("FID and KID need reference statistics: give --ref (image folder, dataset .zip, "
+                            ".npz of images or an .npz with mu and sigma)")
+        reference = ref if isinstance(ref, ReferenceStats) else load_reference(
+            ref, detector, frontend=frontend, need_features="kid" in counts, batch_size=batch_size,
+            cache_dir=cache_dir)
+        if "kid" in counts and reference.features is None:
+            raise UserError("KID needs reference features, but the reference holds only mu and sigma")
+
+    if isinstance(source, ImageSet):
+        if total > len(source):
+            raise UserError(f"{source.path} holds {len(source)} images but {total} were asked for; "
+                            "ask for fewer or add images")
+        indices = None if total == len(source) else np.sort(np.random.RandomState(seed).permutation(
+            len(source))[:total])
+        batches: Iterable[torch.Tensor] = source.batches(batch_size, indices)
+    elif _is_generator(source):
+        batches = generated_batches(source, total, batch_size, seed)
+    else:
+        batches = source
+
+    collector = FeatureCollector(num_fid=counts.get("fid", 0), num_is=counts.get("is", 0),
+                                 num_kid=counts.get("kid", 0), seed=seed)
+    collect(batches, detector, collector, desc="metrics", total=total if total < sys.maxsize else None)
+    short = {name: n for name, n in counts.items() if n < sys.maxsize and collector.seen < n}
+    if collector.seen == 0:
+        raise UserError("no images to evaluate: the sample source is empty")
+    if short:
+        raise UserError(f"only {collector.seen} samples arrived but {short} were asked for")
+
+    results: dict[str, float] = {}
+    if "fid" in counts:
+        results["fid"] = fid(collector.fid.mean, collector.fid.cov, reference.mu, reference.sigma,
+                             method=fid_method)
+    if "is" in counts:
+        results["is_mean"], results["is_std"] = inception_score(collector.logits)
+    if "kid" in counts:
+        results["kid"] = kid(collector.kid.features, reference.features, seed=seed)
+    return results

@@ -1,0 +1,168 @@
+"""`refiner inspect`: show what an NVIDIA network pickle holds, without executing anything from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from fileformats import nvpickle
+from fileformats.sources import open_source
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data for stored attributes and kwargs: numpy scalars become numbers, non-finite
+    floats the strings 'inf' / '-inf' / 'nan', tensors a short description, anything else its repr."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, nvpickle.PersistentObject):
+        return f"<{value.class_name}>"
+    return repr(value)
+
+
+def _own_tensors(node: Any) -> list[dict]:
+    state = nvpickle.node_state(node) or {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    out = []
+    for kind, holder in (("parameter", state.get("_parameters")), ("buffer", state.get("_buffers"))):
+        for name, t in (holder or {}).items():
+            if t is not None:
+                out.append({"name": name, "kind": kind if name not in skip else "non-persistent buffer",
+                            "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+    return out
+
+
+def module_tree(node: Any) -> dict:
+    """Class name, tensors and children of one module node (record or torch container), recursively."""
+    children = {name: module_tree(child) for name, child in nvpickle.node_children(node).items()
+                if child is not None}
+    tensors = _own_tensors(node)
+    own = sum(math.prod(t["shape"]) for t in tensors if t["kind"] == "parameter")
+    return {
+        "class_name": node.class_name if isinstance(node, nvpickle.PersistentObject) else type(node).__name__,
+        "num_params": own + sum(c["num_params"] for c in children.values()),
+        "tensors": tensors,
+        "children": children,
+    }
+
+
+def network_summary(record: nvpickle.PersistentObject) -> dict:
+    state_dict = record.state_dict()
+    dtypes = Counter()
+    for t in state_dict.values():
+        dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
+    attributes = {k: jsonable(v) for k, v in record.state.items()
+                  if not k.startswith("_") and k != "training"
+                  and not isinstance(v, (torch.Tensor, nvpickle.PersistentObject, torch.nn.Module))}
+    return {
+        "class_name": record.class_name,
+        "persistence_version": record.version,
+        "module_src_chars": len(record.module_src),
+        "init_args": jsonable(record.init_args),
+        "init_kwargs": jsonable(record.init_kwargs),
+        "attributes": attributes,
+        "num_params": sum(t.numel() for t in record.named_parameters().values()),
+        "num_state_tensors": len(state_dict),
+        "state_elements_by_dtype": dict(dtypes),
+        "state_bytes": sum(t.numel() * t.element_size() for t in state_dict.values()),
+        "tree": module_tree(record),
+    }
+
+
+def summarize(obj: Any) -> dict:
+    """Everything `inspect` shows, as JSON data: one entry per top-level key."""
+    items = obj.items() if isinstance(obj, dict) else [("<top>", obj)]
+    entries = {}
+    for key, value in items:
+        if isinstance(value, nvpickle.PersistentObject):
+            entries[str(key)] = {"network": network_summary(value)}
+        else:
+            entries[str(key)] = {"type": type(value).__name__, "value": jsonable(value)}
+    return {"kind": nvpickle.describe(obj), "entries": entries}
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _render_tree(name: str, tree: dict, depth: int, max_depth: int | None, tensors: bool,
+                 lines: list[str]) -> None:
+    indent = "  " * (depth + 1)
+    lines.append(f"{indent}{name}: {tree['class_name']}  {_count(tree['num_params'])} params")
+    if tensors:
+        for t in tree["tensors"]:
+            extra = "" if t["kind"] == "parameter" else f"  ({t['kind']})"
+            lines.append(f"{indent}  .{t['name']}  {t['shape']} {t['dtype']}{extra}")
+    if max_depth is not None and depth >= max_depth:
+        if tree["children"]:
+            lines.append(f"{indent}  ... {len(tree['children'])} submodules (raise --depth)")
+        return
+    for child_name, child in tree["children"].items():
+        _render_tree(child_name, child, depth + 1, max_depth, tensors, lines)
+
+
+def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
+    lines = [f"file: {summary['file']}  ({_count(summary['size_bytes'])} bytes, "
+             f"pickle protocol {summary['pickle_protocol']})",
+             f"kind: {summary['kind']}",
+             f"globals: {', '.join(summary['globals'])}", ""]
+    for key, entry in summary["entries"].items():
+        if "network" not in entry:
+            lines.append(f"[{key}] {entry['type']}: {json.dumps(entry['value'])}")
+            continue
+        net = entry["network"]
+        dtypes = ", ".join(f"{d} {_count(n)}" for d, n in net["state_elements_by_dtype"].items())
+        lines.append(f"[{key}] {net['class_name']}: {_count(net['num_params'])} parameters, "
+                     f"{net['num_state_tensors']} state tensors ({dtypes or 'none'}; "
+                     f"{net['state_bytes'] / 2**20:.2f} MiB)")
+        if net["init_args"]:
+            lines.append(f"  init args: {json.dumps(net['init_args'])}")
+        for k, v in net["init_kwargs"].items():
+            lines.append(f"  init {k} = {json.dumps(v)}")
+        if net["tree"]["children"] or net["tree"]["tensors"]:
+            _render_tree(key, net["tree"], 0, max_depth, tensors, lines)
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+@click.command("inspect")
+@click.argument("source", metavar="FILE_OR_URL")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--depth", type=click.IntRange(min=0), default=None,
+              help="Show the module tree only this many levels below each network (default: all).")
+@click.option("--tensors", is_flag=True, help="List every parameter and buffer with shape and dtype.")
+@click.option("--sha256", default=None, help="Expected sha256 of the file (checked before reading).")
+def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256: str | None) -> None:
+    """Show the networks in an NVIDIA pickle, executing nothing.
+
+    Prints the top-level keys and, for each network, its constructor kwargs, parameter counts,
+    dtypes and sizes, and its module tree (class names and nesting).
+
+    FILE_OR_URL is a StyleGAN2-ADA / EDM network pickle (path, file:// or http(s):// URL; URLs
+    are cached). The file is read with a restricted unpickler: the module source stored in it is
+    never executed, and files that reference anything outside the allow-list are refused.
+    """
+    path = open_source(source, sha256=sha256)
+    obj = nvpickle.load(path)
+    summary = {"file": str(path), "size_bytes": path.stat().st_size,
+               "pickle_protocol": nvpickle.pickle_protocol(path),
+               "globals": sorted(f"{m}.{n}" for m, n in nvpickle.globals_in(path)), **summarize(obj)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(render_text(summary, depth, tensors), nl=False)

@@ -1,0 +1,69 @@
+"""Options shared by every training command (toy, refine, distill) and their mapping to TrainConfig."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from refiner.config import PRECISIONS, TrainConfig
+from refiner.losses import GENERATOR_LOSSES
+
+
+def training_options(defaults: TrainConfig) -> Callable:
+    """Decorator adding the common options, with the job's own defaults shown in --help."""
+    d = defaults
+    options = [
+        click.option("--out", "out", type=click.Path(file_okay=False), required=True,
+                     help="Run directory: config.json, log.jsonl, checkpoints/ and outputs."),
+        click.option("--steps", type=int, default=d.steps, show_default=True, help="Generator updates."),
+        click.option("--batch", type=int, default=d.batch, show_default=True,
+                     help="Global batch size (split over processes)."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Random seed."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--force", is_flag=True, help="Delete an existing run in --out and start over."),
+        click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--lr", type=float, default=d.lr, show_default=True, help="Generator learning rate."),
+        click.option("--fake-lr", type=float, default=d.fake_lr, show_default=True,
+                     help="Fake-score network learning rate."),
+        click.option("--ratio", type=int, default=d.ratio, show_default=True,
+                     help="Fake-score updates per generator update."),
+        click.option("--ema", type=float, default=d.ema, show_default=True,
+                     help="EMA half-life of the generator in kimg (0 = no averaging)."),
+        click.option("--snapshot-every", type=int, default=d.snapshot_every, show_default=True,
+                     help="Generator updates between checkpoints (0 = at the end only)."),
+        click.option("--loss", type=click.Choice(sorted(GENERATOR_LOSSES)), default=d.loss, show_default=True,
+                     help="Generator loss: ikl = Diff-Instruct, dmd = DMD's normalised IKL."),
+        click.option("--beta1", type=float, default=d.betas[0], show_default=True, help="Adam beta1."),
+        click.option("--beta2", type=float, default=d.betas[1], show_default=True, help="Adam beta2."),
+        click.option("--fake-warmup", type=int, default=d.fake_warmup, show_default=True,
+                     help="Fake-score updates before the first generator update."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision, show_default=True,
+                     help="Mixed precision on CUDA (always fp32 on CPU)."),
+        click.option("--log-every", type=int, default=d.log_every, show_default=True,
+                     help="Generator updates between log records."),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
+                 "fake_warmup", "precision", "log_every")
+
+
+def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any], **extra: Any) -> TrainConfig:
+    """Build the run's TrainConfig from the parsed options (removing them from kwargs)."""
+    values = {k: kwargs.pop(k) for k in TRAINING_KEYS}
+    betas = (kwargs.pop("beta1"), kwargs.pop("beta2"))
+    fields = {**vars(defaults), **values, "betas": betas, "extra": {**defaults.extra, **extra}}
+    return TrainConfig(**fields).validate()
+
+
+def run_options(kwargs: dict[str, Any]) -> tuple[str, bool, bool]:
+    return kwargs.pop("out"), kwargs.pop("resume"), kwargs.pop("force")
+

@@ -1,0 +1,114 @@
+"""`refiner sample`: draw images from an EDM teacher with the EDM sampler (Heun, Karras σ schedule)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+
+from fileformats.atomic import atomic_open
+from fileformats.errors import UserError
+from fileformats.progress import Progress
+from teachers.edm_loader import load_teacher, resolve_device
+from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
+
+GRID_NAME = "grid.png"
+NPZ_NAME = "samples.npz"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' or '1,5,10-12' -> the listed non-negative integers (ranges inclusive), in order."""
+    seeds: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UserError(f"--seeds {text!r}: cannot read {part!r}; write numbers and ranges like 0-63 or 1,5,10-12")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise UserError(f"--seeds {text!r}: range {part!r} runs backwards; write it as {hi}-{lo}")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats -> uint8 NHWC with (x·127.5 + 128).clamp(0, 255), as NVIDIA's code saves images."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray) -> PIL.Image.Image:
+    """uint8 NHWC images on a near-square grid (ceil(√N) columns), row by row; empty cells black."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * cols, h, w, c), dtype=np.uint8)
+    canvas[:n] = images
+    canvas = canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    return PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+
+
+def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(classes, label_dim).to(torch.float32)
+
+
+@click.command("sample")
+@click.option("--teacher", "source", required=True, help="EDM network pickle: path or URL.")
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help=f"Output folder for {GRID_NAME} and {NPZ_NAME} (existing files are not overwritten).")
+@click.option("--steps", default=18, show_default=True, type=click.IntRange(min=2),
+              help="Sampler steps N (2N-1 network evaluations).")
+@click.option("--class", "class_idx", type=int, default=None,
+              help="Class index for a conditional teacher (default: a random class per seed).")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: Optional[int], batch: int,
+            device: str) -> None:
+    """Sample images from an EDM teacher; writes an image grid and an .npz of uint8 images.
+
+    The .npz holds 'x' (uint8, NHWC, quantised as (x*127.5+128).clamp(0,255)), 'seeds' and, for a
+    conditional teacher, 'labels' (class indices). Each image depends only on its seed.
+    """
+    seed_list = parse_seeds(seeds)
+    outputs = [out_dir / GRID_NAME, out_dir / NPZ_NAME]
+    for path in outputs:
+        if path.exists():
+            raise UserError(f"{path} already exists; choose another --out folder (files are never overwritten)")
+    dev = resolve_device(device)
+    teacher = load_teacher(source, device=dev)
+    if class_idx is not None and teacher.label_dim == 0:
+        raise UserError("--class given but the teacher is unconditional; leave out --class")
+    if class_idx is not None and not 0 <= class_idx < teacher.label_dim:
+        raise UserError(f"--class {class_idx} is out of range; this teacher has classes 0 to {teacher.label_dim - 1}")
+    cfg = SamplerConfig(num_steps=steps)
+
+    images, classes = [], []
+    with torch.inference_mode(), Progress(len(seed_list), desc="sample", unit="img") as bar:
+        for start in range(0, len(seed_list), batch):
+            chunk = seed_list[start:start + batch]
+            noise = SeededNoise(chunk, dev)
+            latents = noise.randn(teacher.data_shape)
+            labels = None
+            if teacher.label_dim:
+                idx = torch.full([len(chunk)], class_idx, device=dev) if class_idx is not None \
+                    else noise.randint(teacher.label_dim)
+                labels = one_hot(idx, teacher.label_dim)
+                classes.append(idx.cpu().numpy())
+            images.append(to_uint8(edm_sample(teacher, latents, labels, cfg, randn_like=noise.randn_like)))
+            bar.update(len(chunk))
+
+    x = np.concatenate(images)
+    arrays = dict(x=x, seeds=np.asarray(seed_list, dtype=np.int64))
+    if classes:
+        arrays["labels"] = np.concatenate(classes).astype(np.int64)
+    with atomic_open(outputs[1]) as f:
+        np.savez(f, **arrays)
+    with atomic_open(outputs[0]) as f:
+        image_grid(x).save(f, format="PNG")
+    click.echo(f"wrote {len(x)} images: {outputs[0]} and {outputs[1]}")

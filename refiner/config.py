@@ -1,0 +1,87 @@
+"""Configuration of a training run (shared by every job: toy, refine, distill)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fileformats.errors import UserError
+from refiner.losses import GENERATOR_LOSSES
+from refiner.sigma import SIGMA_SAMPLERS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Options of the Diff-Instruct loop. Defaults follow the official code where it has one
+    (research/diff_instruct.md §1.4, §2.1): Adam (0, 0.999), 1:1 fake:generator ratio, fake step first,
+    EDM log-normal σ, EMA half-life 0.5 Mimg with ramp-up 0.05."""
+
+    steps: int = 1000  # generator updates
+    batch: int = 64  # global batch (split over processes)
+    seed: int = 0
+    lr: float = 1e-5  # generator learning rate
+    fake_lr: float = 1e-5  # fake-score network learning rate
+    betas: tuple[float, float] = (0.0, 0.999)
+    ratio: int = 1  # fake-score updates per generator update
+    ema: float = 500.0  # EMA half-life in kimg (0 disables the ramp-up and EMA: ema = generator)
+    ema_rampup: Optional[float] = 0.05
+    loss: str = "ikl"
+    sigma: str = "lognormal"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    loss_scale: float = 1.0  # generator loss multiplier (official --ls)
+    fake_loss_scale: float = 1.0  # fake loss multiplier (official --sgls)
+    grad_clip: Optional[float] = None  # clip each network's gradient norm (DMD2 uses 10)
+    fake_warmup: int = 0  # fake-score steps before the first generator step
+    precision: str = "fp32"
+    snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)
+    log_every: int = 10
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # job-specific options, recorded in config.json
+
+    # Fields that may change between a run and its resume (they do not change the trajectory).
+    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device")
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.steps >= 0, f"--steps must be >= 0 (got {self.steps})"),
+            (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
+            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.fake_lr > 0, f"--fake-lr must be > 0 (got {self.fake_lr})"),
+            (self.ratio >= 1, f"--ratio must be >= 1 fake update per generator update (got {self.ratio})"),
+            (self.ema >= 0, f"--ema (half-life in kimg) must be >= 0 (got {self.ema})"),
+            (all(0 <= b < 1 for b in self.betas), f"Adam betas must lie in [0, 1) (got {self.betas})"),
+            (self.snapshot_every >= 0, f"--snapshot-every must be >= 0 (got {self.snapshot_every})"),
+            (self.log_every >= 1, f"--log-every must be >= 1 (got {self.log_every})"),
+            (self.fake_warmup >= 0, f"--fake-warmup must be >= 0 (got {self.fake_warmup})"),
+            (self.loss in GENERATOR_LOSSES, f"--loss must be one of {sorted(GENERATOR_LOSSES)}"),
+            (self.sigma in SIGMA_SAMPLERS, f"--sigma must be one of {sorted(SIGMA_SAMPLERS)}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"--device must be auto, cpu or cuda (got {self.device!r})"),
+            (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Fields that differ and would change the trajectory (those a resume must keep)."""
+        a, b = self.to_json(), other.to_json()
+        return [f"{k} (checkpoint {a[k]!r}, now {b[k]!r})" for k in a
+                if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]

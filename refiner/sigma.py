@@ -1,0 +1,50 @@
+"""Noise-level samplers p(σ) for the loop (both losses draw σ from one of these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogNormalSigma:
+    """EDM's training distribution: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1; the official
+    Diff-Instruct code uses it for both losses)."""
+
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def __call__(self, n: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+        return (torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean).exp()
+
+
+def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, descending,
+    float64, without the trailing σ = 0."""
+    i = torch.arange(num, dtype=torch.float64)
+    inv = 1.0 / rho
+    return (sigma_max**inv + i / max(num - 1, 1) * (sigma_min**inv - sigma_max**inv)) ** rho
+
+
+@dataclass(frozen=True)
+class KarrasGridSigma:
+    """σ drawn uniformly from the Karras grid of `num` levels, restricted to the index range
+    [min_percent, max_percent] of the grid (DMD2 uses 1000 levels and 2%..98%)."""
+
+    num: int = 1000
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    min_percent: float = 0.0
+    max_percent: float = 1.0
+
+    def __call__(self, n: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+        grid = karras_sigmas(self.num, self.sigma_min, self.sigma_max, self.rho).float()
+        lo, hi = int(self.min_percent * (self.num - 1)), int(self.max_percent * (self.num - 1))
+        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        return grid.to(device)[idx]
+
+
+SIGMA_SAMPLERS = {"lognormal": LogNormalSigma, "karras": KarrasGridSigma}

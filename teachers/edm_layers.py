@@ -1,0 +1,261 @@
+"""Layers of the EDM networks (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models"), written from a description of NVlabs/edm training/networks.py.
+
+Parameter and buffer names, shapes and registration order equal the original's, so a state dict
+read from an NVIDIA pickle loads 1:1 (`load_state_dict(strict=True)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+@dataclass(frozen=True)
+class Init:
+    """How a layer's weights and biases are drawn: `weight_init(mode)` times `weight` / `bias`."""
+
+    mode: str = "kaiming_normal"
+    weight: float = 1.0
+    bias: float = 0.0
+
+
+_skip_init = False
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Build networks without drawing weights (uninitialised memory, untouched until written): for
+    networks whose weights are loaded right after construction."""
+    global _skip_init
+    previous, _skip_init = _skip_init, True
+    try:
+        yield
+    finally:
+        _skip_init = previous
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> torch.Tensor:
+    """gain × Glorot ("xavier", variance 2/(fan_in+fan_out)) or He ("kaiming", variance 1/fan_in) draws,
+    uniform on [−√(3v), √(3v)] or normal with std √v."""
+    if mode not in INIT_MODES:
+        raise ValueError(f"unknown init mode {mode!r}; expected one of {INIT_MODES}")
+    if _skip_init:
+        return torch.empty(*shape)
+    var = 2 / (fan_in + fan_out) if mode.startswith("xavier") else 1 / fan_in
+    if mode.endswith("uniform"):
+        return gain * math.sqrt(3 * var) * (torch.rand(*shape) * 2 - 1)
+    return gain * math.sqrt(var) * torch.randn(*shape)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ + b, weights cast to the input's dtype (fp16/bf16 execution keeps fp32 master weights)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: Init = Init()):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init.mode, fan_in=in_features, fan_out=out_features)
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans, gain=init.weight))
+        self.bias = nn.Parameter(weight_init([out_features], **fans, gain=init.bias)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def resample_kernel(taps: Sequence[float]) -> torch.Tensor:
+    """Separable 2-D FIR filter [1, 1, k, k] = outer(f, f) / (Σf)², so it sums to 1."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    return (torch.outer(f, f) / f.sum().square())[None, None]
+
+
+class Conv2d(nn.Module):
+    """Convolution with optional 2x up/downsampling by an FIR filter.
+
+    kernel 0 means "resample only" (no weight, no bias). Unfused: upsample (transposed depthwise
+    convolution with 4·filter, stride 2) or downsample (depthwise filter, stride 2) first, then the
+    convolution. Fused (used by the NCSN++ residual encoder): convolve first with the filter's padding
+    added, then filter with stride 2 (down), or upsample first with the padding difference (up).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 up: bool = False, down: bool = False, resample_filter: Sequence[float] = (1, 1),
+                 fused_resample: bool = False, init: Init = Init()):
+        if up and down:
+            raise ValueError("Conv2d cannot both upsample and downsample")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init.mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(weight_init(shape, **fans, gain=init.weight)) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans, gain=init.bias)) if kernel and bias else None
+        self.register_buffer("resample_filter", resample_kernel(resample_filter) if up or down else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+
+        def upsample(x: torch.Tensor, pad: int) -> torch.Tensor:
+            c = x.shape[1]
+            return F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
+
+        def downsample(x: torch.Tensor, pad: int) -> torch.Tensor:
+            c = x.shape[1]
+            return F.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
+
+        if self.fused_resample and self.up and w is not None:
+            x = F.conv2d(upsample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = downsample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
+        else:
+            if self.up:
+                x = upsample(x, f_pad)
+            if self.down:
+                x = downsample(x, f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation with min(num_groups, C // min_channels_per_group) groups."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(qᵀk / √c) applied to v, for q, k, v of shape [B, c, L]; returns [B, c, L].
+
+    Uses PyTorch's fused kernel (fp32 accumulation in reduced precision), same result as the explicit
+    einsum/softmax of the original."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Settings shared by every UNetBlock of one network (DDPM++/NCSN++ vs ADM)."""
+
+    emb_channels: int
+    num_heads: Optional[int] = None  # None: out_channels // channels_per_head
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    skip_scale: float = 1.0
+    eps: float = 1e-5
+    resample_filter: Sequence[float] = (1, 1)
+    resample_proj: bool = False  # 1x1 projection on the skip path of up/down blocks
+    adaptive_scale: bool = True  # embedding gives scale and shift (ADM) instead of a bias
+    init: Init = Init()
+    init_zero: Init = Init(weight=0.0)
+    init_attn: Optional[Init] = None  # None: `init`
+
+
+class UNetBlock(nn.Module):
+    """Residual block with optional up/downsampling and self-attention (union of DDPM++, NCSN++, ADM):
+
+        h = conv1(dropout(silu(norm1(conv0(silu(norm0(x)))) ⊙ (1 + scale) + shift)))   (adaptive)
+        h = conv1(dropout(silu(norm1(conv0(silu(norm0(x))) + affine(emb)))))            (otherwise)
+        x = (h + skip(x)) · skip_scale;  with attention: x = (proj(attn(qkv(norm2(x)))) + x) · skip_scale
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cfg: BlockConfig, up: bool = False,
+                 down: bool = False, attention: bool = False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        heads = cfg.num_heads if cfg.num_heads is not None else out_channels // cfg.channels_per_head
+        self.num_heads = heads if attention else 0
+        self.dropout = cfg.dropout
+        self.skip_scale = cfg.skip_scale
+        self.adaptive_scale = cfg.adaptive_scale
+
+        resample = dict(up=up, down=down, resample_filter=cfg.resample_filter)
+        self.norm0 = GroupNorm(in_channels, eps=cfg.eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, init=cfg.init, **resample)
+        self.affine = Linear(cfg.emb_channels, out_channels * (2 if cfg.adaptive_scale else 1), init=cfg.init)
+        self.norm1 = GroupNorm(out_channels, eps=cfg.eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, init=cfg.init_zero)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if cfg.resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, init=cfg.init, **resample)
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=cfg.eps)
+            init_attn = cfg.init_attn if cfg.init_attn is not None else cfg.init
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, init=init_attn)
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, init=cfg.init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = F.silu(self.norm1(x + params))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        if self.num_heads:
+            # qkv channels are laid out as [head, channel, (q, k, v)].
+            n, c = x.shape[:2]
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
+            x = (self.proj(attention(q, k, v).reshape(x.shape)) + x) * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding [cos(x·ω_j), sin(x·ω_j)], ω_j = (1/max_positions)^(j/(C/2 − e)),
+    j < C/2, e = 1 with `endpoint` (DDPM++) else 0 (ADM)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features [cos(2π x f_j), sin(2π x f_j)], f_j ~ N(0, scale²) fixed (NCSN++)."""
+
+    def __init__(self, num_channels: int, scale: float = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)

@@ -1,0 +1,164 @@
+"""Load an EDM network pickle (EDM snapshots, the published EDM teachers, Diff-Instruct and SiD
+snapshots) into our clean-room networks, behind the `Denoiser` interface.
+
+Such a pickle is a dict whose `ema` entry is a persistent preconditioner (EDMPrecond, VPPrecond,
+VEPrecond or iDDPMPrecond) wrapping a SongUNet or DhariwalUNet (research/pickle_formats.md §3). The
+file is read by the safe reader (fileformats.nvpickle, nothing in it is executed); our network is
+rebuilt from the record's `_init_kwargs` and takes its tensors 1:1, without a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from fileformats import nvpickle
+from fileformats.errors import UserError
+from teachers.base import as_sigma
+from teachers.edm_layers import skip_init
+from teachers.edm_precond import PRECONDS, Precond
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+PLACEHOLDER_SOURCE = "# module source not included: written by refiner from its own networks\n"
+
+
+class EDMTeacher(nn.Module):
+    """An EDM preconditioner as a `Denoiser`: D(x, σ, labels, augment_labels) in x's dtype.
+
+    `network` is the raw preconditioner (`network(x, sigma, class_labels, ...)` as in EDM);
+    `record` is the file's `PersistentObject` for it (module source, attributes, `_init_kwargs`), so a
+    snapshot with the same module source can be written later. On CPU the network's tensors are the
+    record's tensors (no copy): teachers are frozen, never modify them in place.
+    `dtype`: reduced precision for the U-Net on CUDA (None: fp16 iff the file says use_fp16).
+    """
+
+    def __init__(self, network: Precond, record: Optional[nvpickle.PersistentObject] = None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.network = network
+        self.record = record
+        self.dtype = dtype
+        self.data_shape = (network.img_channels, network.img_resolution, network.img_resolution)
+        self.label_dim = network.label_dim
+        self.sigma_min = float(network.sigma_min)
+        self.sigma_max = float(network.sigma_max)
+        self.sigma_data = float(getattr(network, "sigma_data", 0.5))  # VP/VE/iDDPM: EDM's image scaling
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sigma = as_sigma(sigma, x)
+        return self.network(x, sigma, labels, dtype=self.dtype, augment_labels=augment_labels).to(x.dtype)
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.network.round_sigma(sigma)
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """None -> CPU; 'auto' -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def find_ema(obj: Any, name: str) -> nvpickle.PersistentObject:
+    """The `ema` record of a snapshot dict, or a UserError that says what the file is instead."""
+    if isinstance(obj, dict) and {"G", "D", "G_ema"} <= set(obj):
+        raise UserError(f"{name}: this is a StyleGAN2-ADA snapshot (keys G, D, G_ema), not an EDM "
+                        "teacher; use it as --generator")
+    if not isinstance(obj, dict) or not isinstance(obj.get("ema"), nvpickle.PersistentObject):
+        raise UserError(f"{name}: expected an EDM network pickle (a dict with a network under 'ema'), "
+                        f"found {nvpickle.describe(obj)}; give an EDM, Diff-Instruct or SiD snapshot")
+    return obj["ema"]
+
+
+def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> Precond:
+    """Our preconditioner rebuilt from a record's `_init_kwargs`, holding the record's tensors.
+
+    The network is constructed without drawing weights (`skip_init`) and takes the stored tensors by
+    reference (`load_state_dict(assign=True)`): they are shared with the record, not copied."""
+    cls = PRECONDS.get(record.class_name)
+    if cls is None:
+        raise UserError(f"{name}: 'ema' is a {record.class_name}, not an EDM preconditioner "
+                        f"({', '.join(PRECONDS)}); give an EDM network pickle")
+    try:
+        with skip_init():
+            network = cls(*record.init_args, **record.init_kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{name}: cannot rebuild {record.class_name} from its stored arguments ({e}); "
+                        "the network was made by a modified EDM code base that refiner does not support"
+                        ) from None
+    tensors = record.state_dict()
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        details = "; ".join(f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                            for label, items in (("missing", missing), ("unexpected", extra),
+                                                 ("wrong shape", shapes)) if items)
+        raise UserError(f"{name}: the stored weights do not fit {record.class_name} built from its "
+                        f"arguments ({details}); the file is corrupt or from a modified EDM code base")
+    network.load_state_dict(tensors, strict=True, assign=True)
+    return network.eval()
+
+
+def load_teacher(source: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
+                 dtype: Union[str, torch.dtype, None] = None) -> EDMTeacher:
+    """Load the `ema` network of an EDM-style pickle (path or URL) as a frozen `EDMTeacher` (eval mode,
+    no gradients on its weights).
+
+    device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
+    'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
+    name = os.fspath(source)
+    record = find_ema(nvpickle.load(source), name)
+    network = build_network(record, name).to(resolve_device(device))
+    return EDMTeacher(network, record, resolve_dtype(dtype))
+
+
+def network_record(module: nn.Module, init_kwargs: Optional[dict] = None,
+                   module_src: str = PLACEHOLDER_SOURCE) -> nvpickle.PersistentObject:
+    """A record in NVIDIA's layout for one of our networks (for tests and benchmarks).
+
+    Every module of ours becomes a persistent record whose state is its `__dict__` (children as
+    records, ModuleDicts kept as torch containers, tensors as frozen parameters/buffers); the top
+    record gets `init_kwargs`, inner ones empty arguments. With the placeholder source NVIDIA's own
+    code cannot load the result; refiner's loader can."""
+    def convert(m: nn.Module, kwargs: dict) -> Any:
+        state = dict(m.__dict__)
+        state["training"] = False
+        state["_parameters"] = {k: None if p is None else nn.Parameter(p.detach(), requires_grad=False)
+                                for k, p in m._parameters.items()}
+        state["_buffers"] = {k: None if b is None else b.detach() for k, b in m._buffers.items()}
+        state["_modules"] = {k: None if c is None else convert(c, {}) for k, c in m._modules.items()}
+        if isinstance(m, nn.ModuleDict):
+            container = nn.ModuleDict()
+            container.__dict__.update(state)
+            return container
+        state["_init_args"], state["_init_kwargs"] = (), dict(kwargs)
+        return nvpickle.PersistentObject(class_name=type(m).__name__, module_src=module_src, version=6,
+                                         state=state)
+
+    return convert(module, init_kwargs or {})

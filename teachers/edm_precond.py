@@ -1,0 +1,174 @@
+"""Preconditioners of EDM (Karras et al. 2022, Table 1): the denoiser is
+
+    D(x; σ) = c_skip(σ)·x + c_out(σ)·F((c_in(σ)·x), c_noise(σ))                      (eq. 7)
+
+around a raw U-Net F. Written from a description of NVlabs/edm training/networks.py; constructor
+arguments, attributes and module names equal the original's (`model` is the U-Net; iDDPM adds the
+buffer `u`), so a pickle's `_init_kwargs` rebuild the network and its state dict loads 1:1.
+
+Precision: like the original, the U-Net runs in fp16 only when `use_fp16` is set, x is on CUDA and
+`force_fp32` is not given; a `dtype` argument to forward (e.g. torch.bfloat16) overrides the reduced
+precision type on CUDA. Everything outside the U-Net is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from teachers.edm_unets import UNETS
+
+Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Precond(nn.Module):
+    """Common forward of the four preconditioners; subclasses give `coefficients(σ)`."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool,
+                 model_type: str, model_out_channels: int, model_kwargs: dict):
+        if model_type not in UNETS:
+            raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(UNETS)}")
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                       out_channels=model_out_channels, label_dim=label_dim, **model_kwargs)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        """(c_skip, c_out, c_in, c_noise) for σ of shape [N, 1, 1, 1] (float32)."""
+        raise NotImplementedError
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The nearest noise level the network supports (identity except for iDDPM)."""
+        return torch.as_tensor(sigma)
+
+    def model_dtype(self, x: torch.Tensor, force_fp32: bool, dtype: Optional[torch.dtype]) -> torch.dtype:
+        """Reduced precision only on CUDA and unless forced to fp32: `dtype` if given, else fp16 iff use_fp16."""
+        reduced = dtype if dtype is not None else (torch.float16 if self.use_fp16 else torch.float32)
+        return reduced if x.device.type == "cuda" and not force_fp32 else torch.float32
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: Optional[torch.Tensor] = None,
+                force_fp32: bool = False, dtype: Optional[torch.dtype] = None, **model_kwargs) -> torch.Tensor:
+        """D(x; σ) in float32. σ is per sample ([N]) or one value; missing class labels of a conditional
+        network mean all-zero labels; model_kwargs (augment_labels) go to the U-Net."""
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        model_dtype = self.model_dtype(x, force_fp32, dtype)
+        F_x = self.model((c_in * x).to(model_dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+
+
+class EDMPrecond(Precond):
+    """EDM: c_skip = σd²/(σ²+σd²), c_out = σσd/√(σ²+σd²), c_in = 1/√(σ²+σd²), c_noise = ln(σ)/4."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
+                 model_type: str = "DhariwalUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        sd2 = self.sigma_data**2
+        return (sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(),
+                1 / (sd2 + sigma**2).sqrt(), sigma.log() / 4)
+
+
+class VPPrecond(Precond):
+    """Variance preserving (Song et al. 2021): σ(t) = √(exp(½β_d t² + β_min t) − 1);
+    c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = (M−1)·σ⁻¹(σ)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 model_type: str = "SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        # Evaluated in float32 like the original (σ(1e-5) comes out as 2^-10 there).
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t)))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0)))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t = (√(β_min² + 2β_d ln(1+σ²)) − β_min) / β_d."""
+        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        return (torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma))
+
+
+class VEPrecond(Precond):
+    """Variance exploding (Song et al. 2021): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+def iddpm_sigmas(M: int, C_1: float, C_2: float) -> torch.Tensor:
+    """Noise levels u_0 > … > u_M = 0 of improved DDPM (Nichol & Dhariwal 2021, EDM Table 1):
+    u_{j−1} = √((u_j² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), ᾱ(j) = sin²(½π j / (M (C_2 + 1)))."""
+    def alpha_bar(j: int) -> float:
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return torch.tensor(u, dtype=torch.float32)
+
+
+class iDDPMPrecond(Precond):
+    """Improved DDPM: c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = M − 1 − argmin_j |σ − u_j|.
+    The U-Net has 2·img_channels outputs (learned variance); only the first img_channels are used."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, model_type: str = "DhariwalUNet",
+                 **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels * 2,
+                         model_kwargs)
+        self.C_1 = C_1
+        self.C_2 = C_2
+        self.M = M
+        u = iddpm_sigmas(M, C_1, C_2)
+        self.register_buffer("u", u)
+        self.sigma_min = float(u[M - 1])
+        self.sigma_max = float(u[0])
+
+    def sigma_index(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Index j of the nearest u_j, same shape as σ."""
+        sigma = torch.as_tensor(sigma)
+        dist = (sigma.to(self.u.device, torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs()
+        return dist.argmin(1).reshape(sigma.shape).to(sigma.device)
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        return self.u[self.sigma_index(sigma).to(self.u.device)].to(sigma.device, sigma.dtype)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        c_noise = self.M - 1 - self.sigma_index(sigma).to(torch.float32)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+
+
+PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond)}

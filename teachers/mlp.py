@@ -1,0 +1,41 @@
+"""An EDM-preconditioned MLP denoiser for vector data: the fake-score network of toy problems.
+
+D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))  with  c_skip = σ_d²/(σ² + σ_d²),
+c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²), c_noise = ln(σ)/4   (Karras et al. 2022, Table 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from teachers.base import as_sigma
+
+
+class MLPDenoiser(nn.Module):
+    """Implements the `Denoiser` interface for vector data of dimension `dim`."""
+
+    def __init__(self, dim: int = 2, sigma_data: float = 0.5, hidden: int = 128, layers: int = 3,
+                 noise_features: int = 16):
+        super().__init__()
+        self.data_shape, self.label_dim = (dim,), 0
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, 0.0, float("inf")
+        self.register_buffer("freqs", torch.arange(noise_features // 2, dtype=torch.float32).exp2())
+        widths = [dim + noise_features] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            blocks += [nn.Linear(a, b), nn.SiLU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], dim))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        sigma = as_sigma(sigma, x)[:, None]
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        angles = (sigma.log() / 4) * self.freqs[None]
+        emb = torch.cat([angles.cos(), angles.sin()], dim=1)
+        return c_skip * x + c_out * self.net(torch.cat([c_in * x, emb], dim=1))
