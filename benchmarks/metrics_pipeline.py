@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from fileformats.errors import UserError
@@ -28,7 +27,8 @@ class ConvGenerator(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = torch.nn.Linear(64, 128 * 8 * 8)
-        self.up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(128, 3, 3, padding=1))
+        self.up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4),
+                                      torch.nn.Conv2d(128, 3, 3, padding=1))
 
     @property
     def device(self) -> torch.device:

@@ -219,8 +219,9 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     """StyleGAN2 modulated convolution (Karras et al. 2020, eqs. 1-3), then `+ noise`.
 
     w'_{n,o,i,k} = weight_{o,i,k} · s_{n,i};  demodulation d_{n,o} = (Σ_{i,k} w'² + 1e-8)^(-1/2).
-    Fused: one grouped convolution with per-sample weights w'·d. Not fused (same result): scale the
-    activations by s, convolve with the shared weight, scale by d, add noise.
+    Fused: one grouped convolution with per-sample weights w'·d. Not fused (same result, and no
+    per-sample weights in memory: the training path): scale the activations by s, convolve with
+    the shared weight, scale by d, add noise.
     With float16 activations and demodulation, weight and styles are first divided by their max-abs
     (weight also by sqrt(fan_in)) to avoid float16 overflow; demodulation cancels these factors.
     """
@@ -231,8 +232,14 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
                            / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.abs().amax(dim=1, keepdim=True)
 
-    w = weight.unsqueeze(0) * styles.reshape(n, 1, -1, 1, 1)  # [N, O, I, kh, kw]
-    dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() if demodulate else None  # [N, O]
+    dcoefs = None
+    if demodulate:
+        # Σ_{i,k} (weight_{o,i,k} s_{n,i})² = Σ_i s_{n,i}² Σ_k weight_{o,i,k}²: an [N, I] x [I, O]
+        # product instead of N per-sample weights, at float32 or better even under autocast.
+        dtype = torch.promote_types(torch.promote_types(styles.dtype, weight.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            sq_weight = weight.to(dtype).square().sum(dim=[2, 3])  # [O, I]
+            dcoefs = (styles.to(dtype).square() @ sq_weight.t() + 1e-8).rsqrt()  # [N, O]
 
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(n, -1, 1, 1)
@@ -244,8 +251,9 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
             return x * dcoefs.to(x.dtype).reshape(n, -1, 1, 1)
         return x if noise is None else x + noise.to(x.dtype)
 
+    w = weight.unsqueeze(0) * styles.reshape(n, 1, -1, 1, 1)  # [N, O, I, kh, kw]
     if demodulate:
-        w = w * dcoefs.reshape(n, -1, 1, 1, 1)
+        w = w * dcoefs.to(w.dtype).reshape(n, -1, 1, 1, 1)
     x = conv2d_resample(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_ch, kh, kw).to(x.dtype),
                         f=resample_filter, up=up, down=down, padding=padding, groups=n,
                         flip_weight=flip_weight)

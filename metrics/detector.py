@@ -18,6 +18,7 @@ Weight files (every one holds TF's inception-2015-12-05 graph; the format is det
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,7 +88,7 @@ class Detector(nn.Module):
     def has_logits(self) -> bool:
         return self.net.fc is not None
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor | None]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"the detector takes uint8 images [N, 1 or 3, H, W], got {images.dtype} "
@@ -136,7 +137,9 @@ def _from_state(state: object, path: Path) -> FIDInception:
 def _load_net(path: Path, device: torch.device) -> tuple[FIDInception | NvidiaScript, str]:
     if _is_torchscript(path):
         try:
-            script = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # torch >= 2.14 calls torch.jit.load deprecated; it still loads
+                warnings.simplefilter("ignore", FutureWarning)
+                script = torch.jit.load(str(path), map_location=device)
         except RuntimeError as e:
             raise UserError(f"cannot load TorchScript file {path}: {str(e).splitlines()[0]}") from None
         args = [a.name for a in script.forward.schema.arguments]
@@ -148,12 +151,14 @@ def _load_net(path: Path, device: torch.device) -> tuple[FIDInception | NvidiaSc
         from fileformats import nvpickle
         record = nvpickle.load(path)
         if not isinstance(record, nvpickle.PersistentObject):
-            raise UserError(f"{path} is {nvpickle.describe(record)}, not an Inception detector; {DETECTOR_HELP}")
+            raise UserError(f"{path} is {nvpickle.describe(record)}, not an Inception detector. "
+                            + DETECTOR_HELP)
         return _from_state(record.state_dict(), path), f"NVIDIA pickled detector {path.name}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}); {DETECTOR_HELP}") from None
+        raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
+                        + DETECTOR_HELP) from None
     net = _from_state(state, path)
     return net, f"{path.name}{' (features only)' if net.fc is None else ''}"
 
@@ -164,8 +169,13 @@ def _resolve(source: str | None) -> Path:
         if path is None:
             raise UserError(f"no Inception detector: pass --detector PATH_OR_URL. {DETECTOR_HELP}")
         return path
-    from fileformats.sources import open_source
-    return open_source(source)
+    if "://" in source:
+        from fileformats.sources import open_source
+        return open_source(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"detector file not found: {path}. {DETECTOR_HELP}")
+    return path
 
 
 def load_detector(source: str | None = None, frontend: str = "nvidia", device: str | torch.device = "cpu"

@@ -302,5 +302,6 @@ def build(state: Mapping[str, Tensor]) -> FIDInception:
     try:
         net.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"Inception weights have the wrong shapes: {str(e).splitlines()[-1].strip()}") from None
+        detail = str(e).splitlines()[-1].strip()
+        raise UserError(f"Inception weights have the wrong shapes: {detail}") from None
     return net

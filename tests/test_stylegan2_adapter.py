@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,12 @@ from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import Generator
 from gan_adapters.loader import load_generator
+from gan_adapters.stylegan2 import Generator as StyleGAN2Network
+from gan_adapters.stylegan2 import GeneratorConfig
 from gan_adapters.stylegan2_adapter import (
     StyleGAN2Generator,
     StyleGAN2Options,
+    _Snapshot,
     load_stylegan2,
     stylegan2_from_snapshot,
 )
@@ -50,6 +54,25 @@ def test_sampling_priors():
     assert z1.shape == (5, 64) and torch.equal(z1, z2)
     assert G.sample_labels(5, torch.Generator()) is None
     assert G.options == StyleGAN2Options()  # noise 'random', no truncation, float32, all trainable
+
+
+def test_url_source():
+    G = load_generator(PKL.resolve().as_uri())
+    assert G.snapshot.name.startswith("file://")
+
+
+def test_conditional_generator_labels(ref):
+    case = torch.load(DATA / "sg2ada-arch.ref.pt", weights_only=True)["resnet_cond_clamp"]
+    network = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), json.loads(case["init_kwargs"])))
+    network.load_state_dict(case["state_dict"])
+    G = StyleGAN2Generator(network.eval(), _Snapshot({}, "memory"), StyleGAN2Options(force_fp32=True,
+                                                                                      noise_mode="const"))
+    labels = G.sample_labels(6, torch.Generator().manual_seed(0))
+    assert labels.shape == (6, 5) and torch.equal(labels.sum(dim=1), torch.ones(6))
+    with torch.no_grad():
+        assert float((G(case["z"], case["c"]) - case["img_const_fp32"]).abs().max()) <= 1e-4
+    with pytest.raises(ValueError, match="conditional"):
+        G(case["z"])
 
 
 def _grads(G, z):
