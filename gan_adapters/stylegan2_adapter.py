@@ -113,10 +113,6 @@ class StyleGAN2Generator(torch.nn.Module):
             self.network.mapping.eval()
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.network.synthesis.b4.const.device
-
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I) [n, z_dim], drawn on the torch.Generator's device (CPU without one)."""
         device = generator.device if generator is not None else torch.device("cpu")

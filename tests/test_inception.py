@@ -127,19 +127,24 @@ def _test_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
         torch.uint8)
 
 
-def test_fid_helper_file_gives_the_torchscript_features(fid_helper):
+@pytest.fixture(scope="module")
+def helper_features(fid_helper):
+    """Two images through the fid-helper TorchScript (after our NVIDIA front end) and through our
+    detector loaded from the same file."""
     path, script = fid_helper
-    detector = det.load_detector(str(path))
-    assert not detector.has_logits and "features only" in detector.name
-    x = nvidia(_test_images(2))
+    images = _test_images(2, size=40, seed=3)
     with torch.no_grad():
-        want = script(x)
-    got = detector.net.features(x)
-    assert got.shape == (2, 2048)
-    assert (got - want).abs().max() <= 1e-4
+        want = script(nvidia(images))
+    detector = det.load_detector(str(path))
+    return images, want, detector, detector(images)
+
+
+def test_fid_helper_file_gives_the_torchscript_features(helper_features):
+    images, want, detector, out = helper_features
+    assert not detector.has_logits and "features only" in detector.name
+    assert out["logits"] is None and out["pool3"].dtype == torch.float32 and out["pool3"].shape == (2, 2048)
+    assert (out["pool3"] - want).abs().max() <= 1e-4
     assert want.abs().max() > 0.1  # real features, not an all-zero corner case
-    out = detector(_test_images(2))
-    assert out["logits"] is None and torch.equal(out["pool3"], got)  # same pipeline through __call__
 
 
 class _NvidiaStandIn(torch.nn.Module):
@@ -167,9 +172,10 @@ class _NvidiaStandIn(torch.nn.Module):
         return logits.softmax(dim=1)
 
 
-def test_nvidia_torchscript_is_used_as_is(fid_helper, tmp_path):
-    path, script = fid_helper
-    output = torch.nn.Linear(2048, 1008)
+def test_nvidia_torchscript_is_used_as_is(fid_helper, helper_features, tmp_path):
+    _, script = fid_helper
+    images, _, _, ours = helper_features  # our TF1 resize + our network, same weights
+    output = torch.nn.Linear(2048, 1008).requires_grad_(False)
     torch.nn.init.normal_(output.weight, std=0.05)
     torch.nn.init.normal_(output.bias, std=1.0)  # must not reach the logits
     nv_path = tmp_path / "inception-2015-12-05.pt"
@@ -177,16 +183,11 @@ def test_nvidia_torchscript_is_used_as_is(fid_helper, tmp_path):
 
     nv = det.load_detector(str(nv_path))
     assert isinstance(nv.net, det.NvidiaScript) and nv.has_logits
-    images = _test_images(2, size=40, seed=3)
     out = nv(images)
-    ours = det.load_detector(str(path))(images)  # our TF1 resize + our network, same weights
-    assert (out["pool3"] - ours["pool3"]).abs().max() <= 1e-4
-    with torch.no_grad():
-        probs = nv.net.script(images[:1], no_output_bias=True)  # what NVIDIA's IS feeds on
-        biased = output(out["pool3"])
+    assert (out["pool3"] - ours["pool3"]).abs().max() <= 1e-4  # grid_sample emulation = TF1 formula
     assert out["logits"].shape == (2, 1008)
-    assert torch.allclose(out["logits"][:1].softmax(1), probs, atol=1e-6)
-    assert (out["logits"] - biased).abs().max() > 0.1
+    assert torch.allclose(out["logits"], out["pool3"] @ output.weight.T, rtol=1e-5, atol=1e-4)
+    assert (out["logits"] - output(out["pool3"])).abs().max() > 0.1
 
 
 def _nvidia_named(net: FIDInception) -> OrderedDict[str, torch.Tensor]:
@@ -202,16 +203,12 @@ def _nvidia_named(net: FIDInception) -> OrderedDict[str, torch.Tensor]:
 
 
 def _random_net() -> FIDInception:
-    """Seeded random weights that keep activations O(1) (He-scaled convs, batch-norm stats near 0 / 1)."""
+    """Seeded random values in every tensor, so that any swapped or misnamed tensor shows."""
     net = FIDInception()
     with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if name.endswith("conv.weight"):
-                t.normal_(0.0, (2 / t[0].numel()) ** 0.5)
-            elif name.endswith(("running_var", "bn.weight")):
+        for t in net.state_dict().values():
+            if t.is_floating_point():
                 t.uniform_(0.5, 2.0)
-            elif t.is_floating_point():
-                t.normal_(0.0, 0.1)
     return net
 
 
@@ -240,13 +237,7 @@ def test_pth_and_nvidia_pickle_load_the_same_weights(tmp_path):
 
     pth = tmp_path / "pt_inception.pth"
     torch.save({k: v for k, v in want.items() if "num_batches" not in k}, pth)
-    nv_pth = tmp_path / "nvidia_names.pth"
-    torch.save(_nvidia_named(net), nv_pth)
-    # NVIDIA's pickled detector: a persistent InceptionV3 whose submodules hold the tensors.
-    def record(name: str, params: dict, children: dict) -> nvpickle.PersistentObject:
-        state = {"training": False, "_parameters": OrderedDict(params), "_buffers": OrderedDict(),
-                 "_modules": OrderedDict(children)}
-        return nvpickle.PersistentObject(class_name=name, module_src="# stand-in\n", version=6, state=state)
+    # NVIDIA's pickled detector: a persistent InceptionV3 record whose submodule records hold the tensors.
     tree: dict = {}
     for key, t in _nvidia_named(net).items():
         *path, leaf = key.split(".")
@@ -255,13 +246,16 @@ def test_pth_and_nvidia_pickle_load_the_same_weights(tmp_path):
             node = node.setdefault(part, {})
         node[leaf] = t
 
-    def build(name: str, node: dict) -> nvpickle.PersistentObject:
-        return record(name, {k: v for k, v in node.items() if isinstance(v, torch.Tensor)},
-                      {k: build(k, v) for k, v in node.items() if isinstance(v, dict)})
+    def record(name: str, node: dict) -> nvpickle.PersistentObject:
+        state = {"training": False,
+                 "_parameters": OrderedDict((k, v) for k, v in node.items() if isinstance(v, torch.Tensor)),
+                 "_buffers": OrderedDict(),
+                 "_modules": OrderedDict((k, record(k, v)) for k, v in node.items() if isinstance(v, dict))}
+        return nvpickle.PersistentObject(class_name=name, module_src="# stand-in\n", version=6, state=state)
     pkl = tmp_path / "inception-2015-12-05.pkl"
-    pkl.write_bytes(nvpickle.dumps(build("InceptionV3", tree)))
+    pkl.write_bytes(nvpickle.dumps(record("InceptionV3", tree)))
 
-    for path in (pth, nv_pth, pkl):
+    for path in (pth, pkl):
         detector = det.load_detector(str(path))
         assert detector.has_logits
         got = detector.net.state_dict()
@@ -269,18 +263,41 @@ def test_pth_and_nvidia_pickle_load_the_same_weights(tmp_path):
 
 
 def test_logits_have_no_bias():
-    net = _random_net()
+    net = FIDInception()
     torch.nn.init.normal_(net.fc.bias, std=3.0)
-    x = torch.rand(1, 3, 299, 299) * 2 - 1
-    pool3, logits = net(x)
-    assert torch.allclose(logits, pool3 @ net.fc.weight.T, atol=1e-5)
-    assert (logits - net.fc(pool3)).abs().max() > 0.1
+    pool3 = torch.rand(3, 2048)
+    assert torch.allclose(net.logits(pool3), pool3 @ net.fc.weight.T, atol=1e-6)
+    assert (net.logits(pool3) - net.fc(pool3)).abs().max() > 0.1
+    with pytest.raises(UserError, match="no classifier"):
+        FIDInception(num_classes=0).logits(pool3)
 
 
-def test_grey_images_are_repeated_to_rgb(fid_helper):
-    detector = det.load_detector(str(fid_helper[0]))
-    grey = _test_images(1)[:, :1]
-    assert torch.equal(detector(grey)["pool3"], detector(grey.repeat(1, 3, 1, 1))["pool3"])
+class _Probe(torch.nn.Module):
+    """A cheap stand-in network: pool3 = per-channel means of the front end's output."""
+
+    fc = None
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299) and x.dtype == torch.float32
+        return (x.mean(dim=(2, 3)) * self.scale).repeat(1, 683)[:, :2048]
+
+
+def test_detector_call_convention():
+    detector = det.Detector(_Probe(), "nvidia")
+    grey = _test_images(2)[:, :1]
+    out = detector(grey)
+    assert out["logits"] is None and out["pool3"].shape == (2, 2048)
+    assert torch.equal(out["pool3"], detector(grey.repeat(1, 3, 1, 1))["pool3"])  # grey -> RGB
+    assert torch.equal(out["pool3"][:, :3], nvidia(grey.repeat(1, 3, 1, 1)).mean(dim=(2, 3)))
+    assert not out["pool3"].requires_grad and out["pool3"].device == detector.device
+    with pytest.raises(ValueError, match="uint8"):
+        detector(grey.float())
+    with pytest.raises(UserError, match="front end"):
+        det.Detector(_Probe(), "clean")
 
 
 def test_bad_weight_files_are_user_errors(tmp_path, monkeypatch):
