@@ -27,8 +27,9 @@ import torch
 # CIFAR-10 DDPM++ as EDM's train.py builds it (--arch=ddpmpp --cond=0, augment on): ~55.7M parameters.
 DDPMPP_CIFAR10 = dict(img_resolution=32, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
                       embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                      channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
-                      num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9)
+                      channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                      channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
+                      augment_dim=9)
 
 
 def write_pickle(path: Path) -> int:
@@ -111,8 +112,8 @@ def main() -> None:
     print(f"{'load_teacher time':28s} {r['load_s']:.2f} s")
     print(f"{'RSS before load':28s} {r['rss_before'] / mib:.0f} MiB (Python + torch + refiner)")
     print(f"{'peak RSS during load':28s} {r['peak_rss'] / mib:.0f} MiB")
-    print(f"{'peak increase / file size':28s} {increase / mib:.0f} MiB / {size / mib:.0f} MiB = {increase / size:.2f}x "
-          f"(target < 2x)")
+    print(f"{'peak increase / file size':28s} {increase / mib:.0f} MiB / {size / mib:.0f} MiB "
+          f"= {increase / size:.2f}x (target < 2x)")
     print(f"{'RSS after load':28s} {r['rss_after'] / mib:.0f} MiB")
     for key, value in r.items():
         if key.startswith("img_per_s"):

@@ -11,7 +11,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,8 @@ def skip_init() -> Iterator[None]:
         _skip_init = previous
 
 
-def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> torch.Tensor:
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain: float = 1.0
+                ) -> torch.Tensor:
     """gain × Glorot ("xavier", variance 2/(fan_in+fan_out)) or He ("kaiming", variance 1/fan_in) draws,
     uniform on [−√(3v), √(3v)] or normal with std √v."""
     if mode not in INIT_MODES:
@@ -102,7 +102,8 @@ class Conv2d(nn.Module):
         fans = dict(mode=init.mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
         shape = [out_channels, in_channels, kernel, kernel]
         self.weight = nn.Parameter(weight_init(shape, **fans, gain=init.weight)) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **fans, gain=init.bias)) if kernel and bias else None
+        has_bias = kernel and bias
+        self.bias = nn.Parameter(weight_init([out_channels], **fans, gain=init.bias)) if has_bias else None
         self.register_buffer("resample_filter", resample_kernel(resample_filter) if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class BlockConfig:
     """Settings shared by every UNetBlock of one network (DDPM++/NCSN++ vs ADM)."""
 
     emb_channels: int
-    num_heads: Optional[int] = None  # None: out_channels // channels_per_head
+    num_heads: int | None = None  # None: out_channels // channels_per_head
     channels_per_head: int = 64
     dropout: float = 0.0
     skip_scale: float = 1.0
@@ -174,7 +175,7 @@ class BlockConfig:
     adaptive_scale: bool = True  # embedding gives scale and shift (ADM) instead of a bias
     init: Init = Init()
     init_zero: Init = Init(weight=0.0)
-    init_attn: Optional[Init] = None  # None: `init`
+    init_attn: Init | None = None  # None: `init`
 
 
 class UNetBlock(nn.Module):
@@ -225,8 +226,8 @@ class UNetBlock(nn.Module):
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             # qkv channels are laid out as [head, channel, (q, k, v)].
-            n, c = x.shape[:2]
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
+            n, c, heads = x.shape[0], x.shape[1], self.num_heads
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * heads, c // heads, 3, -1).unbind(2)
             x = (self.proj(attention(q, k, v).reshape(x.shape)) + x) * self.skip_scale
         return x
 

@@ -10,7 +10,7 @@ rebuilt from the record's `_init_kwargs` and takes its tensors 1:1, without a se
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +37,8 @@ class EDMTeacher(nn.Module):
     `dtype`: reduced precision for the U-Net on CUDA (None: fp16 iff the file says use_fp16).
     """
 
-    def __init__(self, network: Precond, record: Optional[nvpickle.PersistentObject] = None,
-                 dtype: Optional[torch.dtype] = None):
+    def __init__(self, network: Precond, record: nvpickle.PersistentObject | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.network = network
         self.record = record
@@ -50,8 +50,8 @@ class EDMTeacher(nn.Module):
         self.sigma_data = float(getattr(network, "sigma_data", 0.5))  # VP/VE/iDDPM: EDM's image scaling
         self.eval().requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: Optional[torch.Tensor] = None,
-                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = as_sigma(sigma, x)
         return self.network(x, sigma, labels, dtype=self.dtype, augment_labels=augment_labels).to(x.dtype)
 
@@ -59,7 +59,7 @@ class EDMTeacher(nn.Module):
         return self.network.round_sigma(sigma)
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     """None -> CPU; 'auto' -> CUDA when available, else CPU."""
     if device is None:
         return torch.device("cpu")
@@ -74,7 +74,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -125,8 +125,8 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
     return network.eval()
 
 
-def load_teacher(source: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
-                 dtype: Union[str, torch.dtype, None] = None) -> EDMTeacher:
+def load_teacher(source: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None) -> EDMTeacher:
     """Load the `ema` network of an EDM-style pickle (path or URL) as a frozen `EDMTeacher` (eval mode,
     no gradients on its weights).
 
@@ -138,7 +138,7 @@ def load_teacher(source: Union[str, os.PathLike], device: Union[str, torch.devic
     return EDMTeacher(network, record, resolve_dtype(dtype))
 
 
-def network_record(module: nn.Module, init_kwargs: Optional[dict] = None,
+def network_record(module: nn.Module, init_kwargs: dict | None = None,
                    module_src: str = PLACEHOLDER_SOURCE) -> nvpickle.PersistentObject:
     """A record in NVIDIA's layout for one of our networks (for tests and benchmarks).
 

@@ -14,7 +14,6 @@ precision type on CUDA. Everything outside the U-Net is float32.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -47,13 +46,14 @@ class Precond(nn.Module):
         """The nearest noise level the network supports (identity except for iDDPM)."""
         return torch.as_tensor(sigma)
 
-    def model_dtype(self, x: torch.Tensor, force_fp32: bool, dtype: Optional[torch.dtype]) -> torch.dtype:
-        """Reduced precision only on CUDA and unless forced to fp32: `dtype` if given, else fp16 iff use_fp16."""
+    def model_dtype(self, x: torch.Tensor, force_fp32: bool, dtype: torch.dtype | None) -> torch.dtype:
+        """Reduced precision only on CUDA and unless forced to fp32: `dtype` if given, else fp16 iff
+        use_fp16."""
         reduced = dtype if dtype is not None else (torch.float16 if self.use_fp16 else torch.float32)
         return reduced if x.device.type == "cuda" and not force_fp32 else torch.float32
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: Optional[torch.Tensor] = None,
-                force_fp32: bool = False, dtype: Optional[torch.dtype] = None, **model_kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                force_fp32: bool = False, dtype: torch.dtype | None = None, **model_kwargs) -> torch.Tensor:
         """D(x; σ) in float32. σ is per sample ([N]) or one value; missing class labels of a conditional
         network mean all-zero labels; model_kwargs (augment_labels) go to the U-Net."""
         x = x.to(torch.float32)
@@ -66,7 +66,8 @@ class Precond(nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         model_dtype = self.model_dtype(x, force_fp32, dtype)
-        F_x = self.model((c_in * x).to(model_dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        F_x = self.model((c_in * x).to(model_dtype), c_noise.flatten(), class_labels=class_labels,
+                         **model_kwargs)
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
 
@@ -76,7 +77,8 @@ class EDMPrecond(Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
                  model_type: str = "DhariwalUNet", **model_kwargs):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels,
+                         model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
@@ -94,7 +96,8 @@ class VPPrecond(Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
                  model_type: str = "SongUNet", **model_kwargs):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels,
+                         model_kwargs)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -108,18 +111,22 @@ class VPPrecond(Precond):
 
     def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
         """t = (√(β_min² + 2β_d ln(1+σ²)) − β_min) / β_d."""
-        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+        root = (self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt()
+        return (root - self.beta_min) / self.beta_d
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return (torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma))
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 
 
 class VEPrecond(Precond):
     """Variance exploding (Song et al. 2021): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet", **model_kwargs):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+                 sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet",
+                 **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels,
+                         model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
@@ -171,4 +178,5 @@ class iDDPMPrecond(Precond):
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 
 
-PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond)}
+PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls
+                                      for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ def encode(enc: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor) -> tuple[torc
 
 
 def decode(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]
-           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the decoder, concatenating the newest skip whenever a block expects more channels than x has.
 
     Output pyramid (DDPM++/NCSN++): `aux_norm` + `aux_conv` turn x into an image that is summed into
@@ -103,7 +102,8 @@ class SongUNet(nn.Module):
         init_zero = Init("xavier_uniform", weight=1e-5)
         cfg = BlockConfig(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
                           eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                          init=init, init_zero=init_zero, init_attn=Init("xavier_uniform", weight=math.sqrt(0.2)))
+                          init=init, init_zero=init_zero,
+                          init_attn=Init("xavier_uniform", weight=math.sqrt(0.2)))
 
         # Mapping: noise label (+ class and augmentation labels) -> embedding vector.
         self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
@@ -159,8 +159,8 @@ class SongUNet(nn.Module):
                 self.dec[f"{r}x{r}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{r}x{r}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, init=init_zero)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
-                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
@@ -179,8 +179,9 @@ class DhariwalUNet(nn.Module):
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
-                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
-                 dropout: float = 0.10, label_dropout: float = 0):
+                 channel_mult_emb: int = 4, num_blocks: int = 3,
+                 attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
+                 label_dropout: float = 0):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -191,11 +192,12 @@ class DhariwalUNet(nn.Module):
 
         # Mapping.
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, init=init_zero) if augment_dim else None
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, init=init_zero) if augment_dim
+                            else None)
         self.map_layer0 = Linear(model_channels, emb_channels, init=init)
         self.map_layer1 = Linear(emb_channels, emb_channels, init=init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False,
-                                 init=Init("kaiming_normal", weight=math.sqrt(label_dim))) if label_dim else None)
+        label_init = Init("kaiming_normal", weight=math.sqrt(label_dim))
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init=label_init) if label_dim else None
 
         # Encoder.
         self.enc = nn.ModuleDict()
@@ -229,8 +231,8 @@ class DhariwalUNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, init=init_zero)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
-                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -65,10 +65,11 @@ class SeededNoise:
         return self.randn(x.shape[1:], x.dtype)
 
     def randint(self, high: int) -> torch.Tensor:
-        return torch.stack([torch.randint(high, [], generator=g, device=self.device) for g in self.generators])
+        return torch.stack([torch.randint(high, [], generator=g, device=self.device)
+                            for g in self.generators])
 
 
-def edm_sample(denoiser: Denoiser, latents: torch.Tensor, labels: Optional[torch.Tensor] = None,
+def edm_sample(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor | None = None,
                cfg: SamplerConfig = SamplerConfig(),
                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
     """Samples from standard-normal `latents` [N, ...] in 2N−1 denoiser calls; returns float64.

@@ -44,7 +44,8 @@ def test_writes_grid_and_npz(tmp_path):
 
 
 def test_unconditional_teacher(tmp_path):
-    result = run("--teacher", UNCOND, "--seeds", "7,9", "--out", str(tmp_path), "--steps", "2", "--device", "cpu")
+    result = run("--teacher", UNCOND, "--seeds", "7,9", "--out", str(tmp_path), "--steps", "2",
+                 "--device", "cpu")
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "samples.npz") as f:
         assert f["x"].shape == (2, 16, 16, 3) and "labels" not in f.files

@@ -44,9 +44,10 @@ def test_fixture_as_denoiser():
     assert teacher.network.model.map_layer0.weight.data_ptr() == stored.data_ptr()
 
 
-TINY_SONG = dict(model_type="SongUNet", model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                 augment_dim=3, dropout=0.1)
-TINY_ADM = dict(model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+TINY_SONG = dict(model_type="SongUNet", model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[4], augment_dim=3, dropout=0.1)
+TINY_ADM = dict(model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[4])
 
 
 @pytest.mark.parametrize("cls,kwargs", [
@@ -95,10 +96,12 @@ def tiny_record(**overrides) -> nvpickle.PersistentObject:
 
 @pytest.mark.parametrize("make,message", [
     (lambda: {"G_ema": tiny_record()}, r"expected an EDM network pickle.*G_ema"),
-    (lambda: {"ema": tiny_record().state["_modules"]["model"]}, r"'ema' is a SongUNet, not an EDM preconditioner"),
+    (lambda: {"ema": tiny_record().state["_modules"]["model"]},
+     r"'ema' is a SongUNet, not an EDM preconditioner"),
     (lambda: {"ema": tiny_record(num_heads=3)}, r"cannot rebuild EDMPrecond.*num_heads"),
     (lambda: {"ema": tiny_record(model_channels=16)}, r"do not fit EDMPrecond.*wrong shape"),
-    (lambda: {"ema": tiny_record(augment_dim=0)}, r"do not fit EDMPrecond.*unexpected \['model.map_augment.weight'\]"),
+    (lambda: {"ema": tiny_record(augment_dim=0)},
+     r"do not fit EDMPrecond.*unexpected \['model.map_augment.weight'\]"),
 ])
 def test_not_an_edm_network(tmp_path, make, message):
     nvpickle.dump(make(), tmp_path / "x.pkl")

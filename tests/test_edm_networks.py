@@ -102,8 +102,8 @@ def test_cifar10_ddpmpp_and_ncsnpp_parameter_counts():
                   channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)
     with skip_init():
         ddpmpp = SongUNet(label_dim=0, **common)
-        ncsnpp = SongUNet(label_dim=10, embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
-                          resample_filter=[1, 3, 3, 1], **common)
+        ncsnpp = SongUNet(label_dim=10, embedding_type="fourier", channel_mult_noise=2,
+                          encoder_type="residual", resample_filter=[1, 3, 3, 1], **common)
     assert sum(p.numel() for p in ddpmpp.parameters()) == 55_733_891
     assert sum(p.numel() for p in ncsnpp.parameters()) == 56_400_643
     shapes = shapes_of(ddpmpp)
@@ -140,7 +140,8 @@ def test_imagenet64_adm_parameter_count_and_shapes():
 
 # --- Variants without fixtures: forward shapes ---
 
-@pytest.mark.parametrize("encoder_type,decoder_type", [("skip", "skip"), ("standard", "skip"), ("skip", "standard")])
+@pytest.mark.parametrize("encoder_type,decoder_type",
+                         [("skip", "skip"), ("standard", "skip"), ("skip", "standard")])
 def test_songunet_skip_variants(encoder_type, decoder_type):
     net = SongUNet(8, 2, 3, label_dim=4, augment_dim=2, model_channels=8, channel_mult=[1, 2], num_blocks=1,
                    attn_resolutions=[4], embedding_type="fourier", channel_mult_noise=2,
@@ -209,7 +210,8 @@ def expected(name: str, s: np.ndarray) -> tuple:
     """(c_skip, c_out, c_in, c_noise) written out by hand from EDM Table 1."""
     if name == "EDM":
         sd = 0.5
-        return sd**2 / (s**2 + sd**2), s * sd / np.sqrt(s**2 + sd**2), 1 / np.sqrt(s**2 + sd**2), np.log(s) / 4
+        norm = np.sqrt(s**2 + sd**2)
+        return sd**2 / norm**2, s * sd / norm, 1 / norm, np.log(s) / 4
     if name == "VP":
         t = (np.sqrt(0.1**2 + 2 * 19.9 * np.log(1 + s**2)) - 0.1) / 19.9
         return np.ones_like(s), -s, 1 / np.sqrt(s**2 + 1), 999 * t
@@ -228,7 +230,8 @@ def test_preconditioning_closed_forms(name, cls):
     seen_x, seen_noise, seen_labels, seen_aug = net.model.seen
     torch.testing.assert_close(seen_x.double(), c_in * x.double(), rtol=1e-5, atol=1e-6)
     # VP: like the original, ln(1 + σ²) is evaluated in float32, which loses ~1e-3 at σ = 0.003.
-    torch.testing.assert_close(seen_noise.double(), c_noise.flatten(), rtol=1e-5, atol=1e-3 if name == "VP" else 1e-5)
+    atol = 1e-3 if name == "VP" else 1e-5
+    torch.testing.assert_close(seen_noise.double(), c_noise.flatten(), rtol=1e-5, atol=atol)
     torch.testing.assert_close(D, c_skip * x.double() + c_out * F.double(), rtol=1e-5, atol=1e-5)
     assert torch.equal(seen_labels, labels) and seen_aug == "aug"
     net(x, torch.tensor(SIGMAS))  # missing labels of a conditional network: all zeros
@@ -263,7 +266,8 @@ def test_iddpm_preconditioning():
     D = net(x, sigma).double()
     s = sigma.double().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(net.model.seen[1], torch.tensor(999.0 - j, dtype=torch.float32))
-    torch.testing.assert_close(net.model.seen[0].double(), x.double() / (s**2 + 1).sqrt(), rtol=1e-5, atol=1e-6)
+    c_in_x = x.double() / (s**2 + 1).sqrt()
+    torch.testing.assert_close(net.model.seen[0].double(), c_in_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(D, x.double() - s * F[:, :3].double(), rtol=1e-5, atol=1e-5)  # 2nd half unused
 
 

@@ -91,7 +91,10 @@ def test_sample_moments_match_target(cfg):
     n = 20000
     g = torch.Generator().manual_seed(2)
     z = torch.randn(n, 3, generator=g)
-    x = edm_sample(gaussian(), z, cfg=cfg, randn_like=lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype))
+    def randn_like(t):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+    x = edm_sample(gaussian(), z, cfg=cfg, randn_like=randn_like)
     mean_se = S / math.sqrt(n)
     var_se = S**2 * math.sqrt(2 / n)
     assert ((x.mean(0) - MU[0].double()).abs() < 5 * mean_se).all(), x.mean(0)

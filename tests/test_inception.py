@@ -71,12 +71,12 @@ def _bilinear_reference(img: np.ndarray, size: int, half_pixel: bool) -> np.ndar
             lo = int(np.floor(s))
             taps.append((lo, min(lo + 1, n_in - 1), s - lo))
         return taps
+    x0, x1, xl = (np.array(v) for v in zip(*axis(img.shape[2])))
     out = np.empty((img.shape[0], size, size))
-    for y, (y0, y1, yl) in enumerate(axis(img.shape[1])):
-        for x, (x0, x1, xl) in enumerate(axis(img.shape[2])):
-            top = img[:, y0, x0] + (img[:, y0, x1] - img[:, y0, x0]) * xl
-            bottom = img[:, y1, x0] + (img[:, y1, x1] - img[:, y1, x0]) * xl
-            out[:, y, x] = top + (bottom - top) * yl
+    for y, (y0, y1, yl) in enumerate(axis(img.shape[1])):  # one output row at a time, all columns at once
+        top = img[:, y0, x0] + (img[:, y0, x1] - img[:, y0, x0]) * xl
+        bottom = img[:, y1, x0] + (img[:, y1, x1] - img[:, y1, x0]) * xl
+        out[:, y] = top + (bottom - top) * yl
     return out
 
 
@@ -193,11 +193,11 @@ def test_nvidia_torchscript_is_used_as_is(fid_helper, helper_features, tmp_path)
 def _nvidia_named(net: FIDInception) -> OrderedDict[str, torch.Tensor]:
     """Our weights under NVIDIA's names (weight/beta/mean/var per conv, `output`), by the research
     notes' map: A-D scopes nested with '.', E scopes flattened with '_'."""
-    out = OrderedDict()
+    state, out = net.state_dict(), OrderedDict()
     for ours, nv in conv_names():
         for src, dst in (("conv.weight", "weight"), ("bn.bias", "beta"), ("bn.running_mean", "mean"),
                          ("bn.running_var", "var")):
-            out[f"layers.{nv}.{dst}"] = net.state_dict()[f"{ours}.{src}"]
+            out[f"layers.{nv}.{dst}"] = state[f"{ours}.{src}"]
     out["output.weight"], out["output.bias"] = net.fc.weight, net.fc.bias
     return out
 

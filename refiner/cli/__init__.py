@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "refiner.cli.inspect",
     "metrics": "refiner.cli.metrics",
     "sample": "refiner.cli.sample",
+    "refine": "refiner.cli.refine",
 }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
+
+from fileformats.errors import UserError
 
 from refiner.config import PRECISIONS, TrainConfig
 from refiner.losses import GENERATOR_LOSSES
@@ -67,3 +69,36 @@ def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any], **extra: 
 def run_options(kwargs: dict[str, Any]) -> tuple[str, bool, bool]:
     return kwargs.pop("out"), kwargs.pop("resume"), kwargs.pop("force")
 
+
+
+def metric_options(f: Callable) -> Callable:
+    """--metrics/--ref/--detector/--frontend: metrics before the first step and after the last."""
+    options = [
+        click.option("--metrics", "metrics", default=None,
+                     help="Metrics before and after, e.g. fid50k,is50k,kid50k (none by default)."),
+        click.option("--ref", default=None, help="Reference images or mu/sigma .npz for FID / KID."),
+        click.option("--detector", default=None, help="Inception weights: path or URL (see `refiner metrics`)."),
+        click.option("--frontend", type=click.Choice(["nvidia", "pytorch-fid"]), default="nvidia",
+                     show_default=True, help="Resize and scaling conventions of the detector."),
+        click.option("--metrics-at-snapshots", is_flag=True, help="Also measure at every snapshot."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_evaluator(kwargs: dict[str, Any], device) -> Optional[Callable]:
+    """The evaluator the metric options ask for (None without --metrics); removes them from kwargs."""
+    spec, ref, detector, frontend = (kwargs.pop(k) for k in ("metrics", "ref", "detector", "frontend"))
+    if spec is None:
+        if ref is not None or detector is not None:
+            raise UserError("--ref / --detector are given without --metrics; add e.g. --metrics fid10k")
+        return None
+    from metrics.detector import load_detector
+    from metrics.evaluate import evaluate, parse_metrics
+
+    requests = parse_metrics(spec)
+    if ref is None and any(r.name in ("fid", "kid") for r in requests):
+        raise UserError("FID and KID need --ref (reference images or an .npz with mu and sigma)")
+    net = load_detector(detector, frontend=frontend, device=device)
+    return lambda generator: evaluate(generator, net, spec, ref=ref, frontend=frontend)

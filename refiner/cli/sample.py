@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Optional
 
 import click
 import numpy as np
@@ -28,7 +27,8 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise UserError(f"--seeds {text!r}: cannot read {part!r}; write numbers and ranges like 0-63 or 1,5,10-12")
+            raise UserError(f"--seeds {text!r}: cannot read {part!r}; "
+                            "write numbers and ranges like 0-63 or 1,5,10-12")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
@@ -59,7 +59,8 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
 
 @click.command("sample")
 @click.option("--teacher", "source", required=True, help="EDM network pickle: path or URL.")
-@click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
+@click.option("--seeds", default="0-63", show_default=True,
+              help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help=f"Output folder for {GRID_NAME} and {NPZ_NAME} (existing files are not overwritten).")
 @click.option("--steps", default=18, show_default=True, type=click.IntRange(min=2),
@@ -68,7 +69,7 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
               help="Class index for a conditional teacher (default: a random class per seed).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: Optional[int], batch: int,
+def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: int | None, batch: int,
             device: str) -> None:
     """Sample images from an EDM teacher; writes an image grid and an .npz of uint8 images.
 
@@ -79,13 +80,15 @@ def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: Optio
     outputs = [out_dir / GRID_NAME, out_dir / NPZ_NAME]
     for path in outputs:
         if path.exists():
-            raise UserError(f"{path} already exists; choose another --out folder (files are never overwritten)")
+            raise UserError(f"{path} already exists; choose another --out folder "
+                            "(files are never overwritten)")
     dev = resolve_device(device)
     teacher = load_teacher(source, device=dev)
     if class_idx is not None and teacher.label_dim == 0:
         raise UserError("--class given but the teacher is unconditional; leave out --class")
     if class_idx is not None and not 0 <= class_idx < teacher.label_dim:
-        raise UserError(f"--class {class_idx} is out of range; this teacher has classes 0 to {teacher.label_dim - 1}")
+        raise UserError(f"--class {class_idx} is out of range; "
+                        f"this teacher has classes 0 to {teacher.label_dim - 1}")
     cfg = SamplerConfig(num_steps=steps)
 
     images, classes = [], []

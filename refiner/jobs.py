@@ -1,0 +1,151 @@
+"""What every image job (refine, distill, demo) does around the loop: the run directory, before/after
+grids of the same seeds, metrics before the first step and after the last (and at snapshots when asked),
+the generator written in its native format at every snapshot, and the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from fileformats.atomic import atomic_open
+from fileformats.errors import UserError
+from metrics.evaluate import generated_batches
+from metrics.images import save_image_grid
+from metrics.report import write_report
+from refiner.config import TrainConfig
+from refiner.loop import Trainer
+from refiner.rundir import RunDir
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class ImageJob:
+    """One refinement / distillation run of an image generator against an image teacher."""
+
+    config: TrainConfig
+    generator: nn.Module  # a Generator, trained in place
+    teacher: nn.Module  # a frozen Denoiser
+    fake: nn.Module  # the fake-score network (trainable)
+    out: Path
+    device: torch.device
+    save_generator: Callable[[nn.Module, Path], None]  # writes a generator (the EMA) in its native format
+    output_name: str  # file or folder name of that output inside the run directory
+    evaluate: Optional[Evaluator] = None
+    metrics_at_snapshots: bool = False
+    grid_seeds: int = 64
+    title: str = "Diff-Instruct refinement"
+    info: dict[str, Any] = field(default_factory=dict)
+    echo: Callable[[str], None] = print
+
+    @property
+    def output_path(self) -> Path:
+        return self.out / self.output_name
+
+    def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
+        run = RunDir(self.out)
+        checkpoint = run.prepare(self.config, resume=resume, force=force)
+        trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
+                          on_snapshot=(self._snapshot,), echo=self.echo)
+        before = self._before(run, trainer.ema)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        trainer.train()
+        self.ema = trainer.ema
+        after = self._measure(trainer.ema, "after")
+        grid_after = self._grid(trainer.ema)
+        save_image_grid(grid_after, self.out / "grid-after.png")
+        log = run.read_log()
+        curves = {"loss": {"generator": _series(log, "loss_gen"), "fake score": _series(log, "loss_fake")},
+                  "gradient norm": {"generator": _series(log, "grad_norm_gen"),
+                                    "fake score": _series(log, "grad_norm_fake")}}
+        for name in after:
+            points = [(r["kimg"], r[name]) for r in _read_jsonl(self.out / "metrics.jsonl") if name in r]
+            if points:
+                curves[name] = {name: tuple(map(list, zip(*points)))}
+        write_report(self.out, before["metrics"], after, grid_before=before["grid"], grid_after=grid_after,
+                     curves=curves, title=self.title,
+                     info={**self.info, "steps": trainer.counters.step, "kimg": trainer.counters.nimg / 1000,
+                           "skipped steps": trainer.counters.skipped_generator + trainer.counters.skipped_fake,
+                           "output": self.output_path})
+        return {"before": before["metrics"], "after": after, "steps": trainer.counters.step,
+                "output": str(self.output_path)}
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _before(self, run: RunDir, generator: nn.Module) -> dict[str, Any]:
+        """Grid and metrics of the untrained generator, computed once and kept in the run directory."""
+        path = run.path / "before.npz"
+        if path.exists():
+            stored = np.load(path)
+            return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
+        grid = self._grid(generator)
+        metrics = self._measure(generator, "before")
+        save_image_grid(grid, run.path / "grid-before.png")
+        with atomic_open(path) as f:
+            np.savez(f, grid=grid, metrics=json.dumps(metrics))
+        return {"grid": grid, "metrics": metrics}
+
+    def _grid(self, generator: nn.Module) -> np.ndarray:
+        return torch.cat(list(generated_batches(generator, self.grid_seeds, batch_size=16, seed=0))).numpy()
+
+    def _measure(self, generator: nn.Module, when: str) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        self.echo(f"metrics {when}:")
+        was_training = generator.training
+        result = self.evaluate(generator.eval())
+        generator.train(was_training)
+        self.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    def _snapshot(self, trainer: Trainer) -> None:
+        self.save_generator(trainer.ema, self.output_path)
+        if self.metrics_at_snapshots and self.evaluate is not None:
+            record = {"step": trainer.counters.step, "kimg": trainer.counters.nimg / 1000,
+                      **self._measure(trainer.ema, f"at step {trainer.counters.step}")}
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def trainable_copy(teacher: nn.Module) -> nn.Module:
+    """The fake-score network: a copy of the teacher in float32 with trainable weights (the official code
+    initialises it from the teacher's weights)."""
+    fake = copy.deepcopy(teacher).float().requires_grad_(True)
+    if hasattr(fake, "dtype"):
+        fake.dtype = None  # the loop's autocast decides the precision of a trained network
+    return fake
+
+
+def check_compatible(generator: nn.Module, teacher: nn.Module, generator_name: str, teacher_name: str) -> None:
+    """Teacher and generator must agree on image shape and labels; say exactly what differs."""
+    problems = []
+    g_shape, t_shape = tuple(generator.data_shape), tuple(teacher.data_shape)
+    if g_shape[1:] != t_shape[1:]:
+        problems.append(f"resolution: generator {g_shape[1]}x{g_shape[2]}, teacher {t_shape[1]}x{t_shape[2]}")
+    if g_shape[0] != t_shape[0]:
+        problems.append(f"channels: generator {g_shape[0]}, teacher {t_shape[0]}")
+    if generator.c_dim != teacher.label_dim:
+        describe = lambda n: f"conditional with {n} classes" if n else "unconditional"  # noqa: E731
+        problems.append(f"labels: generator {describe(generator.c_dim)}, teacher {describe(teacher.label_dim)}")
+    if problems:
+        raise UserError(f"generator {generator_name} and teacher {teacher_name} do not fit together: "
+                        + "; ".join(problems) + ". Use a teacher trained on the generator's data")
+
+
+def _series(log: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["kimg"], r[key]) for r in log if key in r]
+    return ([p[0] for p in points], [p[1] for p in points])
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
