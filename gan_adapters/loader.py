@@ -1,8 +1,8 @@
 """`load_generator`: recognise what a source holds and load it behind the `Generator` interface.
 
 One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builder). Supported now:
-- a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py).
-Folders (BigGAN-deep) and one-step EDM snapshots are to be added here.
+- a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py);
+- a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import Generator
+from gan_adapters.biggan import is_biggan_folder, load_biggan
 from gan_adapters.stylegan2_adapter import StyleGAN2Options, source_name, stylegan2_from_snapshot
 
 Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
@@ -36,8 +37,13 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
     """
     name = source_name(source)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        raise UserError(f"{name} is a folder; no generator stored as a folder is supported yet. "
-                        "Give a StyleGAN2-ADA network snapshot (.pkl)")
+        if not is_biggan_folder(source):
+            raise UserError(f"{name} is a folder without config.json and pytorch_model.bin; the only "
+                            "generator stored as a folder is BigGAN-deep (pytorch-pretrained-biggan)")
+        unknown = sorted(set(opts) - {"truncation"})
+        if unknown:
+            raise UserError(f"{name} is a BigGAN-deep folder; {', '.join(unknown)} apply to StyleGAN2-ADA only")
+        return load_biggan(source, device, **opts)
     data = nvpickle.load(source)
     for matches, build in _PICKLE_KINDS:
         if matches(data):

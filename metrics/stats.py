@@ -87,37 +87,47 @@ class Reservoir:
     capacity: int
     seed: int = 0
     n: int = 0
-    features: np.ndarray = field(init=False, repr=False)  # [min(n, capacity), D]
 
     def __post_init__(self) -> None:
-        self.features = np.zeros((0, self.dim), np.float32)
+        self._kept = np.zeros((0, self.dim), np.float32)
+        self._pending: list[np.ndarray] = []  # appended batches, joined on first need (no O(n^2) copies)
         self._rng = np.random.default_rng(self.seed)
+
+    @property
+    def features(self) -> np.ndarray:
+        """The kept features [min(n, capacity), D]."""
+        if self._pending:
+            self._kept = np.concatenate([self._kept, *self._pending])
+            self._pending = []
+        return self._kept
 
     def update(self, feats: ArrayLike) -> None:
         """The i-th item of the stream (0-based) fills a free slot or replaces slot randint(0, i] if that
         is < capacity; when two items of a batch pick one slot, the later one stays (sequential order)."""
         x = _features(feats, self.dim).astype(np.float32)
-        room = max(self.capacity - len(self.features), 0)
-        self.features = np.concatenate([self.features, x[:room]])
+        room = max(self.capacity - self.n, 0)
+        if room:
+            self._pending.append(x[:room])
         idx = np.arange(min(room, len(x)), len(x))
-        slot = self._rng.integers(0, self.n + idx + 1) if len(idx) else idx
-        idx, slot = idx[slot < self.capacity], slot[slot < self.capacity]
-        _, last_reversed = np.unique(slot[::-1], return_index=True)
-        final = len(slot) - 1 - last_reversed
-        self.features[slot[final]] = x[idx[final]]
+        if len(idx):
+            slot = self._rng.integers(0, self.n + idx + 1)
+            idx, slot = idx[slot < self.capacity], slot[slot < self.capacity]
+            _, last_reversed = np.unique(slot[::-1], return_index=True)
+            final = len(slot) - 1 - last_reversed
+            self.features[slot[final]] = x[idx[final]]
         self.n += len(x)
 
     def merge(self, other: Reservoir) -> Reservoir:
         """Add `other` into self (in place); returns self. The merged sample takes from each side in
         proportion to the number of items it stands for."""
         _same_dim(self.dim, other.dim)
+        mine, theirs = self.features, other.features
         total = self.n + other.n
-        take = min(self.capacity, len(self.features) + len(other.features))
-        a = min(len(self.features), round(take * self.n / total)) if total else 0
-        b = min(len(other.features), take - a)
-        mine = self._rng.choice(len(self.features), a, replace=False)
-        theirs = self._rng.choice(len(other.features), b, replace=False)
-        self.features = np.concatenate([self.features[mine], other.features[theirs].astype(np.float32)])
+        take = min(self.capacity, len(mine) + len(theirs))
+        a = min(len(mine), round(take * self.n / total)) if total else 0
+        b = min(len(theirs), take - a)
+        self._kept = np.concatenate([mine[self._rng.choice(len(mine), a, replace=False)],
+                                     theirs[self._rng.choice(len(theirs), b, replace=False)]])
         self.n = total
         return self
 

@@ -128,7 +128,9 @@ def check_compatible(generator: nn.Module, teacher: nn.Module, generator_name: s
     problems = []
     g_shape, t_shape = tuple(generator.data_shape), tuple(teacher.data_shape)
     if g_shape[1:] != t_shape[1:]:
-        problems.append(f"resolution: generator {g_shape[1]}x{g_shape[2]}, teacher {t_shape[1]}x{t_shape[2]}")
+        hint = " (add --resize-to-teacher to area-downsample)" if g_shape[1] % t_shape[1] == 0 else ""
+        problems.append(f"resolution: generator {g_shape[1]}x{g_shape[2]}, teacher {t_shape[1]}x{t_shape[2]}"
+                        + hint)
     if g_shape[0] != t_shape[0]:
         problems.append(f"channels: generator {g_shape[0]}, teacher {t_shape[0]}")
     if generator.c_dim != teacher.label_dim:

@@ -95,3 +95,21 @@ def test_wrong_kind_of_generator_file(tmp_path: Path, teacher32: Path):
         assert not (tmp_path / "r").exists()
     swapped = _refine("--generator", str(SG2), "--teacher", str(SG2), "--out", str(tmp_path / "r"))
     assert swapped.exit_code == 2 and "StyleGAN2-ADA snapshot" in swapped.output
+
+
+def test_refine_biggan_folder_through_the_resolution_bridge(tmp_path: Path):
+    from gan_adapters.biggan import load_biggan
+
+    teacher = write_edm_teacher(tmp_path / "t16.pkl", resolution=16, label_dim=10)
+    folder = DATA / "biggan-deep-small"
+    out = tmp_path / "run"
+    refused = _refine("--generator", str(folder), "--teacher", str(teacher), "--out", str(out))
+    assert refused.exit_code == 2 and "--resize-to-teacher" in refused.output and not out.exists()
+    result = _refine("--generator", str(folder), "--teacher", str(teacher), "--out", str(out), "--steps", "2",
+                     "--lr", "1e-3", "--resize-to-teacher", "--truncation", "0.5")
+    assert result.exit_code == 0, result.output
+    refined = out / "biggan-refined"
+    assert (refined / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    old, new = load_biggan(folder).network.state_dict(), load_biggan(refined).network.state_dict()
+    assert old.keys() == new.keys()
+    assert any(not torch.equal(old[k], new[k]) for k in old)

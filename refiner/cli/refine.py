@@ -23,13 +23,19 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 
 @click.command("refine")
 @click.option("--generator", "generator_src", required=True,
-              help="StyleGAN2-ADA network pickle (network-snapshot-*.pkl): path or URL.")
+              help="StyleGAN2-ADA network pickle (network-snapshot-*.pkl, path or URL) or a BigGAN-deep "
+                   "folder (config.json + pytorch_model.bin).")
 @click.option("--teacher", "teacher_src", required=True, help="EDM network pickle (its `ema`): path or URL.")
-@click.option("--trainable", type=click.Choice(["all", "synthesis", "mapping-frozen"]), default="all",
-              show_default=True, help="all = every weight; mapping-frozen = synthesis incl. style affines; "
-                                      "synthesis = synthesis convolutions only (styles of a z are kept).")
-@click.option("--noise-mode", type=click.Choice(["random", "const", "none"]), default="random",
-              show_default=True, help="Per-pixel noise during training (random = what metrics sample).")
+@click.option("--trainable", type=click.Choice(["all", "synthesis", "mapping-frozen"]), default=None,
+              help="StyleGAN2-ADA: which weights train (default all); mapping-frozen = synthesis incl. style "
+                   "affines; synthesis = synthesis convolutions only (the styles of a z are kept).")
+@click.option("--noise-mode", type=click.Choice(["random", "const", "none"]), default=None,
+              help="StyleGAN2-ADA: per-pixel noise during training (default random = what metrics sample).")
+@click.option("--truncation", type=float, default=None,
+              help="BigGAN-deep: truncation of the prior and batch-norm statistics (default 1.0).")
+@click.option("--resize-to-teacher", is_flag=True,
+              help="Area-downsample the generator's images to the teacher's resolution (e.g. a 128 px "
+                   "BigGAN refined by a 64 px teacher).")
 @click.option("--keep-G", "keep_g", is_flag=True, help="Write the refined weights into G_ema only; keep G.")
 @click.option("--in-place", is_flag=True,
               help="Replace the input pickle once the refined one is written and re-read (keeps FILE.bak).")
@@ -37,21 +43,25 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
               help="Teacher precision on CUDA (default: what the file says).")
 @metric_options
 @training_options(REFINE_DEFAULTS)
-def command(generator_src: str, teacher_src: str, trainable: str, noise_mode: str, keep_g: bool,
-            in_place: bool, teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
-    """Refine a StyleGAN2-ADA pickle with an EDM teacher; the output loads in NVIDIA's code unchanged.
+def command(generator_src: str, teacher_src: str, trainable: str | None, noise_mode: str | None,
+            truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+    """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
-    Writes OUT/network-refined.pkl (at every snapshot and at the end), before/after grids of the same
-    seeds, log.jsonl, checkpoints and report.html. Truncation is off during training.
+    Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
+    OUT/biggan-refined (BigGAN-deep) at every snapshot and at the end, before/after grids of the same
+    seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
     from gan_adapters.loader import load_generator
+    from gan_adapters.resize import Resized
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from refiner.loop import resolve_device
     from teachers.edm_loader import load_teacher
 
     out, resume, force = run_options(kwargs)
+    family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
+                                        ("truncation", truncation)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
-                                 trainable=trainable, noise_mode=noise_mode, keep_G=keep_g)
+                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, **family_options)
     device = resolve_device(config.device)
     backup = Path(f"{generator_src}.bak")
     if in_place:
@@ -60,18 +70,22 @@ def command(generator_src: str, teacher_src: str, trainable: str, noise_mode: st
         if backup.exists():
             raise UserError(f"--in-place would keep the input as {backup}, which already exists; "
                             f"move it away first")
-    generator = load_generator(generator_src, device=device, trainable=trainable, noise_mode=noise_mode)
+    generator = load_generator(generator_src, device=device, **family_options)
+    is_folder = os.path.isdir(generator_src)
+    if is_folder and (keep_g or in_place):
+        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to BigGAN-deep folders")
     teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype)
+    if resize_to_teacher:
+        generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
     evaluate = make_evaluator(kwargs, device)
-    click.echo(f"generator: {generator.describe()}", err=True)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, keep_G=keep_g, overwrite=True)
+        ema.save(path, overwrite=True, **({} if is_folder else {"keep_G": keep_g}))
 
     job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
-                   "network-refined.pkl", evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots,
-                   title="Diff-Instruct refinement of a StyleGAN2-ADA generator",
+                   "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots,
+                   title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
                    echo=lambda s: click.echo(s, err=True))
     result = job.run(resume=resume, force=force)
