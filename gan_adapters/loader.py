@@ -2,7 +2,9 @@
 
 One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builder). Supported now:
 - a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py);
-- a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`).
+- a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`);
+- a dict whose `ema` is an EDM preconditioner: a one-step generator (refiner distill, Diff-Instruct and
+  SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import Generator
 from gan_adapters.biggan import is_biggan_folder, load_biggan
+from gan_adapters.onestep import is_onestep_snapshot, onestep_from_snapshot
 from gan_adapters.stylegan2_adapter import StyleGAN2Options, source_name, stylegan2_from_snapshot
 
 Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
@@ -24,6 +27,7 @@ _PICKLE_KINDS: list[tuple[Callable[[Any], bool], Builder]] = [
     (lambda data: isinstance(data, dict) and "G_ema" in data,
      lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts),
                                                               name, device)),
+    (is_onestep_snapshot, lambda data, name, device, opts: onestep_from_snapshot(data, name, device, **opts)),
 ]
 
 
@@ -32,8 +36,8 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
     """The generator stored in `source` (path, URL, bytes or binary file), on `device`.
 
     opts are passed to the family's loader (StyleGAN2-ADA: noise_mode, truncation_psi,
-    truncation_cutoff, force_fp32, trainable). A file of no supported kind is a UserError saying
-    what the file holds.
+    truncation_cutoff, force_fp32, trainable; one-step EDM: sigma_init). A file of no supported kind
+    is a UserError saying what the file holds.
     """
     name = source_name(source)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
@@ -49,4 +53,4 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
         if matches(data):
             return build(data, name, device, opts)
     raise UserError(f"{name}: no generator that can be loaded; found {nvpickle.describe(data)}. "
-                    "Give a StyleGAN2-ADA network snapshot (.pkl with G_ema)")
+                    "Give a StyleGAN2-ADA network snapshot (.pkl with G_ema) or a one-step EDM snapshot ('ema')")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fileformats.errors import UserError
-from metrics.features import FeatureCollector, collect, device_of
+from metrics.features import NO_LOGITS, FeatureCollector, collect, device_of
 from metrics.images import ImageSet, open_image_set, quantize, to_rgb
 from metrics.reference import ReferenceStats, load_reference
 from metrics.stats import fid, inception_score, kid
@@ -85,13 +85,15 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
              cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """Compute the requested metrics of `source` and return {'fid', 'is_mean', 'is_std', 'kid'} (those asked).
 
-    source: a generator (duck-typed, see module doc), an image set or its path, or an iterable of uint8
-    batches [B, 3, H, W]. num: samples for metrics named without a count (default: 50k for a generator,
-    the whole set for images, everything for an iterable). An image set larger than a metric's count is
-    subsampled with a fixed seed (EDM's fid.py). ref: reference images or statistics (FID and KID)."""
+    source: a generator (duck-typed, see module doc), an image set or its path, uint8 images [N, 3, H, W],
+    or an iterable of such batches. num: samples for metrics named without a count (default: 50k for a
+    generator, the whole set for images, everything for batches). An image set larger than a metric's
+    count is subsampled with a fixed seed (EDM's fid.py). ref: reference images or statistics (FID, KID)."""
     requests = parse_metrics(metrics)
     if isinstance(source, (str, os.PathLike)):
         source = open_image_set(source)
+    if isinstance(source, (torch.Tensor, np.ndarray)):  # all images at once, uint8 [N, 3, H, W]
+        source = torch.as_tensor(source).split(batch_size)
     if isinstance(source, ImageSet):
         default = num or len(source)
     elif _is_generator(source):
@@ -100,6 +102,8 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
         default = num or sys.maxsize  # until the iterable ends
     counts = {r.name: r.num or default for r in requests}
     total = max(counts.values())
+    if "is" in counts and getattr(detector, "has_logits", True) is False:
+        raise UserError(NO_LOGITS)  # before any sampling
 
     reference = None
     if "fid" in counts or "kid" in counts:

@@ -18,6 +18,8 @@ from fileformats.progress import Progress
 from metrics.stats import FeatureStats, Reservoir
 
 KID_CAPACITY = 50_000  # features kept for KID: all of NVIDIA's kid50k samples
+NO_LOGITS = ("the detector has no classifier head (weights without the 1008-way fc), so the Inception Score "
+             "cannot be computed: leave IS out of --metrics or use weights that include the classifier")
 
 
 def device_of(obj: object) -> torch.device:
@@ -51,7 +53,7 @@ class FeatureCollector:
         return max(self.num_fid, self.num_is, self.num_kid)
 
     def add(self, out: dict[str, torch.Tensor | None]) -> None:
-        pool = out["pool3"].detach().to("cpu", torch.float64)
+        pool = out["pool3"].detach()
         start, b = self.seen, len(pool)
 
         def take(limit: int) -> int:
@@ -62,13 +64,11 @@ class FeatureCollector:
             self.fid.update(pool[:k])
         if k := take(self.num_kid):
             self.kid = self.kid or Reservoir(pool.shape[1], self.kid_capacity, self.seed)
-            self.kid.update(pool[:k])
+            self.kid.update(pool[:k].cpu())
         if k := take(self.num_is):
             logits = out.get("logits")
             if logits is None:
-                raise UserError("the detector has no classifier head (weights without the 1008-way fc), so "
-                                "the Inception Score cannot be computed: leave IS out of --metrics or use "
-                                "weights that include the classifier")
+                raise UserError(NO_LOGITS)
             self._logits.append(logits[:k].detach().to("cpu", torch.float32).numpy())
         self.seen += b
 

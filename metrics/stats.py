@@ -14,7 +14,7 @@ Conventions (research/metrics_biggan_data.md §1.3-1.7):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -34,7 +34,9 @@ def _as_float64(x: ArrayLike) -> np.ndarray:
 
 @dataclass
 class FeatureStats:
-    """Streaming mean and covariance of feature vectors from float64 sums (sum x, sum x x^T).
+    """Streaming mean and covariance of feature vectors from float64 sums (sum x, sum x x^T), kept as torch
+    tensors on the device of the first batch (a GPU does the [D, D] update per batch; MPS, which has no
+    float64, accumulates on the CPU).
 
     `update` adds a batch [B, D]; `merge` adds another accumulator (e.g. one per process) and gives the
     same mean and covariance as one accumulator that saw both streams.
@@ -42,26 +44,39 @@ class FeatureStats:
 
     dim: int
     n: int = 0
-    sum: np.ndarray = field(init=False, repr=False)
-    sum_outer: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.sum = np.zeros(self.dim, np.float64)
-        self.sum_outer = np.zeros((self.dim, self.dim), np.float64)
+        self._sum: torch.Tensor | None = None
+        self._sum_outer: torch.Tensor | None = None
+
+    def _add(self, s: torch.Tensor, s_outer: torch.Tensor, n: int) -> None:
+        if self._sum is None:
+            self._sum, self._sum_outer = torch.zeros_like(s), torch.zeros_like(s_outer)
+        self._sum += s.to(self._sum.device)
+        self._sum_outer += s_outer.to(self._sum.device)
+        self.n += n
 
     def update(self, feats: ArrayLike) -> None:
-        x = _features(feats, self.dim)
-        self.sum += x.sum(axis=0)
-        self.sum_outer += x.T @ x
-        self.n += len(x)
+        x = torch.as_tensor(feats).detach()
+        x = x.to("cpu" if x.device.type == "mps" else x.device, torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape [B, {self.dim}], got {list(x.shape)}")
+        self._add(x.sum(0), x.T @ x, len(x))
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Add `other` into self (in place); returns self."""
         _same_dim(self.dim, other.dim)
-        self.sum += other.sum
-        self.sum_outer += other.sum_outer
-        self.n += other.n
+        if other._sum is not None:
+            self._add(other._sum, other._sum_outer, other.n)
         return self
+
+    @property
+    def sum(self) -> np.ndarray:
+        return np.zeros(self.dim) if self._sum is None else self._sum.cpu().numpy()
+
+    @property
+    def sum_outer(self) -> np.ndarray:
+        return np.zeros((self.dim, self.dim)) if self._sum_outer is None else self._sum_outer.cpu().numpy()
 
     @property
     def mean(self) -> np.ndarray:

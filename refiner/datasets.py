@@ -9,16 +9,15 @@ uint32 sizes, then the values in C order, big-endian. The files may be gzip-comp
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from fileformats.atomic import atomic_write
 from fileformats.errors import UserError
 from fileformats.sources import cache_root, cached_path, file_sha256, open_source
 
@@ -26,7 +25,7 @@ IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """The array stored in an IDX file (plain or gzip'd, told apart by the gzip magic bytes), in native
     byte order. A malformed file is a UserError naming the file."""
     path = Path(path)
@@ -36,7 +35,8 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
             data = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read IDX file {path} ({e}); the file is damaged: download it again") from None
+        raise UserError(f"cannot read IDX file {path} ({e}); the file is damaged: download it "
+                        "again") from None
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] not in IDX_TYPES:
         raise UserError(f"{path} is not an IDX file (bad magic {data[:4].hex()}); give an IDX file "
                         "such as train-images-idx3-ubyte.gz")
@@ -47,12 +47,12 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header != expected:
-        raise UserError(f"{path}: the IDX header announces shape {list(shape)} ({expected} bytes of data) but "
-                        f"the file holds {len(data) - header}; the file is damaged: download it again")
+        raise UserError(f"{path}: the IDX header announces shape {list(shape)} ({expected} bytes of data) "
+                        f"but the file holds {len(data) - header}; the file is damaged: download it again")
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def write_idx(path: Union[str, os.PathLike], array: np.ndarray, compress: bool = False) -> None:
+def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = False) -> None:
     """Write `array` as an IDX file (gzip'd if `compress`); the inverse of read_idx (used by tests)."""
     codes = {np.dtype(v).newbyteorder("="): k for k, v in IDX_TYPES.items()}
     array = np.asarray(array)
@@ -93,7 +93,7 @@ MISSING_HELP = ("install it with `apt-get install dataset-fashion-mnist` (Debian
                 "IDX files")
 
 
-def search_dirs(root: Union[str, os.PathLike, None] = None) -> list[Path]:
+def search_dirs(root: str | os.PathLike | None = None) -> list[Path]:
     """Where the files are looked for, in order: `root` (alone, when given), $REFINER_FASHION_MNIST, the
     Debian package's folder, the download cache."""
     if root is not None:
@@ -107,7 +107,7 @@ def _candidates(folder: Path, spec: IDXFile) -> list[Path]:
     return [folder / f"{spec.name}.gz", folder / spec.name]
 
 
-def locate(split: str, kind: str, root: Union[str, os.PathLike, None] = None) -> Optional[Path]:
+def locate(split: str, kind: str, root: str | os.PathLike | None = None) -> Path | None:
     """The first existing file for (split, kind) in the search folders or the URL cache, or None."""
     spec = FASHION_MNIST[(split, kind)]
     paths = [p for d in search_dirs(root) for p in _candidates(d, spec)]
@@ -125,19 +125,17 @@ def verify(path: Path, spec: IDXFile) -> str:
     return digest
 
 
-def download(root: Union[str, os.PathLike, None] = None) -> dict[str, Path]:
+def download(root: str | os.PathLike | None = None) -> dict[str, Path]:
     """Make the four files available (download what is not found, checking the sha256 of everything);
     returns {file name: path}. With `root`, only that folder counts and downloads are copied into it."""
     found = {}
-    for spec in FASHION_MNIST.values():
-        split, kind = next(k for k, v in FASHION_MNIST.items() if v == spec)
+    for (split, kind), spec in FASHION_MNIST.items():
         path = locate(split, kind, root)
         if path is None:
             path = open_source(FASHION_MNIST_URL + spec.name + ".gz", sha256=spec.sha256_gz)
             if root is not None:
-                from fileformats.atomic import atomic_write
                 target = Path(root) / f"{spec.name}.gz"
-                Path(root).mkdir(parents=True, exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(target, lambda f, src=path: f.write(src.read_bytes()))
                 path = target
         verify(path, spec)
@@ -145,7 +143,7 @@ def download(root: Union[str, os.PathLike, None] = None) -> dict[str, Path]:
     return found
 
 
-def load_split(split: str, root: Union[str, os.PathLike, None] = None, check: bool = True
+def load_split(split: str, root: str | os.PathLike | None = None, check: bool = True
                ) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of 'train' (60 000) or 'test' (10 000)."""
     if split not in ("train", "test"):
@@ -166,17 +164,14 @@ def load_split(split: str, root: Union[str, os.PathLike, None] = None, check: bo
     return images, labels.astype(np.int64)
 
 
-def data_hash(root: Union[str, os.PathLike, None] = None) -> dict[str, str]:
+def data_hash(root: str | os.PathLike | None = None) -> dict[str, str]:
     """sha256 of each of the four files used (as found), for manifests."""
-    return {spec.name: file_sha256(locate(split, kind, root)) for (split, kind), spec in FASHION_MNIST.items()}
+    return {spec.name: file_sha256(locate(split, kind, root))
+            for (split, kind), spec in FASHION_MNIST.items()}
 
 
-def to_images(pixels: Union[np.ndarray, torch.Tensor], pad: int = 2) -> torch.Tensor:
+def to_images(pixels: np.ndarray | torch.Tensor, pad: int = 2) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28 + 2·pad, 28 + 2·pad] in [-1, 1] (x/127.5 − 1), padded with the
     background value −1 (Fashion-MNIST's background is 0), so 28 px becomes 32 px."""
     x = torch.as_tensor(np.asarray(pixels)).to(torch.float32).div(127.5).sub(1)
     return torch.nn.functional.pad(x[:, None], (pad, pad, pad, pad), value=-1.0)
-
-
-def array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

@@ -1,6 +1,9 @@
 """What every image job (refine, distill, demo) does around the loop: the run directory, before/after
 grids of the same seeds, metrics before the first step and after the last (and at snapshots when asked),
-the generator written in its native format at every snapshot, and the report."""
+the generator written in its native format at every snapshot, and the report.
+
+Under torchrun every process trains; rank 0 alone prepares the run directory, computes grids and
+metrics and writes files (the others wait for it in the loop's next collective)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from fileformats.errors import UserError
 from metrics.evaluate import generated_batches
 from metrics.images import save_image_grid
 from metrics.report import write_report
+from refiner import distributed as dist
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.rundir import RunDir
@@ -37,28 +41,36 @@ class ImageJob:
     out: Path
     device: torch.device
     save_generator: Callable[[nn.Module, Path], None]  # writes a generator (the EMA) in its native format
-    output_name: str  # file or folder name of that output inside the run directory
+    output_name: str  # file or folder name of that output inside the run directory; with a '{kimg}'
+    # field (e.g. 'network-snapshot-{kimg:06d}.pkl') every snapshot gets its own file
     evaluate: Optional[Evaluator] = None
     metrics_at_snapshots: bool = False
     grid_seeds: int = 64
+    snapshot_grids: bool = False  # also write grid-KKKKKK.png (kimg) of the fixed seeds at every snapshot
     title: str = "Diff-Instruct refinement"
     info: dict[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = print
 
+    kimg: int = field(default=0, init=False)  # of the latest snapshot
+
     @property
     def output_path(self) -> Path:
-        return self.out / self.output_name
+        """The latest output (the file of the latest snapshot when output_name has a '{kimg}' field)."""
+        return self.out / self.output_name.format(kimg=self.kimg)
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         run = RunDir(self.out)
-        checkpoint = run.prepare(self.config, resume=resume, force=force)
+        checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force))
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
                           on_snapshot=(self._snapshot,), echo=self.echo)
-        before = self._before(run, trainer.ema)
+        main = dist.rank() == 0
+        before = self._before(run, trainer.ema) if main else None
         if checkpoint is not None:
             trainer.resume(checkpoint)
         trainer.train()
         self.ema = trainer.ema
+        if not main:
+            return {"steps": trainer.counters.step}
         after = self._measure(trainer.ema, "after")
         grid_after = self._grid(trainer.ema)
         save_image_grid(grid_after, self.out / "grid-after.png")
@@ -106,7 +118,10 @@ class ImageJob:
         return result
 
     def _snapshot(self, trainer: Trainer) -> None:
+        self.kimg = trainer.counters.nimg // 1000
         self.save_generator(trainer.ema, self.output_path)
+        if self.snapshot_grids:
+            save_image_grid(self._grid(trainer.ema), self.out / f"grid-{self.kimg:06d}.png")
         if self.metrics_at_snapshots and self.evaluate is not None:
             record = {"step": trainer.counters.step, "kimg": trainer.counters.nimg / 1000,
                       **self._measure(trainer.ema, f"at step {trainer.counters.step}")}
@@ -119,7 +134,8 @@ def trainable_copy(teacher: nn.Module) -> nn.Module:
     initialises it from the teacher's weights)."""
     fake = copy.deepcopy(teacher).float().requires_grad_(True)
     if hasattr(fake, "dtype"):
-        fake.dtype = None  # the loop's autocast decides the precision of a trained network
+        # U-Net in float32 even where the file says use_fp16: the loop's autocast decides the precision
+        fake.dtype = torch.float32
     return fake
 
 

@@ -25,6 +25,10 @@ class StandInDetector(torch.nn.Module):
         self.frontend, self.with_logits = frontend, logits
         self.calls, self.inputs = 0, []
 
+    @property
+    def has_logits(self) -> bool:
+        return self.with_logits
+
     def forward(self, images: torch.Tensor) -> dict:
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3
         self.calls += 1

@@ -55,6 +55,16 @@ def test_cli_images_json(sets):
     assert result.exit_code == 0 and re.fullmatch(r"FID  \d+\.\d{4}\n", result.output)
 
 
+def test_cli_default_leaves_is_out_without_classifier(sets, monkeypatch):
+    a, b = sets
+    monkeypatch.setattr(cli_metrics, "_load_detector", lambda *args: StandInDetector(logits=False))
+    result = _run("--images", str(a), "--ref", str(b), "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"fid"} and "IS is left out" in result.stderr
+    result = _run("--images", str(a), "--ref", str(b), "--metrics", "fid,is")
+    assert result.exit_code == 2 and "no classifier head" in result.output
+
+
 def test_cli_mu_sigma_reference(sets, tmp_path):
     a, _ = sets
     np.savez(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
@@ -123,7 +133,7 @@ def test_report_json_and_html(tmp_path):
     assert len(uris) == 4  # two grids, two plots
     first = PIL.Image.open(io.BytesIO(base64.b64decode(uris[0])))
     np.testing.assert_array_equal(np.asarray(first), np.asarray(image_grid(grid_b)))
-    assert "http" not in page.replace("charset", "")  # self-contained
+    assert "http" not in page  # self-contained: nothing fetched
 
 
 def test_compare_handles_missing_values():

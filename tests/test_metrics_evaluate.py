@@ -132,6 +132,7 @@ def test_evaluate_iterable_of_batches():
     assert (out["is_mean"], out["is_std"]) == pytest.approx(inception_score(logits["logits"]), rel=1e-6)
     with pytest.raises(UserError, match="only 27 samples"):
         evaluate(iter(batches), StandInDetector(), "is", num=30)
+    assert evaluate(torch.cat(batches), StandInDetector(), "is", batch_size=4) == pytest.approx(out, rel=1e-6)
 
 
 def test_evaluate_generator_quantises_and_draws_labels():

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "metrics": "refiner.cli.metrics",
     "sample": "refiner.cli.sample",
     "refine": "refiner.cli.refine",
+    "distill": "refiner.cli.distill",
 }
 
 

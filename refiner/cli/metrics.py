@@ -47,7 +47,8 @@ def _print_human(results: dict[str, float]) -> None:
 @click.option("--metrics", "metrics", default=None,
               help="Comma-separated: fid, is, kid, optionally with a sample count as NVIDIA names them "
                    f"(fid50k_full, is50k, kid50k, fid10k). Default: {DEFAULT_IMAGE_METRICS} for --images, "
-                   f"{DEFAULT_GENERATOR_METRICS} for --generator.")
+                   f"{DEFAULT_GENERATOR_METRICS} for --generator (IS left out when the detector has no "
+                   "classifier).")
 @click.option("--num", type=click.IntRange(min=1), default=None,
               help="Samples for metrics named without a count (default: all images; 50000 for a generator).")
 @click.option("--detector", "detector_source", default=None,
@@ -83,6 +84,9 @@ def command(images, generator, ref, metrics, num, detector_source, frontend, fid
                         "mu and sigma); or ask only for --metrics is")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     detector = _load_detector(detector_source, frontend, device)
+    if metrics is None and getattr(detector, "has_logits", True) is False:
+        spec = ",".join(f"{r.name}{r.num or ''}" for r in requests if r.name != "is")
+        click.echo("note: these Inception weights have no classifier, so IS is left out", err=True)
     source = images if images is not None else _load_generator(generator, device)
     results = evaluate(source, detector, spec, ref=ref, num=num,
                        batch_size=batch_size, seed=seed, fid_method=fid_method, frontend=frontend)

@@ -13,6 +13,7 @@ import click
 import torch
 
 from fileformats.errors import UserError
+from refiner import distributed as dist
 from refiner.cli.options import (config_from_options, make_evaluator, metric_options, run_options,
                                  training_options)
 from refiner.config import TrainConfig
@@ -62,7 +63,8 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
                                         ("truncation", truncation)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
                                  keep_G=keep_g, resize_to_teacher=resize_to_teacher, **family_options)
-    device = resolve_device(config.device)
+    device = dist.setup(resolve_device(config.device))
+    main = dist.rank() == 0
     backup = Path(f"{generator_src}.bak")
     if in_place:
         if not os.path.isfile(generator_src):
@@ -87,8 +89,10 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
                    "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
-                   echo=lambda s: click.echo(s, err=True))
+                   echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None))
     result = job.run(resume=resume, force=force)
+    if not main:
+        return
     if in_place:
         replace_input(Path(generator_src), job.output_path, backup, job.ema)
         result["in_place"] = generator_src

@@ -1,0 +1,126 @@
+"""`refiner distill`: distil an EDM teacher into a fresh one-step generator, data-free (the main experiment
+of Diff-Instruct, Luo et al. 2023), on one CPU, one GPU or many GPUs (torchrun)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import torch
+
+from fileformats.errors import UserError
+from refiner import distributed as dist
+from refiner.cli.options import (TRAINING_KEYS, config_from_options, make_evaluator, metric_options, run_options,
+                                 training_options)
+from refiner.config import TrainConfig
+from refiner.presets import PRESETS, Preset, get_preset, presets_help
+
+# Options whose default comes from the preset: None here means "not given on the command line".
+_FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=(None, None), ratio=None,  # type: ignore[arg-type]
+                           ema=None, loss=None, precision=None, snapshot_every=None)
+
+SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM snapshot names
+
+
+@click.command("distill", epilog=presets_help())
+@click.option("--teacher", "teacher_src", required=True,
+              help="EDM network pickle (its `ema`), e.g. edm-cifar10-32x32-uncond-vp.pkl: path or URL.")
+@click.option("--preset", "preset_name", metavar="NAME", default=None,
+              help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "
+                   "CIFAR-10 values in bf16.")
+@click.option("--sigma-init", type=float, default=None,
+              help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [preset].")
+@click.option("--dropout", type=float, default=None,
+              help="Dropout of the generator and the fake-score network while they train [preset].")
+@click.option("--kimg", type=float, default=None,
+              help="Training length in thousands of generator images [preset]; --steps counts updates instead.")
+@click.option("--snapshot-kimg", type=float, default=None,
+              help="Thousands of images between snapshots [preset]; --snapshot-every counts updates instead.")
+@click.option("--grid-seeds", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images in the grids of fixed seeds.")
+@click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
+@metric_options
+@training_options(_FROM_PRESET)
+def command(teacher_src: str, preset_name: Optional[str], sigma_init: Optional[float], dropout: Optional[float],
+            kimg: Optional[float], snapshot_kimg: Optional[float], grid_seeds: int, teacher_dtype: Optional[str],
+            metrics_at_snapshots: bool, **kwargs: Any) -> None:
+    """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
+
+    The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
+    snapshot writes a checkpoint and OUT/network-snapshot-KKKKKK.pkl (KKKKKK = kimg): {'ema': the
+    generator's EMA as the teacher file's network class, with its module source} that EDM, Diff-Instruct
+    and SiD code load; plus grid-KKKKKK.png of fixed seeds. At the end: grid-before/after.png,
+    log.jsonl and report.html. Several GPUs: torchrun --nproc_per_node N -m refiner distill ...
+    """
+    from gan_adapters.onestep import OneStepGenerator, set_dropout
+    from refiner.jobs import ImageJob, trainable_copy
+    from refiner.loop import resolve_device
+    from teachers.edm_loader import load_teacher
+
+    preset = get_preset(preset_name)
+    out, resume, force = run_options(kwargs)
+    sigma_init = preset.sigma_init if sigma_init is None else sigma_init
+    dropout = preset.dropout if dropout is None else dropout
+    if dropout is not None and not 0 <= dropout < 1:
+        raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
+    config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
+                            sigma_init=sigma_init, dropout=dropout, teacher_dtype=teacher_dtype)
+    device = dist.setup(resolve_device(config.device))
+    main = dist.rank() == 0
+    echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
+    default_dtype = None if config.precision == "fp32" else config.precision
+    teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype or default_dtype)
+    if preset.shape is not None and (teacher.data_shape[-1], teacher.label_dim) != preset.shape:
+        echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
+             f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "
+             f"{teacher.label_dim} classes")
+    generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
+    fake = trainable_copy(teacher)
+    if dropout is not None:
+        set_dropout(generator, dropout)
+        set_dropout(fake, dropout)
+    evaluate = make_evaluator(kwargs, device)
+    echo(f"generator: {generator.describe()}")
+
+    def save(ema: torch.nn.Module, path: Path) -> None:
+        ema.save(path, overwrite=True)
+
+    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, save, SNAPSHOT_NAME,
+                   evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots, grid_seeds=grid_seeds,
+                   snapshot_grids=True,
+                   title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
+                   info={"teacher": teacher_src, "preset": preset.name, "sigma_init": sigma_init,
+                         "processes": dist.world_size()}, echo=echo)
+    result = job.run(resume=resume, force=force)
+    if main:
+        click.echo(json.dumps(result))
+
+
+def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: Optional[float], snapshot_kimg: Optional[float],
+                   **extra: Any) -> TrainConfig:
+    """The run's TrainConfig: the options given, else the preset's values. Durations given in kimg become
+    steps at the batch size used; --steps / --snapshot-every exclude --kimg / --snapshot-kimg."""
+    for steps_option, kimg_option, value in (("steps", "kimg", kimg), ("snapshot_every", "snapshot_kimg",
+                                                                        snapshot_kimg)):
+        if kwargs[steps_option] is not None and value is not None:
+            raise UserError(f"--{steps_option.replace('_', '-')} and --{kimg_option.replace('_', '-')} "
+                            "both set the same length; give one of them")
+        if value is not None and value < 0:
+            raise UserError(f"--{kimg_option.replace('_', '-')} must be >= 0 (got {value:g})")
+    defaults = recipe.train_config()
+    batch = recipe.batch if kwargs["batch"] is None else kwargs["batch"]
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1 (got {batch})")
+    derived = {"steps": recipe.steps(recipe.kimg if kimg is None else kimg, batch),
+               "snapshot_every": recipe.steps(recipe.snapshot_kimg if snapshot_kimg is None else snapshot_kimg,
+                                              batch)}
+    for key in TRAINING_KEYS:
+        if kwargs[key] is None:
+            kwargs[key] = derived[key] if key in derived else getattr(defaults, key)
+    for i, key in enumerate(("beta1", "beta2")):
+        if kwargs[key] is None:
+            kwargs[key] = defaults.betas[i]
+    return config_from_options(defaults, kwargs, **extra)

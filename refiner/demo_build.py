@@ -1,0 +1,432 @@
+"""Building the demo's assets from Fashion-MNIST with our own code: a small EDM teacher (DDPM++ SongUNet,
+EDM loss and preconditioning), a small StyleGAN2 generator trained as a GAN (non-saturating loss + R1,
+stopped early on purpose) and a small domain classifier (metrics/classifier.py).
+
+Every trainer is time-boxed (`seconds`) and step-capped (`max_steps`), draws all its randomness from
+generators seeded by its config, and reports what it did (steps, images, seconds) for the manifest.
+`scripts/build_demo_assets.py` drives the whole build; refiner/demo.py loads the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gan_adapters.stylegan2 import Generator, GeneratorConfig, MappingConfig, SynthesisConfig
+from metrics.classifier import ClassifierConfig, DomainClassifier
+from metrics.images import quantize
+from refiner.ema import ema_beta, update_ema
+from refiner.losses import denoising_loss
+from refiner.sigma import LogNormalSigma
+from teachers.edm_precond import EDMPrecond
+
+# The demo's networks. DDPM++ (SongUNet, positional embedding, standard encoder/decoder, filter [1, 1])
+# at a small width: 16-32-64 channels at 32-16-8 px, one block per level, attention at 8 px.
+TEACHER_KWARGS: dict[str, Any] = dict(
+    img_resolution=32, img_channels=1, label_dim=0, use_fp16=False, sigma_data=0.5, model_type="SongUNet",
+    model_channels=16, channel_mult=[1, 2, 4], channel_mult_emb=4, num_blocks=1, attn_resolutions=[8],
+    dropout=0.0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+    decoder_type="standard", resample_filter=[1, 1])
+
+# StyleGAN2 at 32 px, one channel: 64 channels at 4-16 px, 32 at 32 px, a 2-layer mapping, no noise
+# inputs (a z gives one image, so grids of the same seeds compare exactly).
+GAN_CONFIG = GeneratorConfig(
+    z_dim=64, c_dim=0, w_dim=64, img_resolution=32, img_channels=1,
+    mapping=MappingConfig(num_layers=2),
+    synthesis=SynthesisConfig(channel_base=1024, channel_max=64, use_noise=False))
+
+
+def build_teacher(kwargs: dict[str, Any] = TEACHER_KWARGS) -> EDMPrecond:
+    return EDMPrecond(**kwargs)
+
+
+def build_generator(config: GeneratorConfig = GAN_CONFIG) -> Generator:
+    return Generator(copy.deepcopy(config))
+
+
+@dataclass
+class Budget:
+    """Stop after `seconds` of wall time or `max_steps` steps, whichever comes first."""
+
+    seconds: float
+    max_steps: int = 1 << 40
+
+    def loop(self) -> Callable[[int], bool]:
+        start = time.perf_counter()
+        return lambda step: step < self.max_steps and time.perf_counter() - start < self.seconds
+
+
+def random_batch(images: torch.Tensor, batch: int, rng: torch.Generator, xflip: bool = False) -> torch.Tensor:
+    """`batch` images drawn with replacement (indices from `rng`, on the images' device), optionally
+    mirrored left-right with probability 1/2."""
+    idx = torch.randint(len(images), (batch,), generator=rng, device=rng.device)
+    x = images[idx.to(images.device)]
+    if xflip:
+        flip = torch.rand(batch, generator=rng, device=rng.device).to(images.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def _report(steps: int, batch: int, start: float, **extra: Any) -> dict[str, Any]:
+    return {"steps": steps, "kimg": steps * batch / 1000, "seconds": round(time.perf_counter() - start, 1),
+            **extra}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher: EDM training (Karras et al. 2022, Alg. / eq. 2): ln σ ~ N(P_mean, P_std²),
+# L = λ(σ) ‖D(x + σn; σ) − x‖², λ(σ) = (σ² + σ_d²)/(σ σ_d)²; Adam, linear lr warm-up, EMA of the weights.
+
+@dataclass
+class TeacherTraining:
+    batch: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    ema_halflife_kimg: float = 100.0
+    ema_rampup: float = 0.05
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    xflip: bool = True
+    seed: int = 1
+
+
+def train_teacher(net: EDMPrecond, images: torch.Tensor, cfg: TeacherTraining, budget: Budget,
+                  echo: Callable[[str], None] = print) -> tuple[EDMPrecond, dict[str, Any]]:
+    """Returns (the EMA network in eval mode, a report). `images`: float [N, C, H, W] in [-1, 1]."""
+    device = images.device
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net.train().requires_grad_(True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    sigma_sampler = LogNormalSigma(cfg.p_mean, cfg.p_std)
+    step, start, loss_sum = 0, time.perf_counter(), 0.0
+    keep_going = budget.loop()
+    while keep_going(step):
+        x = random_batch(images, cfg.batch, rng, cfg.xflip)
+        sigma = sigma_sampler(cfg.batch, rng, device=device)
+        noise = torch.randn(x.shape, generator=rng, device=device)
+        loss = denoising_loss(net(x + sigma[:, None, None, None] * noise, sigma), x, sigma, net.sigma_data)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        update_ema(ema, net, ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup))
+        loss_sum += float(loss.detach()) if step % 100 == 0 else 0.0
+        if step % 2000 == 0:
+            echo(f"  teacher step {step}: loss {loss_sum / 20:.4f}, {time.perf_counter() - start:.0f} s")
+            loss_sum = 0.0
+    return ema, _report(step, cfg.batch, start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GAN: StyleGAN2's objective (Karras et al. 2020): non-saturating logistic loss
+#   L_D = softplus(D(G(z))) + softplus(−D(x)) + (γ/2)·‖∇_x D(x)‖²   (R1 on reals, lazily every k steps ×k)
+#   L_G = softplus(−D(G(z)))
+# with Adam (0, 0.99) and an EMA of G (the generator that is kept).
+
+class Discriminator(nn.Module):
+    """A small convolutional discriminator: 1x1 from-image, per resolution two 3x3 conv-lrelu layers and
+    a 2x average pool down to 4 px, minibatch standard deviation (one extra feature map), a 3x3 conv and
+    two linear layers to one logit."""
+
+    def __init__(self, img_channels: int = 1, resolution: int = 32, channels: Sequence[int] = (32, 64, 64),
+                 mbstd_group: int = 4):
+        super().__init__()
+        self.mbstd_group = mbstd_group
+        self.from_img = nn.Conv2d(img_channels, channels[0], 1)
+        blocks = []
+        widths = [*channels, channels[-1]]
+        for a, b in zip(widths[:-1], widths[1:]):
+            blocks.append(nn.Sequential(nn.Conv2d(a, a, 3, padding=1), nn.LeakyReLU(0.2),
+                                        nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2), nn.AvgPool2d(2)))
+        self.blocks = nn.Sequential(*blocks)
+        final = resolution >> len(channels)
+        self.conv = nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1)
+        self.fc = nn.Linear(widths[-1] * final * final, widths[-1])
+        self.out = nn.Linear(widths[-1], 1)
+
+    def minibatch_std(self, x: torch.Tensor) -> torch.Tensor:
+        """Append the mean over (C, H, W) of the per-group standard deviation as one more channel."""
+        n, c, h, w = x.shape
+        g = min(self.mbstd_group, n)
+        y = x.reshape(g, -1, c, h, w)
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [n / g]
+        y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.leaky_relu(self.from_img(x), 0.2))
+        x = F.leaky_relu(self.conv(self.minibatch_std(x)), 0.2)
+        return self.out(F.leaky_relu(self.fc(x.flatten(1)), 0.2)).squeeze(1)
+
+
+@dataclass
+class GANTraining:
+    batch: int = 64
+    lr_g: float = 0.0025
+    lr_d: float = 0.0025
+    betas: tuple[float, float] = (0.0, 0.99)
+    r1_gamma: float = 0.05
+    r1_every: int = 16
+    ema_halflife_kimg: float = 2.0
+    ema_rampup: float = 0.05
+    snapshot_kimg: Sequence[float] = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+    seed: int = 2
+
+
+def train_gan(G: Generator, images: torch.Tensor, cfg: GANTraining, budget: Budget,
+              echo: Callable[[str], None] = print
+              ) -> tuple[dict[float, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Trains G against a fresh Discriminator; returns ({kimg: G_ema state dict (CPU)} at each of
+    `snapshot_kimg` reached, plus the last one), report)."""
+    device = images.device
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    D = Discriminator(G.img_channels, G.img_resolution).to(device)
+    G.train().requires_grad_(True)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+    snapshots: dict[float, dict[str, torch.Tensor]] = {}
+    pending = sorted(cfg.snapshot_kimg)
+    step, start = 0, time.perf_counter()
+    keep_going = budget.loop()
+
+    def fake(n: int) -> torch.Tensor:
+        return G(torch.randn([n, G.z_dim], generator=rng, device=device), None, force_fp32=True)
+
+    def take_snapshot() -> None:
+        state = G_ema.state_dict()
+        snapshots[step * cfg.batch / 1000] = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    while keep_going(step):
+        # D step (with lazy R1 on reals every r1_every steps).
+        real = random_batch(images, cfg.batch, rng)
+        with torch.no_grad():
+            generated = fake(cfg.batch)
+        loss_d = F.softplus(D(generated)).mean() + F.softplus(-D(real)).mean()
+        if step % cfg.r1_every == 0:
+            real = real.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
+            loss_d = loss_d + cfg.r1_gamma / 2 * grad.square().sum(dim=(1, 2, 3)).mean() * cfg.r1_every
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # G step.
+        loss_g = F.softplus(-D(fake(cfg.batch))).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        step += 1
+        update_ema(G_ema, G, ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup))
+        if pending and step * cfg.batch >= pending[0] * 1000:
+            pending.pop(0)
+            take_snapshot()
+            echo(f"  GAN snapshot at {step * cfg.batch / 1000:g} kimg: loss D {float(loss_d):.3f}, "
+                 f"G {float(loss_g):.3f}, {time.perf_counter() - start:.0f} s")
+    if step * cfg.batch / 1000 not in snapshots:
+        take_snapshot()
+    return snapshots, _report(step, cfg.batch, start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier: cross-entropy, Adam, random ±2 px shifts (the padding margin) as augmentation.
+
+@dataclass
+class ClassifierTraining:
+    batch: int = 256
+    lr: float = 2e-3
+    shift: int = 2
+    seed: int = 3
+    config: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+def random_shift(x: torch.Tensor, shift: int, rng: torch.Generator) -> torch.Tensor:
+    """Translate each image by (dy, dx) ∈ [−shift, shift]² with background (−1) filling in."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, value=-1.0)
+    d = torch.randint(0, 2 * shift + 1, (2, n), generator=rng, device=rng.device).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None] + d[0][:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None] + d[1][:, None])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierTraining, budget: Budget,
+                     echo: Callable[[str], None] = print) -> tuple[DomainClassifier, dict[str, Any]]:
+    device = images.device
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = DomainClassifier(cfg.config).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    step, start = 0, time.perf_counter()
+    keep_going = budget.loop()
+    while keep_going(step):
+        idx = torch.randint(len(images), (cfg.batch,), generator=rng, device=rng.device).to(images.device)
+        x = random_shift(images[idx], cfg.shift, rng) if cfg.shift else images[idx]
+        loss = F.cross_entropy(net(x)[1], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 1000 == 0:
+            echo(f"  classifier step {step}: loss {float(loss):.3f}")
+    return net.eval().requires_grad_(False), _report(step, cfg.batch, start)
+
+
+@torch.no_grad()
+def accuracy(net: DomainClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+    correct = sum(int((net(images[i:i + batch])[1].argmax(1) == labels[i:i + batch]).sum())
+                  for i in range(0, len(images), batch))
+    return correct / len(images)
+
+
+def fp16_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors as stored in the assets: floating point in float16, on the CPU."""
+    return {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
+            for k, v in module.state_dict().items()}
+
+
+def load_fp16_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load stored (float16) tensors into a float32 module."""
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return module
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# The build: train everything into a work folder (phase 1, wants a GPU), then write the asset folder
+# with the chosen GAN snapshot and reference outputs computed on the CPU (phase 2).
+
+@dataclass
+class BuildSettings:
+    device: str = "cuda"
+    teacher_seconds: float = 170.0
+    gan_seconds: float = 60.0
+    classifier_seconds: float = 25.0
+    max_steps: int = 1 << 40  # per trainer (tiny test builds)
+    teacher_samples: int = 2000  # seeds 0 .. N-1 of the 18-step Heun sampler
+    split_seed: int = 0  # permutation of the test set: first half held out (floor), second half reference
+    teacher: TeacherTraining = field(default_factory=TeacherTraining)
+    gan: GANTraining = field(default_factory=GANTraining)
+    classifier: ClassifierTraining = field(default_factory=ClassifierTraining)
+
+
+def test_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out indices, reference indices): a seeded permutation of the n test images cut in half."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n // 2], perm[n // 2:]
+
+
+@torch.no_grad()
+def teacher_samples(net: EDMPrecond, seeds: Sequence[int], batch: int = 500) -> torch.Tensor:
+    """uint8 samples of the 18-step Heun sampler (EDM defaults), one random stream per seed."""
+    from teachers.edm_loader import EDMTeacher
+    from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
+
+    teacher = EDMTeacher(net.eval())
+    device = next(net.parameters()).device
+    out = []
+    for i in range(0, len(seeds), batch):
+        noise = SeededNoise(seeds[i:i + batch], device)
+        latents = noise.randn(teacher.data_shape)
+        out.append(quantize(edm_sample(teacher, latents, cfg=SamplerConfig(num_steps=18),
+                                       randn_like=noise.randn_like).float()).cpu())
+    return torch.cat(out)
+
+
+def build_work(work: Path, settings: BuildSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Phase 1: train classifier, teacher and GAN on Fashion-MNIST and write into `work`:
+    classifier.pt, teacher.pt (float16 tensors), stats.pt, teacher_samples.pt, gan_snapshots.pt and
+    build.json (settings, seeds, data hashes, wall times, measurements). Returns build.json's content."""
+    from dataclasses import asdict
+
+    from fileformats.atomic import atomic_open, atomic_write_text
+    from metrics.classifier import domain_scores, embed
+    from metrics.evaluate import generated_batches
+    from refiner.datasets import data_hash, load_split, to_images
+    from refiner.demo import EVAL_SEED, demo_generator
+
+    wall = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(settings.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # samples and statistics must match a CPU run
+    torch.backends.cudnn.allow_tf32 = False
+
+    def save(name: str, obj: Any) -> None:
+        with atomic_open(work / name) as f:
+            torch.save(obj, f)
+
+    train_u8, train_labels = load_split("train")
+    test_u8, test_labels = load_split("test")
+    train = to_images(train_u8).to(device)
+    test = to_images(test_u8).to(device)
+    held_out, reference = test_split(len(test), settings.split_seed)
+    info: dict[str, Any] = {"settings": asdict(settings), "data": data_hash(), "torch": torch.__version__,
+                            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+    echo(f"classifier: {settings.classifier_seconds:g} s")
+    classifier, report = train_classifier(train, torch.as_tensor(train_labels, device=device),
+                                          settings.classifier, Budget(settings.classifier_seconds,
+                                                                      settings.max_steps), echo)
+    classifier = DomainClassifier.from_state(classifier.config_json(), fp16_state(classifier)).to(device)
+    report["test_accuracy"] = accuracy(classifier, test, torch.as_tensor(test_labels, device=device))
+    info["classifier"] = report
+    echo(f"  {report}")
+    save("classifier.pt", fp16_state(classifier))
+
+    def features_of(u8: torch.Tensor):
+        return embed(classifier, (u8[i:i + 1000].to(device) for i in range(0, len(u8), 1000)))
+
+    train_f, ref_f = features_of(quantize(train)), features_of(quantize(test[reference.to(device)]))
+    stats = {"test_mu": ref_f.stats.mean, "test_cov": ref_f.stats.cov,
+             "train_mu": train_f.stats.mean, "train_cov": train_f.stats.cov}
+    save("stats.pt", {k: torch.from_numpy(v) for k, v in stats.items()})
+    n = settings.teacher_samples
+
+    def scores(u8: torch.Tensor) -> dict[str, float]:
+        return domain_scores(features_of(u8), stats["test_mu"], stats["test_cov"])
+
+    info["floor"] = scores(quantize(test[held_out[:n].to(device)]))
+    echo(f"  noise floor ({n} held-out test images): {info['floor']}")
+
+    echo(f"teacher: {settings.teacher_seconds:g} s")
+    net = build_teacher().to(device)
+    teacher, info["teacher"] = train_teacher(net, train, settings.teacher, Budget(settings.teacher_seconds,
+                                                                                   settings.max_steps), echo)
+    save("teacher.pt", fp16_state(teacher))
+    teacher = load_fp16_state(build_teacher(), fp16_state(teacher)).to(device)
+    t0 = time.perf_counter()
+    samples = teacher_samples(teacher, list(range(n)))
+    info["teacher"]["sampling_seconds"] = round(time.perf_counter() - t0, 1)
+    save("teacher_samples.pt", {"images": samples})
+    info["teacher"]["scores"] = scores(samples)
+    echo(f"  {info['teacher']}")
+
+    echo(f"GAN: {settings.gan_seconds:g} s")
+    budget = Budget(settings.gan_seconds, settings.max_steps)
+    snapshots, info["gan"] = train_gan(build_generator().to(device), train, settings.gan, budget, echo)
+    snapshots = {f"{kimg:g}": {k: v.half() for k, v in state.items()} for kimg, state in snapshots.items()}
+    info["gan"]["snapshots"] = {}
+    for kimg, state in snapshots.items():
+        G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, device)
+        batches = generated_batches(G, n, batch_size=500, seed=EVAL_SEED)
+        info["gan"]["snapshots"][kimg] = domain_scores(embed(classifier, batches), stats["test_mu"],
+                                                       stats["test_cov"])
+        echo(f"  snapshot {kimg} kimg: {info['gan']['snapshots'][kimg]}")
+    save("gan_snapshots.pt", snapshots)
+    info["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    atomic_write_text(work / "build.json", json.dumps(info, indent=2, default=str) + "\n")
+    return info

@@ -1,0 +1,108 @@
+"""Settings of `refiner distill` that reproduce published one-step distillation recipes.
+
+Each preset names its source (research/diff_instruct.md §2). Every value can be overridden on the
+command line; `refiner distill --help` prints this table. Durations and snapshot intervals are given in
+thousands of generator images (kimg), as the EDM code bases count them, and turn into steps with the
+batch size actually used.
+
+Not reproduced from the official code: EDM's AugmentPipe on the fake-score network's inputs (Diff-Instruct
+default p = 0.12; SiD's ImageNet run uses none), and the teacher running with dropout during the
+generator loss (the official quirk, §1.4): our teacher always runs in eval mode. The trained networks
+(generator and fake score) use the preset's dropout, as the official code builds them with `--dropout`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Optional
+
+from fileformats.errors import UserError
+from refiner.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One recipe. `dropout` None keeps the teacher's own dropout; `shape` (resolution, classes) is what
+    the recipe's teacher has (a mismatch only warns)."""
+
+    name: str
+    source: str
+    batch: int
+    lr: float  # generator
+    fake_lr: float
+    betas: tuple[float, float]
+    ema: float  # half-life, kimg
+    precision: str
+    sigma_init: float
+    dropout: Optional[float]
+    kimg: float  # duration
+    snapshot_kimg: float
+    loss: str = "ikl"
+    ratio: int = 1
+    shape: Optional[tuple[int, int]] = None
+
+    def steps(self, kimg: float, batch: Optional[int] = None) -> int:
+        """Generator steps that show `kimg` thousand images at this (or the given) batch size."""
+        return max(0, math.ceil(kimg * 1000 / (batch or self.batch)))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps(self.kimg), batch=self.batch, lr=self.lr, fake_lr=self.fake_lr,
+                           betas=self.betas, ratio=self.ratio, ema=self.ema, loss=self.loss,
+                           precision=self.precision, snapshot_every=self.steps(self.snapshot_kimg))
+
+    def describe(self) -> str:
+        dropout = "teacher's" if self.dropout is None else f"{self.dropout:g}"
+        return (f"batch {self.batch}, lr {self.lr:g}, fake-lr {self.fake_lr:g}, beta1 {self.betas[0]:g}, "
+                f"beta2 {self.betas[1]:g}, ema {self.ema:g} (kimg), precision {self.precision}, "
+                f"sigma-init {self.sigma_init:g}, dropout {dropout}, loss {self.loss}, ratio {self.ratio}, "
+                f"kimg {self.kimg:g}, snapshot-kimg {self.snapshot_kimg:g}")
+
+
+_DI_README = ("Diff-Instruct README (pkulwj1994/diff_instruct): torchrun di_train.py --arch ddpmpp --batch 128 "
+              "--lr 1e-5 --glr 1e-5 --init_sigma 1.0 --fp16 0 --ls 1.0 --sgls 1.0 --tick 10 --snap 50; Adam "
+              "(0, 0.999) hard-coded; code defaults: ema 0.5 Mimg, dropout 0.13, duration 200 Mimg")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("cifar10-uncond", _DI_README + " (--cond 0 --edm_model cifar10-uncond)",
+           batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=1.0,
+           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 0)),
+    Preset("cifar10-cond", _DI_README + " (the same with --cond 1 --edm_model cifar10-cond)",
+           batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=1.0,
+           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 10)),
+    Preset("imagenet64-cond",
+           "SiD run_sid.sh imagenet64-cond (mingyuanzhou/SiD; Diff-Instruct published no ImageNet recipe): "
+           "--batch 8192 --lr 4e-6 --glr 4e-6 --fp16 1 --dropout 0.1 --augment 0 --ema 2 --init_sigma 2.5 "
+           "--duration 100 --tick 20 --snap 50; Adam (0, 0.999). SiD's own loss (alpha 1.2, tmax 800) is "
+           "replaced by Diff-Instruct's",
+           batch=8192, lr=4e-6, fake_lr=4e-6, betas=(0.0, 0.999), ema=2000.0, precision="fp16", sigma_init=2.5,
+           dropout=0.10, kimg=100_000, snapshot_kimg=1000, shape=(64, 1000)),
+)}
+
+DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values in bf16 (on CUDA), "
+                 "with the teacher's own dropout",
+                 batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="bf16", sigma_init=1.0,
+                 dropout=None, kimg=200_000, snapshot_kimg=500)
+
+
+def get_preset(name: Optional[str]) -> Preset:
+    """The preset called `name` (None: DEFAULT), or a UserError listing the valid names."""
+    if name is None:
+        return DEFAULT
+    if name in PRESETS:
+        return PRESETS[name]
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)} "
+                    "(refiner distill --help lists their values)")
+
+
+def presets_help() -> str:
+    """The presets and their values, for `refiner distill --help` (click keeps \\b paragraphs as is)."""
+    lines = ["\b", "Presets (every value can be overridden by the option of the same name):"]
+    for p in (*PRESETS.values(), DEFAULT):
+        lines += textwrap.wrap(f"{p.name}: {p.describe()}", 100, initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(f"source: {p.source}", 100, initial_indent="    ", subsequent_indent="      ")
+    return "\n".join(lines)
