@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -21,8 +22,8 @@ def progress_enabled() -> bool:
 class Progress:
     """`with Progress(total, desc) as p: p.update(n, loss=...)` — a one-line bar with rate and ETA."""
 
-    def __init__(self, total: Optional[int], desc: str = "", unit: str = "it", initial: int = 0,
-                 enabled: Optional[bool] = None):
+    def __init__(self, total: int | None, desc: str = "", unit: str = "it", initial: int = 0,
+                 enabled: bool | None = None):
         self.total, self.desc, self.unit = total, desc, unit
         self.n = initial
         self.enabled = progress_enabled() if enabled is None else enabled
@@ -67,7 +68,7 @@ class Progress:
             sys.stderr.flush()
 
 
-def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "", unit: str = "it"
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it"
              ) -> Iterator[T]:
     """Wrap an iterable with a progress bar."""
     if total is None and hasattr(iterable, "__len__"):

@@ -8,7 +8,7 @@ parameters; the refinement loop only ever sees this interface.
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -19,20 +19,20 @@ class Generator(Protocol):
     c_dim: int  # 0 = unconditional
     data_shape: tuple[int, ...]  # shape of one sample, e.g. (3, 32, 32) or (2,)
 
-    def sample_latents(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n latents from the family's own prior (StyleGAN2: N(0, I); BigGAN: truncated normal)."""
 
-    def sample_labels(self, n: int, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+    def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """n one-hot labels drawn uniformly over the classes, or None for unconditional models."""
 
-    def __call__(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def __call__(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the generator in its family's native format."""
 
 
-def uniform_one_hot(n: int, c_dim: int, generator: Optional[torch.Generator] = None,
-                    device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+def uniform_one_hot(n: int, c_dim: int, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor | None:
     """n one-hot rows with classes drawn uniformly (what NVIDIA's metric code does), or None if c_dim == 0."""
     if c_dim == 0:
         return None

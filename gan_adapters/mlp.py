@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import nn
@@ -23,13 +22,13 @@ class MLPGenerator(nn.Module):
             blocks += [nn.Linear(a, b), nn.SiLU()]
         self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], dim))
 
-    def sample_latents(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator)
 
-    def sample_labels(self, n: int, generator: Optional[torch.Generator] = None) -> None:
+    def sample_labels(self, n: int, generator: torch.Generator | None = None) -> None:
         return None
 
-    def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(z)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from fileformats.errors import UserError
 from refiner.losses import GENERATOR_LOSSES
@@ -27,14 +27,14 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     ratio: int = 1  # fake-score updates per generator update
     ema: float = 500.0  # EMA half-life in kimg (0 disables the ramp-up and EMA: ema = generator)
-    ema_rampup: Optional[float] = 0.05
+    ema_rampup: float | None = 0.05
     loss: str = "ikl"
     sigma: str = "lognormal"
     p_mean: float = -1.2
     p_std: float = 1.2
     loss_scale: float = 1.0  # generator loss multiplier (official --ls)
     fake_loss_scale: float = 1.0  # fake loss multiplier (official --sgls)
-    grad_clip: Optional[float] = None  # clip each network's gradient norm (DMD2 uses 10)
+    grad_clip: float | None = None  # clip each network's gradient norm (DMD2 uses 10)
     fake_warmup: int = 0  # fake-score steps before the first generator step
     precision: str = "fp32"
     snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)

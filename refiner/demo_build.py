@@ -430,3 +430,97 @@ def build_work(work: Path, settings: BuildSettings, echo: Callable[[str], None] 
     info["wall_seconds"] = round(time.perf_counter() - wall, 1)
     atomic_write_text(work / "build.json", json.dumps(info, indent=2, default=str) + "\n")
     return info
+
+
+def _reference_outputs(teacher: EDMPrecond, generator: nn.Module, classifier: DomainClassifier,
+                       samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fixed inputs and what the stored networks (float16 weights, float32 arithmetic) give on the CPU."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn([2, *teacher_shape(teacher)], generator=rng)
+    sigma = torch.tensor([0.3, 3.0])
+    z = torch.randn([2, generator.z_dim], generator=rng)
+    with torch.no_grad():
+        features, logits = classifier(samples[:4].float() / 127.5 - 1)
+        return {"teacher_x": x, "teacher_sigma": sigma, "teacher_out": teacher(x, sigma),
+                "generator_z": z, "generator_out": generator(z),
+                "classifier_in": samples[:4].clone(), "classifier_features": features,
+                "classifier_logits": logits}
+
+
+def teacher_shape(net: EDMPrecond) -> tuple[int, int, int]:
+    return (net.img_channels, net.img_resolution, net.img_resolution)
+
+
+def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[str, Any] | None = None,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Phase 2: write the asset folder `out` from a work folder with GAN snapshot `gan_kimg`: the network
+    files, reference outputs and manifest.json. Returns the manifest."""
+    import shutil
+
+    from fileformats.atomic import atomic_open, atomic_write_text
+    from fileformats.sources import file_sha256
+    from refiner.demo import ASSETS_FORMAT, demo_generator
+
+    build = json.loads((work / "build.json").read_text())
+    snapshots = torch.load(work / "gan_snapshots.pt", map_location="cpu", weights_only=True)
+    if gan_kimg not in snapshots:
+        raise ValueError(f"no GAN snapshot at {gan_kimg} kimg; there are {sorted(snapshots, key=float)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher.pt", "classifier.pt", "stats.pt", "teacher_samples.pt"):
+        shutil.copyfile(work / name, out / name)
+    with atomic_open(out / "generator.pt") as f:
+        torch.save(snapshots[gan_kimg], f)
+
+    def load(name: str) -> Any:
+        return torch.load(out / name, map_location="cpu", weights_only=True)
+
+    teacher = load_fp16_state(build_teacher(), load("teacher.pt")).eval()
+    classifier_cfg = DomainClassifier(build["settings"]["classifier"]["config"] and
+                                      ClassifierConfig(**build["settings"]["classifier"]["config"])).config_json()
+    classifier = DomainClassifier.from_state(classifier_cfg, load("classifier.pt"))
+    generator = demo_generator(GAN_CONFIG.to_init_kwargs(), snapshots[gan_kimg])
+    samples = load("teacher_samples.pt")["images"]
+    with atomic_open(out / "reference.pt") as f:
+        torch.save(_reference_outputs(teacher, generator, classifier, samples), f)
+    settings = build["settings"]
+    manifest = {
+        "format": ASSETS_FORMAT,
+        "about": "refiner's demo assets, built by scripts/build_demo_assets.py from Fashion-MNIST (MIT licence)",
+        "data": {"name": "Fashion-MNIST", "sha256": build["data"],
+                 "preprocessing": "28x28 padded by 2 px of background to 32x32, x/127.5 - 1, one channel"},
+        "split": {"seed": settings["split_seed"], "held_out": 5000, "reference": 5000,
+                  "rule": "torch.randperm(10000, generator=manual_seed(seed)): first half held out (noise "
+                          "floor images), second half gives the reference statistics"},
+        "networks": {
+            "teacher": {"file": "teacher.pt", "class": "EDMPrecond (SongUNet, DDPM++)",
+                        "init_kwargs": TEACHER_KWARGS, "training": settings["teacher"],
+                        "report": build["teacher"]},
+            "generator": {"file": "generator.pt", "class": "StyleGAN2 Generator", "config": GAN_CONFIG.to_init_kwargs(),
+                          "training": settings["gan"], "report": {k: v for k, v in build["gan"].items()
+                                                                  if k != "snapshots"},
+                          "kimg": float(gan_kimg), "selection": selection,
+                          "snapshots_fd": {k: v["fd"] for k, v in build["gan"]["snapshots"].items()}},
+            "classifier": {"file": "classifier.pt", "config": classifier_cfg, "training": settings["classifier"],
+                           "report": build["classifier"]},
+        },
+        "stats": {"file": "stats.pt", "what": "float64 mean and covariance of the classifier features: test_* "
+                                              "of the reference half of the test set, train_* of the training set"},
+        "teacher_samples": {"file": "teacher_samples.pt", "seeds": [0, settings["teacher_samples"]],
+                            "sampler": "EDM Heun, 18 steps (35 network calls), sigma 0.002..80, rho 7, "
+                                       "one torch.Generator per seed (teachers.sampler.SeededNoise)",
+                            "seconds": build["teacher"].get("sampling_seconds")},
+        "reference": {"file": "reference.pt", "what": "fixed inputs and the outputs of the stored networks "
+                                                      "(float32 arithmetic on the CPU)"},
+        "measured": {"samples": settings["teacher_samples"], "teacher": build["teacher"]["scores"],
+                     "floor": build["floor"], "generator": build["gan"]["snapshots"][gan_kimg]},
+        "distill": {"sigma_init": 2.5},
+        "build": {"torch": build["torch"], "device": build["device"], "wall_seconds": build["wall_seconds"],
+                  "seeds": {"teacher": settings["teacher"]["seed"], "gan": settings["gan"]["seed"],
+                            "classifier": settings["classifier"]["seed"], "split": settings["split_seed"]}},
+        **(extra or {}),
+    }
+    files = ("teacher.pt", "generator.pt", "classifier.pt", "stats.pt", "teacher_samples.pt", "reference.pt")
+    manifest["files"] = {name: file_sha256(out / name) for name in files}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    echo(f"wrote {out}: " + ", ".join(f"{n} {(out / n).stat().st_size / 1e6:.2f} MB" for n in files))
+    return manifest

@@ -3,13 +3,11 @@ edm training_loop.py): the half-life is given in thousands of images and ramps u
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 
-def ema_beta(batch: int, cur_nimg: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
+def ema_beta(batch: int, cur_nimg: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
     """β = 0.5^(batch / h), h = halflife_kimg·1000, capped by cur_nimg·rampup_ratio when ramping up."""
     h = halflife_kimg * 1000
     if rampup_ratio is not None:

@@ -11,7 +11,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class ImageJob:
     save_generator: Callable[[nn.Module, Path], None]  # writes a generator (the EMA) in its native format
     output_name: str  # file or folder name of that output inside the run directory; with a '{kimg}'
     # field (e.g. 'network-snapshot-{kimg:06d}.pkl') every snapshot gets its own file
-    evaluate: Optional[Evaluator] = None
+    evaluate: Evaluator | None = None
     metrics_at_snapshots: bool = False
     grid_seeds: int = 64
     snapshot_grids: bool = False  # also write grid-KKKKKK.png (kimg) of the fixed seeds at every snapshot

@@ -22,7 +22,7 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -116,13 +116,13 @@ class Trainer:
         dist.broadcast_module(self.ema)
 
     # -- randomness: global draws, local slices --------------------------------------------------------
-    def _local(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _local(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n].to(self.device)
 
-    def _draw(self) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Latents, labels, σ and ε for one global batch (drawn on every rank, sliced per rank)."""
         b = self.config.batch
         z = self.generator.sample_latents(b, self.rng)

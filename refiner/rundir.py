@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,7 +30,7 @@ class RunDir:
     log_path = property(lambda self: self.path / "log.jsonl")
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
 
-    def prepare(self, config: TrainConfig, resume: bool = False, force: bool = False) -> Optional[Path]:
+    def prepare(self, config: TrainConfig, resume: bool = False, force: bool = False) -> Path | None:
         """Check the directory against the request; returns the checkpoint to resume from (or None)."""
         if resume and force:
             raise UserError("--resume and --force exclude each other: --resume continues the run in --out, "
@@ -73,7 +73,7 @@ class RunDir:
             return []
         return sorted(p for p in self.checkpoint_dir.iterdir() if _CKPT.match(p.name))
 
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -16,7 +15,7 @@ class LogNormalSigma:
     p_mean: float = -1.2
     p_std: float = 1.2
 
-    def __call__(self, n: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         return (torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean).exp()
 
 
@@ -40,7 +39,7 @@ class KarrasGridSigma:
     min_percent: float = 0.0
     max_percent: float = 1.0
 
-    def __call__(self, n: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         grid = karras_sigmas(self.num, self.sigma_min, self.sigma_max, self.rho).float()
         lo, hi = int(self.min_percent * (self.num - 1)), int(self.max_percent * (self.num - 1))
         idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -90,7 +90,7 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
     return result
 
 
-def save_scatter(path: Path, panels: dict[str, torch.Tensor], size: int = 320, extent: Optional[float] = None
+def save_scatter(path: Path, panels: dict[str, torch.Tensor], size: int = 320, extent: float | None = None
                  ) -> None:
     """Side-by-side scatter plots of 2-D point sets, one panel each, same axes."""
     extent = extent or float(max(p.abs().max() for p in panels.values())) * 1.1

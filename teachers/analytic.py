@@ -10,7 +10,6 @@ Under the EDM forward process x_t = x_0 + σε with x_0 ~ Σ_k π_k N(μ_k, s_k�
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from teachers.base import as_sigma
 class GaussianMixtureDenoiser(nn.Module):
     """Exact EDM denoiser of Σ_k π_k N(μ_k, s_k² I). Implements the `Denoiser` interface."""
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor | float, weights: Optional[torch.Tensor] = None,
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor | float, weights: torch.Tensor | None = None,
                  sigma_min: float = 0.0, sigma_max: float = float("inf")):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float32)
@@ -52,7 +51,7 @@ class GaussianMixtureDenoiser(nn.Module):
         log_p = torch.log(weights)[None] - 0.5 * sq / var - 0.5 * dim * torch.log(2 * math.pi * var)
         return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: Optional[torch.Tensor] = None
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None
                 ) -> torch.Tensor:
         x64 = x.double()
         sigma = as_sigma(sigma, x64)
@@ -62,7 +61,7 @@ class GaussianMixtureDenoiser(nn.Module):
         per_k = means[None] + shrink[..., None] * (x64[:, None, :] - means[None])  # [N, K, dim]
         return (r[..., None] * per_k).sum(1).to(x.dtype)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact draws from the mixture."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.data_shape[0], generator=generator)

@@ -10,7 +10,7 @@ Conventions (EDM, Karras et al. 2022):
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,7 +25,7 @@ class Denoiser(Protocol):
     sigma_max: float
     sigma_data: float
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor] = None
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None
                  ) -> torch.Tensor: ...
 
 
@@ -36,7 +36,7 @@ def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 
 def score(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
-          labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+          labels: torch.Tensor | None = None) -> torch.Tensor:
     """∇_x log p_σ(x) = (D(x, σ) − x) / σ²  (Karras et al. 2022, eq. 3)."""
     sigma = as_sigma(sigma, x)
     s = sigma.reshape(-1, *([1] * (x.ndim - 1)))

@@ -6,8 +6,6 @@ c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²), c_noise = ln(�
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -29,7 +27,7 @@ class MLPDenoiser(nn.Module):
             blocks += [nn.Linear(a, b), nn.SiLU()]
         self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], dim))
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: Optional[torch.Tensor] = None
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None
                 ) -> torch.Tensor:
         sigma = as_sigma(sigma, x)[:, None]
         sd = self.sigma_data

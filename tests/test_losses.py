@@ -12,7 +12,8 @@ from teachers.analytic import GaussianMixtureDenoiser
 
 
 def test_ikl_gradient_equals_hand_derivation_for_a_linear_generator():
-    # x = W z + b. Theorem 3.1 (w = σ² in score space): ∇_W = (1/N) Σ_n (D_f − D_r)_n z_nᵀ, ∇_b = (1/N) Σ_n (D_f − D_r)_n.
+    # x = W z + b. Theorem 3.1 (w = σ² in score space):
+    # ∇_W = (1/N) Σ_n (D_f − D_r)_n z_nᵀ,  ∇_b = (1/N) Σ_n (D_f − D_r)_n.
     g = torch.Generator().manual_seed(0)
     n, k, d = 16, 3, 4
     W = torch.randn(d, k, generator=g, dtype=torch.float64, requires_grad=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import click
 
 from fileformats.errors import UserError
-
 from refiner.config import PRECISIONS, TrainConfig
 from refiner.losses import GENERATOR_LOSSES
 
@@ -87,7 +86,7 @@ def metric_options(f: Callable) -> Callable:
     return f
 
 
-def make_evaluator(kwargs: dict[str, Any], device) -> Optional[Callable]:
+def make_evaluator(kwargs: dict[str, Any], device) -> Callable | None:
     """The evaluator the metric options ask for (None without --metrics); removes them from kwargs."""
     spec, ref, detector, frontend = (kwargs.pop(k) for k in ("metrics", "ref", "detector", "frontend"))
     if spec is None:

@@ -14,8 +14,13 @@ import torch
 
 from fileformats.errors import UserError
 from refiner import distributed as dist
-from refiner.cli.options import (config_from_options, make_evaluator, metric_options, run_options,
-                                 training_options)
+from refiner.cli.options import (
+    config_from_options,
+    make_evaluator,
+    metric_options,
+    run_options,
+    training_options,
+)
 from refiner.config import TrainConfig
 
 REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
@@ -45,7 +50,8 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, teacher_src: str, trainable: str | None, noise_mode: str | None,
-            truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool,
+            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
     Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
@@ -86,7 +92,8 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
         ema.save(path, overwrite=True, **({} if is_folder else {"keep_G": keep_g}))
 
     job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
-                   "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots,
+                   "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
+                   metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
                    echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None))
