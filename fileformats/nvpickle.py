@@ -319,6 +319,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+_CONSUMED = object()  # memo entry of a storage payload that was already decoded
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python unpickler that resolves only allow-listed globals and never BUILDs onto a class
     or function (which could monkey-patch them)."""
@@ -355,6 +358,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load_reduce(self) -> None:
+        """REDUCE; after a storage is decoded, drop the memo's references to its payload bytes (and
+        their 1-tuple), which the pickler memoized but never references again. Otherwise the memo
+        keeps every payload alive until the end of the load: a second copy of every tensor."""
+        func, args = self.stack[-2], self.stack[-1]
+        super().load_reduce()
+        if func is _load_storage:
+            for key in range(len(self.memo) - 1, max(len(self.memo) - 4, -1), -1):
+                if self.memo.get(key) is args or self.memo.get(key) is args[0]:
+                    self.memo[key] = _CONSUMED
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def load_assets(path: str | Path | None = None, device: torch.device | str = "cp
                                 "restore it from the repository or rebuild with scripts/build_demo_assets.py")
     nets = manifest["networks"]
     teacher_net = EDMPrecond(**nets["teacher"]["init_kwargs"])
-    teacher_net.load_state_dict({k: v.float() for k, v in _load_tensors(path / nets["teacher"]["file"]).items()})
+    teacher_state = _load_tensors(path / nets["teacher"]["file"])
+    teacher_net.load_state_dict({k: v.float() for k, v in teacher_state.items()})
     record = network_record(teacher_net.eval(), nets["teacher"]["init_kwargs"])
     teacher = EDMTeacher(teacher_net.to(device), record)
     classifier = DomainClassifier.from_state(nets["classifier"]["config"],
@@ -141,21 +142,26 @@ def uint8_batches(images: torch.Tensor, batch: int = 500):
         yield images[i:i + batch]
 
 
-def make_evaluator(assets: DemoAssets, samples: int, batch: int = 100) -> Callable[[nn.Module], dict[str, float]]:
-    """generator -> {'fd', 'cs'} on `samples` images (latents from EVAL_SEED) against the test reference."""
+REFERENCES = ("test", "train")  # reference statistics: held-in half of the test set, or the training set
+
+
+def make_evaluator(assets: DemoAssets, samples: int, reference: str = "test", batch: int = 100
+                   ) -> Callable[[nn.Module], dict[str, float]]:
+    """generator -> {'fd', 'cs'} on `samples` images (latents from EVAL_SEED) against `reference`."""
     def evaluate(generator: nn.Module) -> dict[str, float]:
         features = embed(assets.classifier, generated_batches(generator, samples, batch, seed=EVAL_SEED))
-        return domain_scores(features, assets.stats["test_mu"], assets.stats["test_cov"])
+        return domain_scores(features, assets.stats[f"{reference}_mu"], assets.stats[f"{reference}_cov"])
     return evaluate
 
 
-def score_images(assets: DemoAssets, images: torch.Tensor) -> dict[str, float]:
-    """FD and classifier score of uint8 images [N, 1, 32, 32] against the test reference."""
+def score_images(assets: DemoAssets, images: torch.Tensor, reference: str = "test") -> dict[str, float]:
+    """FD and classifier score of uint8 images [N, 1, 32, 32] against `reference`."""
     features = embed(assets.classifier, uint8_batches(images))
-    return domain_scores(features, assets.stats["test_mu"], assets.stats["test_cov"])
+    return domain_scores(features, assets.stats[f"{reference}_mu"], assets.stats[f"{reference}_cov"])
 
 
-def noise_floor(assets: DemoAssets, samples: int, echo: Callable[[str], None]) -> tuple[dict[str, float], str]:
+def noise_floor(assets: DemoAssets, samples: int, reference: str, echo: Callable[[str], None]
+                ) -> tuple[dict[str, float], str]:
     """Real test images (the half not in the reference) scored like a generator, live when Fashion-MNIST
     is installed, else the value measured at build time. Returns (scores, where they come from)."""
     from refiner.datasets import load_split, to_images
@@ -164,12 +170,14 @@ def noise_floor(assets: DemoAssets, samples: int, echo: Callable[[str], None]) -
     try:
         images, _ = load_split("test")
     except UserError:
+        if reference != "test":
+            raise
         echo("  Fashion-MNIST is not installed: the noise floor is the value measured at build time")
         return dict(assets.manifest["measured"]["floor"]), "measured at build time"
     held_out = torch.randperm(len(images), generator=torch.Generator().manual_seed(split["seed"]))
     held_out = held_out[:split["held_out"]][:samples]
     real = quantize(to_images(images[held_out.numpy()]))
-    return score_images(assets, real), "live"
+    return score_images(assets, real, reference), "live"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,8 +226,9 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainConfig | None = None,
-             samples: int = 2000, assets_path: str | Path | None = None, force: bool = False,
-             resume: bool = False, echo: Callable[[str], None] = echo_err) -> DemoResult:
+             samples: int = 2000, reference: str = "test", assets_path: str | Path | None = None,
+             force: bool = False, resume: bool = False, metrics_at_snapshots: bool = False,
+             echo: Callable[[str], None] = echo_err) -> DemoResult:
     """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers."""
     from refiner.jobs import ImageJob, trainable_copy
     from refiner.loop import resolve_device
@@ -231,28 +240,30 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     echo(f"demo: loading the assets ({assets_path or DEFAULT_ASSETS})")
     assets = load_assets(assets_path, device)
     if samples > len(assets.teacher_samples):
-        raise UserError(f"--samples {samples}: the assets hold {len(assets.teacher_samples)} teacher samples; "
-                        f"use at most that many")
+        raise UserError(f"--samples {samples}: the assets hold {len(assets.teacher_samples)} teacher "
+                        "samples; use at most that many")
     echo(f"demo: scoring the teacher's samples and real test images ({samples} each)")
-    teacher_scores = score_images(assets, assets.teacher_samples[:samples])
-    floor_scores, floor_source = noise_floor(assets, samples, echo)
+    teacher_scores = score_images(assets, assets.teacher_samples[:samples], reference)
+    floor_scores, floor_source = noise_floor(assets, samples, reference, echo)
     teacher = assets.teacher
     if job == "refine":
         generator = assets.generator(device)
     else:
         from gan_adapters.onestep import OneStepGenerator
-        generator = OneStepGenerator.from_teacher(teacher, sigma_init=assets.manifest["distill"]["sigma_init"],
-                                                  name="demo teacher")
+        sigma_init = assets.manifest["distill"]["sigma_init"]
+        generator = OneStepGenerator.from_teacher(teacher, sigma_init=sigma_init, name="demo teacher")
     fake = trainable_copy(teacher)
     info = {"job": job, "data": "Fashion-MNIST, 32x32 (28 px padded), one channel",
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",
             "noise floor FD (real test images)": f"{floor_scores['fd']:.4f} ({floor_source})",
-            "metric": f"domain FD / classifier score, {samples} samples, reference: half of the test set"}
-    image_job = ImageJob(config=config, generator=generator, teacher=teacher, fake=fake, out=out, device=device,
-                         save_generator=save_demo_generator if job == "refine" else _save_onestep,
-                         output_name="generator-refined.pt" if job == "refine" else "generator-onestep.pkl",
-                         evaluate=make_evaluator(assets, samples), title=f"refiner demo ({job}): Fashion-MNIST",
-                         info=info, echo=echo)
+            "metric": f"domain FD / classifier score, {samples} samples, reference: {reference} set"}
+    refine = job == "refine"
+    image_job = ImageJob(config=config, generator=generator, teacher=teacher, fake=fake, out=out,
+                         device=device, save_generator=save_demo_generator if refine else _save_onestep,
+                         output_name="generator-refined.pt" if refine else "generator-onestep.pkl",
+                         evaluate=make_evaluator(assets, samples, reference),
+                         metrics_at_snapshots=metrics_at_snapshots,
+                         title=f"refiner demo ({job}): Fashion-MNIST", info=info, echo=echo)
     result = image_job.run(resume=resume, force=force)
     save_image_grid(assets.teacher_samples[:64], out / "grid-teacher.png")
     return DemoResult(job=job, fd_before=result["before"]["fd"], fd_after=result["after"]["fd"],

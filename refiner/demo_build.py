@@ -382,6 +382,7 @@ def build_work(work: Path, settings: BuildSettings, echo: Callable[[str], None] 
                                           settings.classifier, Budget(settings.classifier_seconds,
                                                                       settings.max_steps), echo)
     classifier = DomainClassifier.from_state(classifier.config_json(), fp16_state(classifier)).to(device)
+    report["config"] = classifier.config_json()
     report["test_accuracy"] = accuracy(classifier, test, torch.as_tensor(test_labels, device=device))
     info["classifier"] = report
     echo(f"  {report}")
@@ -475,8 +476,7 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
         return torch.load(out / name, map_location="cpu", weights_only=True)
 
     teacher = load_fp16_state(build_teacher(), load("teacher.pt")).eval()
-    classifier_cfg = DomainClassifier(build["settings"]["classifier"]["config"] and
-                                      ClassifierConfig(**build["settings"]["classifier"]["config"])).config_json()
+    classifier_cfg = build["classifier"]["config"]
     classifier = DomainClassifier.from_state(classifier_cfg, load("classifier.pt"))
     generator = demo_generator(GAN_CONFIG.to_init_kwargs(), snapshots[gan_kimg])
     samples = load("teacher_samples.pt")["images"]

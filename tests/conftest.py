@@ -9,6 +9,9 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
+# The suite runs on 2 cores; small tensors run faster on one thread and tests stay deterministic.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

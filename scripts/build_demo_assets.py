@@ -1,0 +1,121 @@
+"""Build the demo's assets (assets/demo/) from Fashion-MNIST with refiner's own code.
+
+    python scripts/build_demo_assets.py train --work WORK [--device cuda] [--teacher-seconds 170 ...]
+    python scripts/build_demo_assets.py finalize --work WORK --out assets/demo [--gan-kimg K]
+    python scripts/build_demo_assets.py sweep --work WORK --out SWEEP.json [--seconds 60]
+
+`train` (wants a GPU: about 5 minutes on one H100) trains the classifier, the EDM teacher and the GAN
+(time-boxed), draws the teacher's 18-step samples and writes WORK/ (build.json records seeds, settings,
+wall times and the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
+(default: the rule below) and CPU reference outputs. `sweep` runs the demo's refinement on a few
+snapshots and settings (on the GPU) and records the FD reached: the evidence for the demo's defaults.
+
+Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist` or `refiner data fashion-mnist`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from refiner.demo_build import BuildSettings, build_work, finalize
+
+# The GAN must be clearly imperfect: the demo uses the first snapshot whose FD falls below this many times
+# the teacher's (measured on the same samples at build time).
+SELECT_FD_RATIO = 4.0
+
+
+def select_snapshot(build: dict, ratio: float = SELECT_FD_RATIO) -> tuple[str, str]:
+    """(kimg, reason): the first snapshot with FD <= ratio x teacher FD, else the last one."""
+    teacher_fd = build["teacher"]["scores"]["fd"]
+    fds = build["gan"]["snapshots"]
+    for kimg in sorted(fds, key=float):
+        if fds[kimg]["fd"] <= ratio * teacher_fd:
+            return kimg, (f"first snapshot with FD <= {ratio:g} x teacher FD ({fds[kimg]['fd']:.3f} <= "
+                          f"{ratio:g} x {teacher_fd:.3f})")
+    last = max(fds, key=float)
+    return last, f"no snapshot reached FD <= {ratio:g} x teacher FD; the last one"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="phase", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--work", type=Path, required=True)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--teacher-seconds", type=float, default=170.0)
+    t.add_argument("--gan-seconds", type=float, default=60.0)
+    t.add_argument("--classifier-seconds", type=float, default=25.0)
+    t.add_argument("--teacher-samples", type=int, default=2000)
+    t.add_argument("--max-steps", type=int, default=1 << 40, help="cap per trainer (quick test builds)")
+    f = sub.add_parser("finalize")
+    f.add_argument("--work", type=Path, required=True)
+    f.add_argument("--out", type=Path, default=Path("assets/demo"))
+    f.add_argument("--gan-kimg", default=None, help="GAN snapshot (default: the selection rule)")
+    f.add_argument("--sweep", type=Path, default=None, help="sweep results to record in the manifest")
+    s = sub.add_parser("sweep")
+    s.add_argument("--work", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--steps", type=int, default=300)
+    a = p.parse_args(argv)
+    if a.phase == "train":
+        settings = BuildSettings(device=a.device, teacher_seconds=a.teacher_seconds, gan_seconds=a.gan_seconds,
+                                 classifier_seconds=a.classifier_seconds, teacher_samples=a.teacher_samples,
+                                 max_steps=a.max_steps)
+        info = build_work(a.work, settings, echo=lambda m: print(m, flush=True))
+        print(json.dumps({k: info[k] for k in ("floor", "wall_seconds")}))
+    elif a.phase == "finalize":
+        build = json.loads((a.work / "build.json").read_text())
+        kimg, reason = select_snapshot(build)
+        if a.gan_kimg is not None:
+            kimg, reason = a.gan_kimg, f"chosen by hand (--gan-kimg {a.gan_kimg}); rule would give {kimg}"
+        extra = {"sweep": json.loads(a.sweep.read_text())} if a.sweep else {}
+        finalize(a.work, a.out, kimg, reason, extra)
+    else:
+        sweep(a.work, a.out, a.seconds, a.device, a.steps)
+
+
+def sweep(work: Path, out: Path, seconds: float, device: str, steps: int) -> None:
+    """Refine candidate snapshots with candidate settings; record FD every 25 steps (demo code path)."""
+    from refiner.demo import DEMO_REFINE, run_demo
+
+    build = json.loads((work / "build.json").read_text())
+    chosen, _ = select_snapshot(build)
+    kimgs = sorted(build["gan"]["snapshots"], key=float)
+    i = kimgs.index(chosen)
+    candidates = kimgs[max(0, i - 1):i + 2]
+    variants = [dict(lr=lr, fake_lr=flr, batch=b, loss=loss)
+                for lr, flr, b, loss in [(3e-4, 3e-4, 32, "ikl"), (1e-3, 1e-3, 32, "ikl"), (1e-4, 1e-4, 32, "ikl"),
+                                         (3e-4, 1e-3, 32, "ikl"), (3e-4, 3e-4, 16, "ikl"), (1e-3, 1e-3, 32, "dmd"),
+                                         (3e-4, 3e-4, 32, "dmd")]]
+    runs = [(k, v) for k in [chosen] for v in variants] + [(k, variants[0]) for k in candidates if k != chosen]
+    results, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for kimg, variant in runs:
+            if time.perf_counter() - start > seconds:
+                break
+            assets = Path(tmp) / f"assets-{kimg}"
+            if not assets.exists():
+                finalize(work, assets, kimg, "sweep", echo=lambda m: None)
+            config = replace(DEMO_REFINE, steps=steps, snapshot_every=25, device=device, **variant)
+            r = run_demo(Path(tmp) / "run", config=config, assets_path=assets, force=True, echo=lambda m: None,
+                         metrics_at_snapshots=True)
+            curve = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            results.append({"gan_kimg": kimg, **variant, "fd_before": r.fd_before, "fd_teacher": r.fd_teacher,
+                            "fd_floor": r.fd_floor, "fd": {c["step"]: c["fd"] for c in curve},
+                            "cs": {c["step"]: c["cs"] for c in curve}})
+            print(json.dumps(results[-1]), flush=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
