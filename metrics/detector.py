@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fileformats.errors import UserError
+from fileformats.sources import open_source
 from metrics.frontends import FRONTENDS
 from metrics.inception import NUM_FEATURES, FIDInception, build, from_nvidia_names
 
@@ -169,13 +170,7 @@ def _resolve(source: str | None) -> Path:
         if path is None:
             raise UserError(f"no Inception detector: pass --detector PATH_OR_URL. {DETECTOR_HELP}")
         return path
-    if "://" in source:
-        from fileformats.sources import open_source
-        return open_source(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"detector file not found: {path}. {DETECTOR_HELP}")
-    return path
+    return open_source(source)  # a path, a file:// URL, or an http(s) URL downloaded once into the cache
 
 
 def load_detector(source: str | None = None, frontend: str = "nvidia", device: str | torch.device = "cpu"

@@ -231,7 +231,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
              echo: Callable[[str], None] = echo_err) -> DemoResult:
     """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers."""
     from refiner.jobs import ImageJob, trainable_copy
-    from refiner.loop import resolve_device
+    from teachers.base import resolve_device
 
     start = time.perf_counter()
     config = (config or JOBS[job]).validate()

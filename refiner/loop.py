@@ -28,6 +28,7 @@ import psutil
 import torch
 from torch import nn
 
+from fileformats.errors import UserError
 from fileformats.progress import Progress
 from refiner import distributed as dist
 from refiner.config import TrainConfig
@@ -35,16 +36,6 @@ from refiner.ema import ema_beta, update_ema
 from refiner.losses import add_noise, denoising_loss, generator_loss
 from refiner.rundir import RunDir
 from refiner.sigma import KarrasGridSigma, LogNormalSigma
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from fileformats.errors import UserError
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return device
 
 
 def make_sigma_sampler(config: TrainConfig):
@@ -94,7 +85,6 @@ class Trainer:
         self.config = config.validate()
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.batch % self.world:
-            from fileformats.errors import UserError
             raise UserError(f"--batch {config.batch} must be divisible by the number of processes ({self.world})")
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot

@@ -20,7 +20,8 @@ from fileformats.atomic import atomic_open, atomic_write_text
 from gan_adapters.mlp import MLPGenerator
 from metrics.energy import energy_distance, modes_covered
 from refiner.config import TrainConfig
-from refiner.loop import Trainer, resolve_device
+from refiner.loop import Trainer
+from teachers.base import resolve_device
 from refiner.rundir import RunDir
 from teachers.analytic import GaussianMixtureDenoiser, grid, ring
 from teachers.mlp import MLPDenoiser

@@ -17,7 +17,7 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
-from teachers.base import as_sigma
+from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
 from teachers.edm_precond import PRECONDS, Precond
 
@@ -57,21 +57,6 @@ class EDMTeacher(nn.Module):
 
     def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return self.network.round_sigma(sigma)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CPU; 'auto' -> CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
-    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -57,7 +57,7 @@ def command(teacher_src: str, preset_name: Optional[str], sigma_init: Optional[f
     """
     from gan_adapters.onestep import OneStepGenerator, set_dropout
     from refiner.jobs import ImageJob, trainable_copy
-    from refiner.loop import resolve_device
+    from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
     preset = get_preset(preset_name)

@@ -61,7 +61,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     from gan_adapters.loader import load_generator
     from gan_adapters.resize import Resized
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
-    from refiner.loop import resolve_device
+    from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
     out, resume, force = run_options(kwargs)

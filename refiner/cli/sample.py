@@ -14,7 +14,8 @@ import torch
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
 from fileformats.progress import Progress
-from teachers.edm_loader import load_teacher, resolve_device
+from teachers.base import resolve_device
+from teachers.edm_loader import load_teacher
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 
 GRID_NAME = "grid.png"
