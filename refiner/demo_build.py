@@ -30,10 +30,11 @@ from refiner.sigma import LogNormalSigma
 from teachers.edm_precond import EDMPrecond
 
 # The demo's networks. DDPM++ (SongUNet, positional embedding, standard encoder/decoder, filter [1, 1])
-# at a small width: 16-32-64 channels at 32-16-8 px, one block per level, attention at 8 px.
+# at a small width: 16-32-32 channels at 32-16-8 px, one block per level, attention only in the decoder's
+# first (8 px) block, as in every DDPM++.
 TEACHER_KWARGS: dict[str, Any] = dict(
     img_resolution=32, img_channels=1, label_dim=0, use_fp16=False, sigma_data=0.5, model_type="SongUNet",
-    model_channels=16, channel_mult=[1, 2, 4], channel_mult_emb=4, num_blocks=1, attn_resolutions=[8],
+    model_channels=16, channel_mult=[1, 2, 2], channel_mult_emb=4, num_blocks=1, attn_resolutions=[],
     dropout=0.0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
     decoder_type="standard", resample_filter=[1, 1])
 
@@ -347,91 +348,138 @@ def teacher_samples(net: EDMPrecond, seeds: Sequence[int], batch: int = 500) -> 
     return torch.cat(out)
 
 
-def build_work(work: Path, settings: BuildSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Phase 1: train classifier, teacher and GAN on Fashion-MNIST and write into `work`:
-    classifier.pt, teacher.pt (float16 tensors), stats.pt, teacher_samples.pt, gan_snapshots.pt and
-    build.json (settings, seeds, data hashes, wall times, measurements). Returns build.json's content."""
-    from dataclasses import asdict
+PARTS = ("classifier", "teacher", "samples", "gan")
 
-    from fileformats.atomic import atomic_open, atomic_write_text
-    from metrics.classifier import domain_scores, embed
-    from metrics.evaluate import generated_batches
-    from refiner.datasets import data_hash, load_split, to_images
-    from refiner.demo import EVAL_SEED, demo_generator
 
-    wall = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    device = torch.device(settings.device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # samples and statistics must match a CPU run
-    torch.backends.cudnn.allow_tf32 = False
+class _Work:
+    """The work folder of a build: data on the build device, file helpers, the classifier's scores."""
 
-    def save(name: str, obj: Any) -> None:
-        with atomic_open(work / name) as f:
+    def __init__(self, work: Path, settings: BuildSettings):
+        from refiner.datasets import load_split, to_images
+
+        self.path, self.settings = work, settings
+        self.device = torch.device(settings.device)
+        work.mkdir(parents=True, exist_ok=True)
+        train_u8, train_labels = load_split("train")
+        test_u8, test_labels = load_split("test")
+        self.train = to_images(train_u8).to(self.device)
+        self.test = to_images(test_u8).to(self.device)
+        self.train_labels = torch.as_tensor(train_labels, device=self.device)
+        self.test_labels = torch.as_tensor(test_labels, device=self.device)
+        self.held_out, self.reference = test_split(len(self.test), settings.split_seed)
+
+    def save(self, name: str, obj: Any) -> None:
+        from fileformats.atomic import atomic_open
+
+        with atomic_open(self.path / name) as f:
             torch.save(obj, f)
 
-    train_u8, train_labels = load_split("train")
-    test_u8, test_labels = load_split("test")
-    train = to_images(train_u8).to(device)
-    test = to_images(test_u8).to(device)
-    held_out, reference = test_split(len(test), settings.split_seed)
-    info: dict[str, Any] = {"settings": asdict(settings), "data": data_hash(), "torch": torch.__version__,
-                            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    def load(self, name: str) -> Any:
+        if not (self.path / name).is_file():
+            raise FileNotFoundError(f"{self.path / name} is missing: build the part that writes it first")
+        return torch.load(self.path / name, map_location=self.device, weights_only=True)
 
-    echo(f"classifier: {settings.classifier_seconds:g} s")
-    classifier, report = train_classifier(train, torch.as_tensor(train_labels, device=device),
-                                          settings.classifier, Budget(settings.classifier_seconds,
-                                                                      settings.max_steps), echo)
-    classifier = DomainClassifier.from_state(classifier.config_json(), fp16_state(classifier)).to(device)
-    report["config"] = classifier.config_json()
-    report["test_accuracy"] = accuracy(classifier, test, torch.as_tensor(test_labels, device=device))
-    info["classifier"] = report
-    echo(f"  {report}")
-    save("classifier.pt", fp16_state(classifier))
+    def classifier(self) -> DomainClassifier:
+        info = json.loads((self.path / "part-classifier.json").read_text())
+        return DomainClassifier.from_state(info["config"], self.load("classifier.pt")).to(self.device)
 
-    def features_of(u8: torch.Tensor):
-        return embed(classifier, (u8[i:i + 1000].to(device) for i in range(0, len(u8), 1000)))
+    def scores(self, batches) -> dict[str, float]:
+        """Domain FD / classifier score of uint8 batches against the test reference statistics."""
+        from metrics.classifier import domain_scores, embed
 
-    train_f, ref_f = features_of(quantize(train)), features_of(quantize(test[reference.to(device)]))
-    stats = {"test_mu": ref_f.stats.mean, "test_cov": ref_f.stats.cov,
-             "train_mu": train_f.stats.mean, "train_cov": train_f.stats.cov}
-    save("stats.pt", {k: torch.from_numpy(v) for k, v in stats.items()})
+        stats = {k: v.cpu().numpy() for k, v in self.load("stats.pt").items()}
+        return domain_scores(embed(self.classifier(), batches), stats["test_mu"], stats["test_cov"])
+
+
+def chunks(u8: torch.Tensor, size: int = 1000):
+    return (u8[i:i + size] for i in range(0, len(u8), size))
+
+
+def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[str], None] = print
+               ) -> dict[str, Any]:
+    """Phase 1, one part at a time (parts may run in parallel processes once 'classifier' is done):
+    'classifier' -> classifier.pt, stats.pt (and the noise floor); 'teacher' -> teacher.pt; 'samples' ->
+    teacher_samples.pt (needs teacher.pt); 'gan' -> gan_snapshots.pt. Each writes part-PART.json
+    (what it did, seconds, measurements); `merge_parts` makes build.json of them."""
+    from fileformats.atomic import atomic_write_text
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # samples and statistics must match a CPU run
+    torch.backends.cudnn.allow_tf32 = False
+    start = time.perf_counter()
+    w = _Work(work, settings)
+    budget = {"classifier": settings.classifier_seconds, "teacher": settings.teacher_seconds,
+              "gan": settings.gan_seconds}.get(part)
+    budget = Budget(budget, settings.max_steps) if budget is not None else None
     n = settings.teacher_samples
+    if part == "classifier":
+        net, info = train_classifier(w.train, w.train_labels, settings.classifier, budget, echo)
+        net = DomainClassifier.from_state(net.config_json(), fp16_state(net)).to(w.device)  # as stored
+        info["config"] = net.config_json()
+        info["test_accuracy"] = accuracy(net, w.test, w.test_labels)
+        w.save("classifier.pt", fp16_state(net))
+        atomic_write_text(work / "part-classifier.json", json.dumps(info))
+        from metrics.classifier import embed
 
-    def scores(u8: torch.Tensor) -> dict[str, float]:
-        return domain_scores(features_of(u8), stats["test_mu"], stats["test_cov"])
+        train_f = embed(net, chunks(quantize(w.train)))
+        ref_f = embed(net, chunks(quantize(w.test[w.reference.to(w.device)])))
+        stats = {"test_mu": ref_f.stats.mean, "test_cov": ref_f.stats.cov,
+                 "train_mu": train_f.stats.mean, "train_cov": train_f.stats.cov}
+        w.save("stats.pt", {k: torch.from_numpy(v) for k, v in stats.items()})
+        info["floor"] = w.scores(chunks(quantize(w.test[w.held_out[:n].to(w.device)])))
+    elif part == "teacher":
+        teacher, info = train_teacher(build_teacher().to(w.device), w.train, settings.teacher, budget, echo)
+        w.save("teacher.pt", fp16_state(teacher))
+    elif part == "samples":
+        teacher = load_fp16_state(build_teacher(), w.load("teacher.pt")).to(w.device)
+        samples = teacher_samples(teacher, list(range(n)))
+        w.save("teacher_samples.pt", {"images": samples})
+        info = {"seeds": [0, n], "scores": w.scores(chunks(samples))}
+    elif part == "gan":
+        from metrics.evaluate import generated_batches
+        from refiner.demo import EVAL_SEED, demo_generator
 
-    info["floor"] = scores(quantize(test[held_out[:n].to(device)]))
-    echo(f"  noise floor ({n} held-out test images): {info['floor']}")
+        snapshots, info = train_gan(build_generator().to(w.device), w.train, settings.gan, budget, echo)
+        snapshots = {f"{kimg:g}": {k: v.half() for k, v in s.items()} for kimg, s in snapshots.items()}
+        w.save("gan_snapshots.pt", snapshots)
+        info["snapshots"] = {}
+        for kimg, state in snapshots.items():
+            G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, w.device)
+            info["snapshots"][kimg] = w.scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED))
+            echo(f"  GAN snapshot {kimg} kimg: {info['snapshots'][kimg]}")
+    else:
+        raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+    from dataclasses import asdict
 
-    echo(f"teacher: {settings.teacher_seconds:g} s")
-    net = build_teacher().to(device)
-    teacher, info["teacher"] = train_teacher(net, train, settings.teacher, Budget(settings.teacher_seconds,
-                                                                                   settings.max_steps), echo)
-    save("teacher.pt", fp16_state(teacher))
-    teacher = load_fp16_state(build_teacher(), fp16_state(teacher)).to(device)
-    t0 = time.perf_counter()
-    samples = teacher_samples(teacher, list(range(n)))
-    info["teacher"]["sampling_seconds"] = round(time.perf_counter() - t0, 1)
-    save("teacher_samples.pt", {"images": samples})
-    info["teacher"]["scores"] = scores(samples)
-    echo(f"  {info['teacher']}")
-
-    echo(f"GAN: {settings.gan_seconds:g} s")
-    budget = Budget(settings.gan_seconds, settings.max_steps)
-    snapshots, info["gan"] = train_gan(build_generator().to(device), train, settings.gan, budget, echo)
-    snapshots = {f"{kimg:g}": {k: v.half() for k, v in state.items()} for kimg, state in snapshots.items()}
-    info["gan"]["snapshots"] = {}
-    for kimg, state in snapshots.items():
-        G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, device)
-        batches = generated_batches(G, n, batch_size=500, seed=EVAL_SEED)
-        info["gan"]["snapshots"][kimg] = domain_scores(embed(classifier, batches), stats["test_mu"],
-                                                       stats["test_cov"])
-        echo(f"  snapshot {kimg} kimg: {info['gan']['snapshots'][kimg]}")
-    save("gan_snapshots.pt", snapshots)
-    info["wall_seconds"] = round(time.perf_counter() - wall, 1)
-    atomic_write_text(work / "build.json", json.dumps(info, indent=2, default=str) + "\n")
+    info["part_seconds"] = round(time.perf_counter() - start, 1)
+    info["settings"] = asdict(settings)
+    info["threads"] = torch.get_num_threads()
+    atomic_write_text(work / f"part-{part}.json", json.dumps(info, indent=1) + "\n")
+    echo(f"{part}: {info}")
     return info
 
+
+def merge_parts(work: Path) -> dict[str, Any]:
+    """build.json: settings, data hashes, versions and every part's report."""
+    from fileformats.atomic import atomic_write_text
+    from refiner.datasets import data_hash
+
+    parts = {p: json.loads((work / f"part-{p}.json").read_text()) for p in PARTS}
+    settings = parts["classifier"].pop("settings")
+    for p in ("teacher", "gan"):  # each part's own settings (parts may run as separate processes)
+        own = parts[p].pop("settings")
+        settings[p], settings[f"{p}_seconds"] = own[p], own[f"{p}_seconds"]
+    settings["teacher_samples"] = parts["samples"].pop("settings")["teacher_samples"]
+    device = settings["device"]
+    info = {"settings": settings, "data": data_hash(), "torch": torch.__version__,
+            "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                       else f"cpu, {parts['teacher']['threads']} thread(s) per process"),
+            "classifier": parts["classifier"], "floor": parts["classifier"].pop("floor"),
+            "teacher": {**parts["teacher"], "sampling_seconds": parts["samples"]["part_seconds"],
+                        "scores": parts["samples"]["scores"]},
+            "gan": parts["gan"],
+            "wall_seconds": round(sum(p["part_seconds"] for p in parts.values()), 1)}
+    atomic_write_text(work / "build.json", json.dumps(info, indent=2) + "\n")
+    return info
 
 def _reference_outputs(teacher: EDMPrecond, generator: nn.Module, classifier: DomainClassifier,
                        samples: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -228,7 +228,12 @@ class Trainer:
         dist.barrier()
 
     def resume(self, path) -> None:
-        self.load_state(self.run.load_checkpoint(path))
+        state = self.run.load_checkpoint(path)
+        diffs = TrainConfig.from_json(state["config"]).differences(self.config)
+        if diffs:
+            raise UserError(f"checkpoint {path} was written with another configuration: {'; '.join(diffs)}. "
+                            f"Use the same options, or a new --out")
+        self.load_state(state)
         if self.rank == 0:
             self.run.truncate_log(self.counters.step)
         self.echo(f"resumed from {path} at step {self.counters.step}")

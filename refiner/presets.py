@@ -17,7 +17,6 @@ import difflib
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
 
 from fileformats.errors import UserError
 from refiner.config import TrainConfig
@@ -37,14 +36,14 @@ class Preset:
     ema: float  # half-life, kimg
     precision: str
     sigma_init: float
-    dropout: Optional[float]
+    dropout: float | None
     kimg: float  # duration
     snapshot_kimg: float
     loss: str = "ikl"
     ratio: int = 1
-    shape: Optional[tuple[int, int]] = None
+    shape: tuple[int, int] | None = None
 
-    def steps(self, kimg: float, batch: Optional[int] = None) -> int:
+    def steps(self, kimg: float, batch: int | None = None) -> int:
         """Generator steps that show `kimg` thousand images at this (or the given) batch size."""
         return max(0, math.ceil(kimg * 1000 / (batch or self.batch)))
 
@@ -87,7 +86,7 @@ DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values i
                  dropout=None, kimg=200_000, snapshot_kimg=500)
 
 
-def get_preset(name: Optional[str]) -> Preset:
+def get_preset(name: str | None) -> Preset:
     """The preset called `name` (None: DEFAULT), or a UserError listing the valid names."""
     if name is None:
         return DEFAULT

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from refiner.demo_build import BuildSettings, build_work, finalize
+from refiner.demo_build import PARTS, BuildSettings, build_part, finalize, merge_parts
 
 # The GAN must be clearly imperfect: the demo uses the first snapshot whose FD falls below this many times
 # the teacher's (measured on the same samples at build time).
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--classifier-seconds", type=float, default=25.0)
     t.add_argument("--teacher-samples", type=int, default=2000)
     t.add_argument("--max-steps", type=int, default=1 << 40, help="cap per trainer (quick test builds)")
+    t.add_argument("--part", choices=PARTS, action="append",
+                   help="build only these parts (repeatable; default all, in order). 'teacher' and 'gan' may run "
+                        "in parallel processes once 'classifier' is done; 'samples' needs 'teacher'")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
     f = sub.add_parser("finalize")
     f.add_argument("--work", type=Path, required=True)
     f.add_argument("--out", type=Path, default=Path("assets/demo"))
@@ -71,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         settings = BuildSettings(device=a.device, teacher_seconds=a.teacher_seconds, gan_seconds=a.gan_seconds,
                                  classifier_seconds=a.classifier_seconds, teacher_samples=a.teacher_samples,
                                  max_steps=a.max_steps)
-        info = build_work(a.work, settings, echo=lambda m: print(m, flush=True))
-        print(json.dumps({k: info[k] for k in ("floor", "wall_seconds")}))
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        for part in a.part or PARTS:
+            build_part(part, a.work, settings, echo=lambda m: print(m, flush=True))
     elif a.phase == "finalize":
-        build = json.loads((a.work / "build.json").read_text())
+        build = merge_parts(a.work)
         kimg, reason = select_snapshot(build)
         if a.gan_kimg is not None:
             kimg, reason = a.gan_kimg, f"chosen by hand (--gan-kimg {a.gan_kimg}); rule would give {kimg}"
@@ -86,35 +92,38 @@ def main(argv: list[str] | None = None) -> None:
 
 def sweep(work: Path, out: Path, seconds: float, device: str, steps: int) -> None:
     """Refine candidate snapshots with candidate settings; record FD every 25 steps (demo code path)."""
-    from refiner.demo import DEMO_REFINE, run_demo
+    from refiner.demo import JOBS, run_demo
 
     build = json.loads((work / "build.json").read_text())
     chosen, _ = select_snapshot(build)
     kimgs = sorted(build["gan"]["snapshots"], key=float)
     i = kimgs.index(chosen)
-    candidates = kimgs[max(0, i - 1):i + 2]
-    variants = [dict(lr=lr, fake_lr=flr, batch=b, loss=loss)
-                for lr, flr, b, loss in [(3e-4, 3e-4, 32, "ikl"), (1e-3, 1e-3, 32, "ikl"), (1e-4, 1e-4, 32, "ikl"),
-                                         (3e-4, 1e-3, 32, "ikl"), (3e-4, 3e-4, 16, "ikl"), (1e-3, 1e-3, 32, "dmd"),
-                                         (3e-4, 3e-4, 32, "dmd")]]
-    runs = [(k, v) for k in [chosen] for v in variants] + [(k, variants[0]) for k in candidates if k != chosen]
+    neighbours = [k for k in kimgs[max(0, i - 1):i + 2] if k != chosen]
+    variants = [dict(lr=3e-4, batch=32), dict(lr=1e-3, batch=32), dict(lr=1e-3, batch=32, loss="dmd"),
+                dict(lr=1e-3, batch=16), dict(lr=3e-3, batch=32)]
+    runs = [("refine", chosen, v) for v in variants] + [("refine", k, variants[1]) for k in neighbours]
+    runs += [("distill", chosen, dict(lr=1e-4, batch=16)), ("distill", chosen, dict(lr=1e-3, batch=16))]
     results, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for kimg, variant in runs:
+        for job, kimg, variant in runs:
             if time.perf_counter() - start > seconds:
                 break
             assets = Path(tmp) / f"assets-{kimg}"
             if not assets.exists():
                 finalize(work, assets, kimg, "sweep", echo=lambda m: None)
-            config = replace(DEMO_REFINE, steps=steps, snapshot_every=25, device=device, **variant)
-            r = run_demo(Path(tmp) / "run", config=config, assets_path=assets, force=True, echo=lambda m: None,
-                         metrics_at_snapshots=True)
+            variant = dict(variant, fake_lr=variant["lr"])
+            config = replace(JOBS[job], steps=steps, snapshot_every=25, device=device, **variant)
+            t0 = time.perf_counter()
+            r = run_demo(Path(tmp) / "run", job=job, config=config, samples=build["settings"]["teacher_samples"],
+                         assets_path=assets, force=True, echo=lambda m: None, metrics_at_snapshots=True)
             curve = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-            results.append({"gan_kimg": kimg, **variant, "fd_before": r.fd_before, "fd_teacher": r.fd_teacher,
-                            "fd_floor": r.fd_floor, "fd": {c["step"]: c["fd"] for c in curve},
-                            "cs": {c["step"]: c["cs"] for c in curve}})
+            results.append({"job": job, "gan_kimg": kimg, **variant, "fd_before": r.fd_before,
+                            "fd_teacher": r.fd_teacher, "fd_floor": r.fd_floor,
+                            "fd": {c["step"]: round(c["fd"], 4) for c in curve},
+                            "cs": {c["step"]: round(c["cs"], 4) for c in curve},
+                            "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(results[-1]), flush=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+            out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "sample": "refiner.cli.sample",
     "refine": "refiner.cli.refine",
     "distill": "refiner.cli.distill",
+    "demo": "refiner.cli.demo",
+    "data": "refiner.cli.data",
 }
 
 

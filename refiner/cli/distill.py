@@ -1,19 +1,29 @@
 """`refiner distill`: distil an EDM teacher into a fresh one-step generator, data-free (the main experiment
-of Diff-Instruct, Luo et al. 2023), on one CPU, one GPU or many GPUs (torchrun)."""
+of Diff-Instruct, Luo et al. 2023), on one CPU, one GPU or many GPUs (torchrun).
+
+Under torchrun every process draws the global batch from the same seeded generator and keeps its slice,
+so N processes follow the run of one; only dropout masks (each process's own RNG) differ, so with
+dropout > 0 they agree in distribution rather than bit for bit."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import torch
 
 from fileformats.errors import UserError
 from refiner import distributed as dist
-from refiner.cli.options import (TRAINING_KEYS, config_from_options, make_evaluator, metric_options, run_options,
-                                 training_options)
+from refiner.cli.options import (
+    TRAINING_KEYS,
+    config_from_options,
+    make_evaluator,
+    metric_options,
+    run_options,
+    training_options,
+)
 from refiner.config import TrainConfig
 from refiner.presets import PRESETS, Preset, get_preset, presets_help
 
@@ -44,8 +54,8 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
 @metric_options
 @training_options(_FROM_PRESET)
-def command(teacher_src: str, preset_name: Optional[str], sigma_init: Optional[float], dropout: Optional[float],
-            kimg: Optional[float], snapshot_kimg: Optional[float], grid_seeds: int, teacher_dtype: Optional[str],
+def command(teacher_src: str, preset_name: str | None, sigma_init: float | None, dropout: float | None,
+            kimg: float | None, snapshot_kimg: float | None, grid_seeds: int, teacher_dtype: str | None,
             metrics_at_snapshots: bool, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
@@ -99,7 +109,7 @@ def command(teacher_src: str, preset_name: Optional[str], sigma_init: Optional[f
         click.echo(json.dumps(result))
 
 
-def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: Optional[float], snapshot_kimg: Optional[float],
+def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: float | None, snapshot_kimg: float | None,
                    **extra: Any) -> TrainConfig:
     """The run's TrainConfig: the options given, else the preset's values. Durations given in kimg become
     steps at the batch size used; --steps / --snapshot-every exclude --kimg / --snapshot-kimg."""

@@ -1,0 +1,100 @@
+"""Speed and memory of one distillation iteration (one fake-score step + one generator step) with a
+CIFAR-10-size DDPM++ teacher (EDM's --arch=ddpmpp: SongUNet 32x32, 128 channels, mult [2,2,2], 4 blocks,
+attention at 16x16; random weights, built with our code), generator and fake score copied from it.
+
+    python benchmarks/distill_step.py [--batch 8] [--iters 3] [--warmup 1]              # CPU
+    python benchmarks/distill_step.py --device cuda --batch 128 --precision bf16,fp32     # GPU
+
+For each precision it runs `--warmup` iterations, then times `--iters` and prints img/s (generator
+images per second), seconds per iteration, peak resident memory of the process and, on CUDA, the peak
+GPU memory of that precision's run; the teacher runs in the training precision (what `refiner distill`
+does). Also printed: generator steps skipped for non-finite gradients (fp16 loss scaling skips its
+first steps while the scale settles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import torch
+from load import DDPMPP_CIFAR10  # benchmarks/load.py: EDM's CIFAR-10 DDPM++ configuration
+
+
+def build(device: torch.device, label_dim: int):
+    from gan_adapters.onestep import OneStepGenerator
+    from refiner.jobs import trainable_copy
+    from teachers.edm_loader import EDMTeacher, network_record
+    from teachers.edm_precond import EDMPrecond
+
+    torch.manual_seed(0)
+    kwargs = {**DDPMPP_CIFAR10, "label_dim": label_dim}
+    network = EDMPrecond(**kwargs).eval()
+    record = network_record(network, kwargs)  # (what a snapshot would be written from; shares CPU tensors)
+    teacher = EDMTeacher(network.to(device), record)
+    generator = OneStepGenerator.from_teacher(teacher, sigma_init=1.0).train()
+    return teacher, generator, trainable_copy(teacher)
+
+
+def iteration_speed(precision: str, args, teacher, generator, fake, device: torch.device) -> dict:
+    from refiner.config import TrainConfig
+    from refiner.loop import Trainer
+    from refiner.rundir import RunDir
+    from teachers.edm_loader import resolve_dtype
+
+    teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
+    config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
+                         device=device.type, log_every=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step() -> None:
+            trainer.fake_step()
+            trainer.generator_step()
+
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / args.iters
+    result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
+              "s_per_iter": round(seconds, 4), "img_per_s": round(args.batch / seconds, 2),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "skipped_generator": trainer.counters.skipped_generator,
+              "skipped_fake": trainer.counters.skipped_fake}
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--cond", action="store_true", help="10 classes (CIFAR-10 cond) instead of none")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    teacher, generator, fake = build(device, 10 if args.cond else 0)
+    params = sum(p.numel() for p in generator.parameters())
+    print(f"# DDPM++ 32x32, {params:,} parameters per network; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    for precision in args.precision.split(","):
+        print(json.dumps(iteration_speed(precision, args, teacher, generator, fake, device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
