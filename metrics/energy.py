@@ -13,7 +13,7 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
-def modes_covered(samples: torch.Tensor, means: torch.Tensor, std: float, min_share: float = 0.2
+def modes_covered(samples: torch.Tensor, means: torch.Tensor, std: float, min_share: float = 0.5
                   ) -> int:
     """Number of modes that receive at least `min_share` of their expected share (n/K) of the samples
     lying within 3·std of their centre."""

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train")
     t.add_argument("--work", type=Path, required=True)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--teacher-seconds", type=float, default=170.0)
-    t.add_argument("--gan-seconds", type=float, default=60.0)
-    t.add_argument("--classifier-seconds", type=float, default=25.0)
+    t.add_argument("--teacher-seconds", type=float, default=BuildSettings.teacher_seconds)
+    t.add_argument("--gan-seconds", type=float, default=BuildSettings.gan_seconds)
+    t.add_argument("--classifier-seconds", type=float, default=BuildSettings.classifier_seconds)
     t.add_argument("--teacher-samples", type=int, default=2000)
     t.add_argument("--max-steps", type=int, default=1 << 40, help="cap per trainer (quick test builds)")
     t.add_argument("--part", choices=PARTS, action="append",

@@ -1,0 +1,83 @@
+"""The committed demo assets (assets/demo): they load, match the manifest, stay small, and the networks
+reproduce the reference outputs stored at build time (teacher denoiser, GAN, classifier, and two of the
+teacher's 18-step Heun samples)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fileformats.errors import UserError
+from refiner.datasets import FASHION_MNIST
+from refiner.demo import DEFAULT_ASSETS, load_assets
+from refiner.demo_build import teacher_samples
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return load_assets()
+
+
+def test_manifest_records_how_the_assets_were_built(assets):
+    m = assets.manifest
+    published = {spec.name: spec.sha256_gz for spec in FASHION_MNIST.values()}
+    assert m["data"]["sha256"] == published  # built from the published Fashion-MNIST files
+    assert set(m["build"]["seeds"]) == {"teacher", "gan", "classifier", "split"}
+    assert m["build"]["wall_seconds"] > 0
+    for net in ("teacher", "generator", "classifier"):
+        assert m["networks"][net]["report"]["steps"] > 0
+    assert m["networks"]["classifier"]["report"]["test_accuracy"] > 0.85
+    total = sum((DEFAULT_ASSETS / name).stat().st_size for name in [*m["files"], "manifest.json"])
+    assert total <= 15e6
+
+
+def test_networks_reproduce_the_reference_outputs(assets):
+    ref = assets.reference
+    with torch.no_grad():
+        d = assets.teacher(ref["teacher_x"], ref["teacher_sigma"])
+        g = assets.generator()(ref["generator_z"])
+        features, logits = assets.classifier(ref["classifier_in"].float() / 127.5 - 1)
+    torch.testing.assert_close(d, ref["teacher_out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, ref["generator_out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features, ref["classifier_features"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, ref["classifier_logits"], rtol=1e-4, atol=1e-5)
+    assert logits.argmax(1).tolist() == ref["classifier_logits"].argmax(1).tolist()
+
+
+def test_teacher_samples_are_the_teachers_18_step_samples(assets):
+    """Seeds 0 and 1 through the sampler again: the stored uint8 images, up to one grey level where a
+    value sits on a rounding boundary (another CPU's arithmetic)."""
+    again = teacher_samples(assets.teacher.network, [0, 1]).to(torch.int16)
+    stored = assets.teacher_samples[:2].to(torch.int16)
+    diff = (again - stored).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+
+
+def test_reference_statistics_are_covariances(assets):
+    for split in ("test", "train"):
+        mu, cov = assets.stats[f"{split}_mu"], assets.stats[f"{split}_cov"]
+        assert mu.shape == (assets.classifier.feature_dim,) and cov.shape == (len(mu), len(mu))
+        np.testing.assert_allclose(cov, cov.T)
+        assert np.linalg.eigvalsh(cov).min() > -1e-8
+
+
+def test_a_damaged_asset_is_refused(tmp_path: Path):
+    copy = tmp_path / "assets"
+    shutil.copytree(DEFAULT_ASSETS, copy)
+    data = bytearray((copy / "generator.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "generator.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="differs from the manifest"):
+        load_assets(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="manifest.json missing"):
+        load_assets(copy)
+
+
+def test_manifest_is_plain_json():
+    json.loads((DEFAULT_ASSETS / "manifest.json").read_text())
