@@ -136,7 +136,7 @@ class Discriminator(nn.Module):
     a 2x average pool down to 4 px, minibatch standard deviation (one extra feature map), a 3x3 conv and
     two linear layers to one logit."""
 
-    def __init__(self, img_channels: int = 1, resolution: int = 32, channels: Sequence[int] = (32, 64, 64),
+    def __init__(self, img_channels: int = 1, resolution: int = 32, channels: Sequence[int] = (16, 32, 64),
                  mbstd_group: int = 4):
         super().__init__()
         self.mbstd_group = mbstd_group
@@ -229,8 +229,8 @@ def train_gan(G: Generator, images: torch.Tensor, cfg: GANTraining, budget: Budg
         if pending and step * cfg.batch >= pending[0] * 1000:
             pending.pop(0)
             take_snapshot()
-            echo(f"  GAN snapshot at {step * cfg.batch / 1000:g} kimg: loss D {float(loss_d):.3f}, "
-                 f"G {float(loss_g):.3f}, {time.perf_counter() - start:.0f} s")
+            echo(f"  GAN snapshot at {step * cfg.batch / 1000:g} kimg: loss D {float(loss_d.detach()):.3f}, "
+                 f"G {float(loss_g.detach()):.3f}, {time.perf_counter() - start:.0f} s")
     if step * cfg.batch / 1000 not in snapshots:
         take_snapshot()
     return snapshots, _report(step, cfg.batch, start)
@@ -241,8 +241,8 @@ def train_gan(G: Generator, images: torch.Tensor, cfg: GANTraining, budget: Budg
 
 @dataclass
 class ClassifierTraining:
-    batch: int = 256
-    lr: float = 2e-3
+    batch: int = 64
+    lr: float = 1e-3
     shift: int = 2
     seed: int = 3
     config: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -311,7 +311,7 @@ class BuildSettings:
     device: str = "cpu"
     teacher_seconds: float = 3000.0
     gan_seconds: float = 1200.0
-    classifier_seconds: float = 300.0
+    classifier_seconds: float = 900.0
     max_steps: int = 1 << 40  # per trainer (tiny test builds)
     teacher_samples: int = 2000  # seeds 0 .. N-1 of the 18-step Heun sampler
     split_seed: int = 0  # permutation of the test set: first half held out (floor), second half reference
@@ -343,11 +343,11 @@ def teacher_samples(net: EDMPrecond, seeds: Sequence[int], batch: int = 500) -> 
     return torch.cat(out)
 
 
-PARTS = ("classifier", "teacher", "samples", "gan")
+PARTS = ("classifier", "teacher", "samples", "gan", "scores")
 
 
 class _Work:
-    """The work folder of a build: data on the build device, file helpers, the classifier's scores."""
+    """The work folder of a build: the data on the build device and file helpers."""
 
     def __init__(self, work: Path, settings: BuildSettings):
         from refiner.datasets import load_split, to_images
@@ -374,17 +374,6 @@ class _Work:
             raise FileNotFoundError(f"{self.path / name} is missing: build the part that writes it first")
         return torch.load(self.path / name, map_location=self.device, weights_only=True)
 
-    def classifier(self) -> DomainClassifier:
-        info = json.loads((self.path / "part-classifier.json").read_text())
-        return DomainClassifier.from_state(info["config"], self.load("classifier.pt")).to(self.device)
-
-    def scores(self, batches) -> dict[str, float]:
-        """Domain FD / classifier score of uint8 batches against the test reference statistics."""
-        from metrics.classifier import domain_scores, embed
-
-        stats = {k: v.cpu().numpy() for k, v in self.load("stats.pt").items()}
-        return domain_scores(embed(self.classifier(), batches), stats["test_mu"], stats["test_cov"])
-
 
 def chunks(u8: torch.Tensor, size: int = 1000):
     return (u8[i:i + size] for i in range(0, len(u8), size))
@@ -392,11 +381,15 @@ def chunks(u8: torch.Tensor, size: int = 1000):
 
 def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[str], None] = print
                ) -> dict[str, Any]:
-    """Phase 1, one part at a time (parts may run in parallel processes once 'classifier' is done):
-    'classifier' -> classifier.pt, stats.pt (and the noise floor); 'teacher' -> teacher.pt; 'samples' ->
-    teacher_samples.pt (needs teacher.pt); 'gan' -> gan_snapshots.pt. Each writes part-PART.json
-    (what it did, seconds, measurements); `merge_parts` makes build.json of them."""
+    """Phase 1, one part at a time; 'classifier', 'teacher' and 'gan' may run in parallel processes:
+    'classifier' -> classifier.pt, stats.pt; 'teacher' -> teacher.pt; 'samples' -> teacher_samples.pt
+    (needs teacher.pt); 'gan' -> gan_snapshots.pt; 'scores' (needs all) -> the domain FD and classifier
+    score of the held-out real images (noise floor), the teacher's samples and every GAN snapshot.
+    Each writes part-PART.json (what it did, seconds, settings); `merge_parts` makes build.json."""
+    from dataclasses import asdict
+
     from fileformats.atomic import atomic_write_text
+    from metrics.classifier import domain_scores, embed
 
     torch.backends.cuda.matmul.allow_tf32 = False  # samples and statistics must match a CPU run
     torch.backends.cudnn.allow_tf32 = False
@@ -412,49 +405,51 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
         info["config"] = net.config_json()
         info["test_accuracy"] = accuracy(net, w.test, w.test_labels)
         w.save("classifier.pt", fp16_state(net))
-        atomic_write_text(work / "part-classifier.json", json.dumps(info))
-        from metrics.classifier import embed
-
         train_f = embed(net, chunks(quantize(w.train)))
         ref_f = embed(net, chunks(quantize(w.test[w.reference.to(w.device)])))
         stats = {"test_mu": ref_f.stats.mean, "test_cov": ref_f.stats.cov,
                  "train_mu": train_f.stats.mean, "train_cov": train_f.stats.cov}
         w.save("stats.pt", {k: torch.from_numpy(v) for k, v in stats.items()})
-        info["floor"] = w.scores(chunks(quantize(w.test[w.held_out[:n].to(w.device)])))
     elif part == "teacher":
         teacher, info = train_teacher(build_teacher().to(w.device), w.train, settings.teacher, budget, echo)
         w.save("teacher.pt", fp16_state(teacher))
     elif part == "samples":
         teacher = load_fp16_state(build_teacher(), w.load("teacher.pt")).to(w.device)
-        samples = teacher_samples(teacher, list(range(n)))
-        w.save("teacher_samples.pt", {"images": samples})
-        info = {"seeds": [0, n], "scores": w.scores(chunks(samples))}
+        w.save("teacher_samples.pt", {"images": teacher_samples(teacher, list(range(n)))})
+        info = {"seeds": [0, n]}
     elif part == "gan":
+        snapshots, info = train_gan(build_generator().to(w.device), w.train, settings.gan, budget, echo)
+        w.save("gan_snapshots.pt", {f"{kimg:g}": {k: v.half() for k, v in state.items()}
+                                    for kimg, state in snapshots.items()})
+    elif part == "scores":
         from metrics.evaluate import generated_batches
         from refiner.demo import EVAL_SEED, demo_generator
 
-        snapshots, info = train_gan(build_generator().to(w.device), w.train, settings.gan, budget, echo)
-        snapshots = {f"{kimg:g}": {k: v.half() for k, v in s.items()} for kimg, s in snapshots.items()}
-        w.save("gan_snapshots.pt", snapshots)
-        info["snapshots"] = {}
-        for kimg, state in snapshots.items():
+        config = json.loads((work / "part-classifier.json").read_text())["config"]
+        classifier = DomainClassifier.from_state(config, w.load("classifier.pt")).to(w.device)
+        stats = {k: v.cpu().numpy() for k, v in w.load("stats.pt").items()}
+
+        def scores(batches, reference: str = "test") -> dict[str, float]:
+            return domain_scores(embed(classifier, batches), stats[f"{reference}_mu"], stats[f"{reference}_cov"])
+
+        held_out = quantize(w.test[w.held_out[:n].to(w.device)])
+        info = {"samples": n, "floor": {ref: scores(chunks(held_out), ref) for ref in ("test", "train")},
+                "teacher": scores(chunks(w.load("teacher_samples.pt")["images"][:n])), "gan": {}}
+        for kimg, state in w.load("gan_snapshots.pt").items():
             G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, w.device)
-            info["snapshots"][kimg] = w.scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED))
-            echo(f"  GAN snapshot {kimg} kimg: {info['snapshots'][kimg]}")
+            info["gan"][kimg] = scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED))
     else:
         raise ValueError(f"unknown part {part!r}; one of {PARTS}")
-    from dataclasses import asdict
-
     info["part_seconds"] = round(time.perf_counter() - start, 1)
     info["settings"] = asdict(settings)
     info["threads"] = torch.get_num_threads()
     atomic_write_text(work / f"part-{part}.json", json.dumps(info, indent=1) + "\n")
-    echo(f"{part}: {info}")
+    echo(f"{part}: " + json.dumps({k: v for k, v in info.items() if k != "settings"}))
     return info
 
 
 def merge_parts(work: Path) -> dict[str, Any]:
-    """build.json: settings, data hashes, versions and every part's report."""
+    """build.json: settings, data hashes, versions, every part's report and the scores."""
     from fileformats.atomic import atomic_write_text
     from refiner.datasets import data_hash
 
@@ -464,14 +459,15 @@ def merge_parts(work: Path) -> dict[str, Any]:
         own = parts[p].pop("settings")
         settings[p], settings[f"{p}_seconds"] = own[p], own[f"{p}_seconds"]
     settings["teacher_samples"] = parts["samples"].pop("settings")["teacher_samples"]
+    scores = parts["scores"]
     device = settings["device"]
     info = {"settings": settings, "data": data_hash(), "torch": torch.__version__,
             "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
                        else f"cpu, {parts['teacher']['threads']} thread(s) per process"),
-            "classifier": parts["classifier"], "floor": parts["classifier"].pop("floor"),
+            "classifier": parts["classifier"], "floor": scores["floor"],
             "teacher": {**parts["teacher"], "sampling_seconds": parts["samples"]["part_seconds"],
-                        "scores": parts["samples"]["scores"]},
-            "gan": parts["gan"],
+                        "scores": scores["teacher"]},
+            "gan": {**parts["gan"], "snapshots": scores["gan"]},
             "wall_seconds": round(sum(p["part_seconds"] for p in parts.values()), 1)}
     atomic_write_text(work / "build.json", json.dumps(info, indent=2) + "\n")
     return info
