@@ -31,10 +31,21 @@ class Generator(Protocol):
         """Write the generator in its family's native format."""
 
 
+def rng_device(generator: torch.Generator | None) -> torch.device:
+    """Where a torch.Generator draws (CPU without one)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, I) of `shape`, drawn on the generator's device."""
+    return torch.randn(shape, generator=generator, device=rng_device(generator))
+
+
 def uniform_one_hot(n: int, c_dim: int, generator: torch.Generator | None = None,
-                    device: torch.device | str = "cpu") -> torch.Tensor | None:
+                    device: torch.device | str | None = None) -> torch.Tensor | None:
     """n one-hot rows with classes drawn uniformly (what NVIDIA's metric code does), or None if c_dim == 0."""
     if c_dim == 0:
         return None
+    device = rng_device(generator) if device is None else device
     idx = torch.randint(c_dim, (n,), generator=generator, device=device)
     return torch.nn.functional.one_hot(idx, c_dim).float()

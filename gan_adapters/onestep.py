@@ -26,7 +26,7 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
-from gan_adapters.base import uniform_one_hot
+from gan_adapters.base import standard_normal, uniform_one_hot
 from teachers.edm_layers import UNetBlock
 from teachers.edm_loader import EDMTeacher, build_network
 from teachers.edm_precond import PRECONDS, Precond
@@ -86,12 +86,10 @@ class OneStepGenerator(nn.Module):
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I) [n, C, H, W], drawn on the torch.Generator's device (CPU without one)."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn([n, *self.data_shape], generator=generator, device=device)
+        return standard_normal((n, *self.data_shape), generator)
 
     def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        return uniform_one_hot(n, self.c_dim, generator, device=device)
+        return uniform_one_hot(n, self.c_dim, generator)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Images [N, C, H, W] in float32, differentiable in the network's weights."""

@@ -38,7 +38,7 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
-from gan_adapters.base import uniform_one_hot
+from gan_adapters.base import standard_normal, uniform_one_hot
 from gan_adapters.stylegan2 import NOISE_MODES, Generator, GeneratorConfig
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
@@ -115,12 +115,10 @@ class StyleGAN2Generator(torch.nn.Module):
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I) [n, z_dim], drawn on the torch.Generator's device (CPU without one)."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn([n, self.z_dim], generator=generator, device=device)
+        return standard_normal((n, self.z_dim), generator)
 
     def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        return uniform_one_hot(n, self.c_dim, generator, device=device)
+        return uniform_one_hot(n, self.c_dim, generator)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Images [N, C, R, R] (float32, nominally in [-1, 1]; not clamped), differentiable."""

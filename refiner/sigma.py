@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from teachers.sampler import karras_schedule
+
 
 @dataclass(frozen=True)
 class LogNormalSigma:
@@ -17,14 +19,6 @@ class LogNormalSigma:
 
     def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         return (torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean).exp()
-
-
-def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022 eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, descending,
-    float64, without the trailing σ = 0."""
-    i = torch.arange(num, dtype=torch.float64)
-    inv = 1.0 / rho
-    return (sigma_max**inv + i / max(num - 1, 1) * (sigma_min**inv - sigma_max**inv)) ** rho
 
 
 @dataclass(frozen=True)
@@ -40,7 +34,7 @@ class KarrasGridSigma:
     max_percent: float = 1.0
 
     def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-        grid = karras_sigmas(self.num, self.sigma_min, self.sigma_max, self.rho).float()
+        grid = karras_schedule(self.num, self.sigma_min, self.sigma_max, self.rho).float()
         lo, hi = int(self.min_percent * (self.num - 1)), int(self.max_percent * (self.num - 1))
         idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
         return grid.to(device)[idx]

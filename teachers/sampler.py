@@ -38,14 +38,21 @@ def round_sigma(denoiser: Denoiser, sigma: torch.Tensor) -> torch.Tensor:
     return fn(sigma).to(sigma) if fn is not None else sigma
 
 
+def karras_schedule(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Karras et al. 2022 eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i = 0..N−1,
+    descending, float64, without the trailing σ = 0."""
+    i = torch.arange(num, dtype=torch.float64, device=device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + i / max(num - 1, 1) * (lo - hi)) ** rho
+
+
 def karras_sigmas(denoiser: Denoiser, cfg: SamplerConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """σ_0 > … > σ_{N−1} (eq. 5, clamped to the denoiser's range, rounded), then σ_N = 0: [N+1] float64."""
     if cfg.num_steps < 2:
         raise ValueError(f"the EDM schedule needs num_steps >= 2, got {cfg.num_steps}")
-    lo = max(cfg.sigma_min, denoiser.sigma_min) ** (1 / cfg.rho)
-    hi = min(cfg.sigma_max, denoiser.sigma_max) ** (1 / cfg.rho)
-    i = torch.arange(cfg.num_steps, dtype=torch.float64, device=device)
-    sigmas = (hi + i / (cfg.num_steps - 1) * (lo - hi)) ** cfg.rho
+    sigmas = karras_schedule(cfg.num_steps, max(cfg.sigma_min, denoiser.sigma_min),
+                             min(cfg.sigma_max, denoiser.sigma_max), cfg.rho, device)
     return torch.cat([round_sigma(denoiser, sigmas), torch.zeros_like(sigmas[:1])])
 
 

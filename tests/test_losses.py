@@ -7,8 +7,9 @@ import math
 import torch
 
 from refiner.losses import add_noise, denoising_loss, dmd_loss, edm_weight, ikl_loss
-from refiner.sigma import KarrasGridSigma, LogNormalSigma, karras_sigmas
+from refiner.sigma import KarrasGridSigma, LogNormalSigma
 from teachers.analytic import GaussianMixtureDenoiser
+from teachers.sampler import karras_schedule
 
 
 def test_ikl_gradient_equals_hand_derivation_for_a_linear_generator():
@@ -85,12 +86,12 @@ def test_sigma_samplers():
     g = torch.Generator().manual_seed(3)
     s = LogNormalSigma()(200_000, g)
     assert abs(float(s.log().mean()) + 1.2) < 0.01 and abs(float(s.log().std()) - 1.2) < 0.01
-    grid = karras_sigmas(18)
+    grid = karras_schedule(18)
     assert math.isclose(float(grid[0]), 80.0) and math.isclose(float(grid[-1]), 0.002, rel_tol=1e-9)
     # eq. 5 at i = N/2 by hand
     rho = 7.0
     mid = (80 ** (1 / rho) + 9 / 17 * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
     assert math.isclose(float(grid[9]), mid, rel_tol=1e-12)
     draws = KarrasGridSigma(num=1000, min_percent=0.02, max_percent=0.98)(10_000, g)
-    full = karras_sigmas(1000).float()
+    full = karras_schedule(1000).float()
     assert set(draws.tolist()) <= set(full[19:980].tolist())
