@@ -1,0 +1,56 @@
+"""Speed and memory of one refinement iteration (one fake-score step + one generator step) with a
+CIFAR-10-size StyleGAN2-ADA generator (train.py --cfg=cifar: 512 channels at every resolution, 2 mapping
+layers; fp32 blocks, as on CPU) and a CIFAR-10-size DDPM++ teacher (benchmarks/load.py's configuration),
+the fake score copied from the teacher. Random weights, built with our code.
+
+    python benchmarks/refine_step.py [--batch 8] [--iters 3] [--warmup 1]            # CPU
+    python benchmarks/refine_step.py --device cuda --batch 64 --precision bf16,fp32   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from distill_step import iteration_speed  # benchmarks/distill_step.py: times fake step + generator step
+from load import DDPMPP_CIFAR10
+
+CIFAR_SG2 = dict(z_dim=512, w_dim=512, c_dim=0, img_resolution=32, img_channels=3,
+                 mapping_kwargs=dict(num_layers=2),
+                 synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=256))
+
+
+def build(device: torch.device):
+    from gan_adapters.stylegan2 import Generator, GeneratorConfig
+    from gan_adapters.stylegan2_adapter import StyleGAN2Generator, StyleGAN2Options, _Snapshot
+    from refiner.jobs import trainable_copy
+    from teachers.edm_loader import EDMTeacher
+    from teachers.edm_precond import EDMPrecond
+
+    torch.manual_seed(0)
+    network = Generator(GeneratorConfig.from_init_kwargs((), CIFAR_SG2))
+    generator = StyleGAN2Generator(network, _Snapshot({}, "benchmark"), StyleGAN2Options()).to(device).train()
+    teacher = EDMTeacher(EDMPrecond(**DDPMPP_CIFAR10).eval().to(device))
+    return teacher, generator, trainable_copy(teacher)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    teacher, generator, fake = build(device)
+    print(f"# StyleGAN2-ADA CIFAR ({sum(p.numel() for p in generator.parameters()):,} parameters) + DDPM++ "
+          f"teacher/fake ({sum(p.numel() for p in fake.parameters()):,} each); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    for precision in args.precision.split(","):
+        print(json.dumps(iteration_speed(precision, args, teacher, generator, fake, device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
