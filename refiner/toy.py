@@ -74,6 +74,9 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
             resume: bool = False, force: bool = False, on_snapshot=()) -> ToyResult:
     """Train, evaluate before/after on `samples` points, write toy.json and toy.png into the run dir."""
     teacher = TARGETS[target]()
+    # The toy networks are too small to gain from intra-op threads, and OpenMP threads that wait for a
+    # busy core make each step up to ~50x slower: one thread is fastest here.
+    torch.set_num_threads(1)
     run = RunDir(out)
     checkpoint = run.prepare(config, resume=resume, force=force)
     device = resolve_device(config.device)
