@@ -46,8 +46,14 @@ def write_pickle(path: Path) -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process in bytes: VmHWM of /proc/self/status where it exists (it belongs
+    to this program's memory map alone), else ru_maxrss, which Linux carries over from the parent across
+    fork + exec: the child would inherit the writer's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(path: str, device: str, batch: int, iters: int) -> dict:

@@ -2,13 +2,13 @@
 
     python scripts/build_demo_assets.py train --work WORK [--device cuda] [--teacher-seconds 170 ...]
     python scripts/build_demo_assets.py finalize --work WORK --out assets/demo [--gan-kimg K]
-    python scripts/build_demo_assets.py sweep --work WORK --out SWEEP.json [--seconds 60]
+    python scripts/build_demo_assets.py sweep --work WORK --out SWEEP.json [--variants JSON] [--steps N]
 
 `train` (wants a GPU: about 5 minutes on one H100) trains the classifier, the EDM teacher and the GAN
 (time-boxed), draws the teacher's 18-step samples and writes WORK/ (build.json records seeds, settings,
 wall times and the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
-(default: the rule below) and CPU reference outputs. `sweep` runs the demo's refinement on a few
-snapshots and settings (on the GPU) and records the FD reached: the evidence for the demo's defaults.
+(default: the rule below) and CPU reference outputs. `sweep` runs the demo on a few settings
+and records the FD reached every few steps: the evidence for the demo's defaults.
 
 Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist` or `refiner data fashion-mnist`.
 """
@@ -67,9 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sweep")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--seconds", type=float, default=60.0)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS,
+                   help='JSON list, e.g. \'[{"job": "refine", "lr": 1e-3, "batch": 16, "gan_kimg": "32"}]\'')
     s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--every", type=int, default=25, help="steps between measurements")
+    s.add_argument("--samples", type=int, default=2000)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.phase == "train":
         settings = BuildSettings(device=a.device, teacher_seconds=a.teacher_seconds, gan_seconds=a.gan_seconds,
@@ -87,44 +91,43 @@ def main(argv: list[str] | None = None) -> None:
         extra = {"sweep": json.loads(a.sweep.read_text())} if a.sweep else {}
         finalize(a.work, a.out, kimg, reason, extra)
     else:
-        sweep(a.work, a.out, a.seconds, a.device, a.steps)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        sweep(a.work, a.out, a.variants, a.steps, a.every, a.samples, a.device)
 
 
-def sweep(work: Path, out: Path, seconds: float, device: str, steps: int) -> None:
-    """Refine candidate snapshots with candidate settings; record FD every 25 steps (demo code path)."""
+DEFAULT_VARIANTS = [dict(job="refine", lr=1e-3, batch=16), dict(job="refine", lr=3e-3, batch=16),
+                    dict(job="refine", lr=1e-3, batch=32), dict(job="distill", lr=1e-4, batch=16)]
+
+
+def sweep(work: Path, out: Path, variants: list[dict], steps: int, every: int, samples: int, device: str) -> None:
+    """Run the demo (its own code path) for each variant, {job, lr, batch, loss, fake_lr, gan_kimg} with
+    defaults from the job and the selection rule, recording FD and classifier score every `every` steps."""
     from refiner.demo import JOBS, run_demo
 
-    build = json.loads((work / "build.json").read_text())
+    build = merge_parts(work)
     chosen, _ = select_snapshot(build)
-    kimgs = sorted(build["gan"]["snapshots"], key=float)
-    i = kimgs.index(chosen)
-    neighbours = [k for k in kimgs[max(0, i - 1):i + 2] if k != chosen]
-    variants = [dict(lr=3e-4, batch=32), dict(lr=1e-3, batch=32), dict(lr=1e-3, batch=32, loss="dmd"),
-                dict(lr=1e-3, batch=16), dict(lr=3e-3, batch=32)]
-    runs = [("refine", chosen, v) for v in variants] + [("refine", k, variants[1]) for k in neighbours]
-    runs += [("distill", chosen, dict(lr=1e-4, batch=16)), ("distill", chosen, dict(lr=1e-3, batch=16))]
-    results, start = [], time.perf_counter()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for job, kimg, variant in runs:
-            if time.perf_counter() - start > seconds:
-                break
+        for variant in variants:
+            variant = dict(variant)
+            job, kimg = variant.pop("job", "refine"), str(variant.pop("gan_kimg", chosen))
             assets = Path(tmp) / f"assets-{kimg}"
             if not assets.exists():
                 finalize(work, assets, kimg, "sweep", echo=lambda m: None)
-            variant = dict(variant, fake_lr=variant["lr"])
-            config = replace(JOBS[job], steps=steps, snapshot_every=25, device=device, **variant)
+            variant.setdefault("fake_lr", variant.get("lr", JOBS[job].lr))
+            config = replace(JOBS[job], steps=steps, snapshot_every=every, device=device, **variant)
             t0 = time.perf_counter()
-            r = run_demo(Path(tmp) / "run", job=job, config=config, samples=build["settings"]["teacher_samples"],
-                         assets_path=assets, force=True, echo=lambda m: None, metrics_at_snapshots=True)
+            r = run_demo(Path(tmp) / "run", job=job, config=config, samples=samples, assets_path=assets,
+                         force=True, echo=lambda m: None, metrics_at_snapshots=True)
             curve = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-            results.append({"job": job, "gan_kimg": kimg, **variant, "fd_before": r.fd_before,
-                            "fd_teacher": r.fd_teacher, "fd_floor": r.fd_floor,
-                            "fd": {c["step"]: round(c["fd"], 4) for c in curve},
+            results.append({"job": job, "gan_kimg": kimg, **variant, "samples": samples,
+                            "fd_before": round(r.fd_before, 4), "fd_teacher": round(r.fd_teacher, 4),
+                            "fd_floor": round(r.fd_floor, 4), "fd": {c["step"]: round(c["fd"], 4) for c in curve},
                             "cs": {c["step"]: round(c["cs"], 4) for c in curve},
-                            "seconds": round(time.perf_counter() - t0, 1)})
+                            "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()})
             print(json.dumps(results[-1]), flush=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     sys.exit(main())
