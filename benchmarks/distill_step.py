@@ -78,8 +78,10 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(build, describe, description: str) -> None:
+    """Parse the common options, build (teacher, generator, fake) with `build(device, args)` and time each
+    precision; `describe(teacher, generator, fake)` gives the header line."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
@@ -88,12 +90,16 @@ def main() -> None:
     parser.add_argument("--cond", action="store_true", help="10 classes (CIFAR-10 cond) instead of none")
     args = parser.parse_args()
     device = torch.device(args.device)
-    teacher, generator, fake = build(device, 10 if args.cond else 0)
-    params = sum(p.numel() for p in generator.parameters())
-    print(f"# DDPM++ 32x32, {params:,} parameters per network; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    teacher, generator, fake = build(device, args)
+    print(f"# {describe(teacher, generator, fake)}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for precision in args.precision.split(","):
         print(json.dumps(iteration_speed(precision, args, teacher, generator, fake, device)), flush=True)
+
+
+def main() -> None:
+    run(lambda device, args: build(device, 10 if args.cond else 0),
+        lambda t, g, f: f"DDPM++ 32x32, {sum(p.numel() for p in g.parameters()):,} parameters per network",
+        __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -9,11 +9,8 @@ the fake score copied from the teacher. Random weights, built with our code.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from distill_step import iteration_speed  # benchmarks/distill_step.py: times fake step + generator step
+from distill_step import run  # benchmarks/distill_step.py: options, timing of fake step + generator step
 from load import DDPMPP_CIFAR10
 
 CIFAR_SG2 = dict(z_dim=512, w_dim=512, c_dim=0, img_resolution=32, img_channels=3,
@@ -21,7 +18,7 @@ CIFAR_SG2 = dict(z_dim=512, w_dim=512, c_dim=0, img_resolution=32, img_channels=
                  synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=256))
 
 
-def build(device: torch.device):
+def build(device: torch.device, label_dim: int = 0):
     from gan_adapters.stylegan2 import Generator, GeneratorConfig
     from gan_adapters.stylegan2_adapter import StyleGAN2Generator, StyleGAN2Options, _Snapshot
     from refiner.jobs import trainable_copy
@@ -29,27 +26,17 @@ def build(device: torch.device):
     from teachers.edm_precond import EDMPrecond
 
     torch.manual_seed(0)
-    network = Generator(GeneratorConfig.from_init_kwargs((), CIFAR_SG2))
+    network = Generator(GeneratorConfig.from_init_kwargs((), {**CIFAR_SG2, "c_dim": label_dim}))
     generator = StyleGAN2Generator(network, _Snapshot({}, "benchmark"), StyleGAN2Options()).to(device).train()
-    teacher = EDMTeacher(EDMPrecond(**DDPMPP_CIFAR10).eval().to(device))
+    teacher = EDMTeacher(EDMPrecond(**{**DDPMPP_CIFAR10, "label_dim": label_dim}).eval().to(device))
     return teacher, generator, trainable_copy(teacher)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    teacher, generator, fake = build(device)
-    print(f"# StyleGAN2-ADA CIFAR ({sum(p.numel() for p in generator.parameters()):,} parameters) + DDPM++ "
-          f"teacher/fake ({sum(p.numel() for p in fake.parameters()):,} each); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
-    for precision in args.precision.split(","):
-        print(json.dumps(iteration_speed(precision, args, teacher, generator, fake, device)), flush=True)
+    run(lambda device, args: build(device, 10 if args.cond else 0),
+        lambda t, g, f: f"StyleGAN2-ADA CIFAR ({sum(p.numel() for p in g.parameters()):,} parameters) + DDPM++ "
+                        f"teacher/fake ({sum(p.numel() for p in f.parameters()):,} each)",
+        __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
