@@ -411,6 +411,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
                  "train_mu": train_f.stats.mean, "train_cov": train_f.stats.cov}
         w.save("stats.pt", {k: torch.from_numpy(v) for k, v in stats.items()})
     elif part == "teacher":
+        torch.manual_seed(settings.teacher.seed)  # the initial weights
         teacher, info = train_teacher(build_teacher().to(w.device), w.train, settings.teacher, budget, echo)
         w.save("teacher.pt", fp16_state(teacher))
     elif part == "samples":
@@ -418,6 +419,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
         w.save("teacher_samples.pt", {"images": teacher_samples(teacher, list(range(n)))})
         info = {"seeds": [0, n]}
     elif part == "gan":
+        torch.manual_seed(settings.gan.seed)  # the initial weights
         snapshots, info = train_gan(build_generator().to(w.device), w.train, settings.gan, budget, echo)
         w.save("gan_snapshots.pt", {f"{kimg:g}": {k: v.half() for k, v in state.items()}
                                     for kimg, state in snapshots.items()})

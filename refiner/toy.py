@@ -21,9 +21,9 @@ from gan_adapters.mlp import MLPGenerator
 from metrics.energy import energy_distance, modes_covered
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
-from teachers.base import resolve_device
 from refiner.rundir import RunDir
 from teachers.analytic import GaussianMixtureDenoiser, grid, ring
+from teachers.base import resolve_device
 from teachers.mlp import MLPDenoiser
 
 TARGETS: dict[str, Callable[[], GaussianMixtureDenoiser]] = {"ring": lambda: ring(std=0.1), "grid": grid}
