@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_adapters.stylegan2 import Generator, GeneratorConfig, MappingConfig, SynthesisConfig
+from gan_adapters.stylegan2 import (
+    Conv2dLayer,
+    FullyConnectedLayer,
+    Generator,
+    GeneratorConfig,
+    MappingConfig,
+    SynthesisConfig,
+)
 from metrics.classifier import ClassifierConfig, DomainClassifier
 from metrics.images import quantize
 from refiner.ema import ema_beta, update_ema
@@ -132,25 +139,26 @@ def train_teacher(net: EDMPrecond, images: torch.Tensor, cfg: TeacherTraining, b
 # with Adam (0, 0.99) and an EMA of G (the generator that is kept).
 
 class Discriminator(nn.Module):
-    """A small convolutional discriminator: 1x1 from-image, per resolution two 3x3 conv-lrelu layers and
-    a 2x average pool down to 4 px, minibatch standard deviation (one extra feature map), a 3x3 conv and
-    two linear layers to one logit."""
+    """StyleGAN2's discriminator ('orig' architecture) at small width, built from the generator's own
+    equalised-learning-rate layers (weights N(0, 1), scaled by 1/sqrt(fan_in) at run time, so Adam's step
+    is the same relative size in every layer): a 1x1 from-image, per resolution a 3x3 conv and a 3x3 conv
+    with 2x FIR downsampling ([1, 3, 3, 1]), then at 4 px the minibatch standard deviation (one extra
+    feature map), a 3x3 conv and two fully connected layers to one logit. All activations lrelu (gain √2).
+    """
 
-    def __init__(self, img_channels: int = 1, resolution: int = 32, channels: Sequence[int] = (16, 32, 64),
+    def __init__(self, img_channels: int = 1, resolution: int = 32, channels: Sequence[int] = (32, 64, 64),
                  mbstd_group: int = 4):
         super().__init__()
         self.mbstd_group = mbstd_group
-        self.from_img = nn.Conv2d(img_channels, channels[0], 1)
-        blocks = []
+        self.from_img = Conv2dLayer(img_channels, channels[0], 1, activation="lrelu")
         widths = [*channels, channels[-1]]
-        for a, b in zip(widths[:-1], widths[1:]):
-            blocks.append(nn.Sequential(nn.Conv2d(a, a, 3, padding=1), nn.LeakyReLU(0.2),
-                                        nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2), nn.AvgPool2d(2)))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(*(nn.Sequential(Conv2dLayer(a, a, 3, activation="lrelu"),
+                                                    Conv2dLayer(a, b, 3, activation="lrelu", down=2))
+                                      for a, b in zip(widths[:-1], widths[1:])))
         final = resolution >> len(channels)
-        self.conv = nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1)
-        self.fc = nn.Linear(widths[-1] * final * final, widths[-1])
-        self.out = nn.Linear(widths[-1], 1)
+        self.conv = Conv2dLayer(widths[-1] + 1, widths[-1], 3, activation="lrelu")
+        self.fc = FullyConnectedLayer(widths[-1] * final * final, widths[-1], activation="lrelu")
+        self.out = FullyConnectedLayer(widths[-1], 1)
 
     def minibatch_std(self, x: torch.Tensor) -> torch.Tensor:
         """Append the mean over (C, H, W) of the per-group standard deviation as one more channel."""
@@ -162,9 +170,8 @@ class Discriminator(nn.Module):
         return torch.cat([x, y], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.leaky_relu(self.from_img(x), 0.2))
-        x = F.leaky_relu(self.conv(self.minibatch_std(x)), 0.2)
-        return self.out(F.leaky_relu(self.fc(x.flatten(1)), 0.2)).squeeze(1)
+        x = self.conv(self.minibatch_std(self.blocks(self.from_img(x))))
+        return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
 @dataclass
@@ -177,7 +184,7 @@ class GANTraining:
     r1_every: int = 16
     ema_halflife_kimg: float = 2.0
     ema_rampup: float = 0.05
-    snapshot_kimg: Sequence[float] = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+    snapshot_kimg: Sequence[float] = (16, 32, 64, 96, 128, 160, 192)
     seed: int = 2
 
 
@@ -310,7 +317,7 @@ def load_fp16_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
 class BuildSettings:
     device: str = "cpu"
     teacher_seconds: float = 3000.0
-    gan_seconds: float = 1200.0
+    gan_seconds: float = 1500.0
     classifier_seconds: float = 900.0
     max_steps: int = 1 << 40  # per trainer (tiny test builds)
     teacher_samples: int = 2000  # seeds 0 .. N-1 of the 18-step Heun sampler

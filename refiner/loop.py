@@ -72,6 +72,9 @@ class _Window:
         return {k: self.values[k] / self.counts[k] for k in self.values}
 
 
+STATE_FORMAT = "refiner-training-state/2"  # /2: one fp16 loss scaler per loss ("scalers")
+
+
 class Trainer:
     """Runs the loop for a generator, a frozen teacher and a trainable fake-score network.
 
@@ -99,7 +102,13 @@ class Trainer:
         self.loss_fn = generator_loss(config.loss)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.counters = Counters()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and device.type == "cuda")
+        # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
+        # denoising loss's weight λ(σ) ~ 1/σ² makes its gradients large at small σ: scaled by PyTorch's
+        # default 2^16 (even by 2^11) they overflow fp16, so its scale starts at 1 and grows (x2 after
+        # every 2000 finite steps); the generator loss ⟨D_f − D_r, x⟩ has small gradients and starts at 2^16.
+        fp16 = config.precision == "fp16" and device.type == "cuda"
+        self.scalers = {"fake": torch.amp.GradScaler("cuda", init_scale=1.0, enabled=fp16),
+                        "generator": torch.amp.GradScaler("cuda", init_scale=2.0**16, enabled=fp16)}
         self.peak_rss = 0
         dist.broadcast_module(generator)
         dist.broadcast_module(fake)
@@ -129,22 +138,22 @@ class Trainer:
 
     # -- one optimiser step with gradient hygiene ------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-               scale: float) -> tuple[float, bool]:
+               scale: float, scaler: torch.amp.GradScaler) -> tuple[float, bool]:
         """Backward, average over processes, check, clip, step. Returns (grad norm, applied)."""
         opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss * scale).backward()
+        scaler.scale(loss * scale).backward()
         grads = [p.grad for p in params if p.grad is not None]
         dist.average_gradients(grads)
-        self.scaler.unscale_(opt)
+        scaler.unscale_(opt)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
             if grads else torch.zeros(())
         finite = bool(torch.isfinite(norm))
         if finite:
             if self.config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            self.scaler.step(opt)
+            scaler.step(opt)
         opt.zero_grad(set_to_none=True)
-        self.scaler.update()
+        scaler.update()
         return float(norm), finite
 
     def fake_step(self) -> dict[str, float]:
@@ -158,7 +167,7 @@ class Trainer:
             denoised = self.fake(add_noise(x, sigma, noise), sigma, c).float()
         loss = denoising_loss(denoised, x, sigma, self.sigma_data)
         params = [p for p in self.fake.parameters() if p.requires_grad]
-        norm, ok = self._apply(loss, params, self.opt_f, self.config.fake_loss_scale)
+        norm, ok = self._apply(loss, params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
         self.counters.fake_steps += 1
         self.counters.skipped_fake += not ok
         return {"loss_fake": float(loss.detach()), "grad_norm_fake": norm}
@@ -174,7 +183,7 @@ class Trainer:
                 d_fake = self.fake(x_t, sigma, c).float()
         loss = self.loss_fn(x, d_real, d_fake, sigma)
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale)
+        norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])
         self.counters.nimg += self.config.batch
         if not ok:
             self.counters.skipped_generator += 1
@@ -194,7 +203,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The complete training state (plain tensors and data: torch.load(weights_only=True) reads it)."""
         return {
-            "format": "refiner-training-state/1",
+            "format": STATE_FORMAT,
             "config": self.config.to_json(),
             "counters": vars(self.counters).copy(),
             "generator": self.generator.state_dict(),
@@ -202,7 +211,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_f": self.opt_f.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
             "rng": {"loop": self.rng.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
@@ -213,7 +222,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_f.load_state_dict(state["opt_f"])
-        self.scaler.load_state_dict(state["scaler"])
+        for name, scaler in self.scalers.items():
+            scaler.load_state_dict(state["scalers"][name])
         self.counters = Counters(**state["counters"])
         self.rng.set_state(state["rng"]["loop"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -229,6 +239,9 @@ class Trainer:
 
     def resume(self, path) -> None:
         state = self.run.load_checkpoint(path)
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"checkpoint {path} has format {state.get('format')!r}, this version reads "
+                            f"{STATE_FORMAT!r}; resume it with the refiner version that wrote it, or start a new --out")
         diffs = TrainConfig.from_json(state["config"]).differences(self.config)
         if diffs:
             raise UserError(f"checkpoint {path} was written with another configuration: {'; '.join(diffs)}. "
