@@ -180,11 +180,11 @@ class GANTraining:
     lr_g: float = 0.0025
     lr_d: float = 0.0025
     betas: tuple[float, float] = (0.0, 0.99)
-    r1_gamma: float = 0.05
+    r1_gamma: float = 0.5  # of 0.05 and 0.5 (same 200 s on an H100), 0.5 learnt fastest (FD 67 vs 107 at 64 kimg)
     r1_every: int = 16
     ema_halflife_kimg: float = 2.0
     ema_rampup: float = 0.05
-    snapshot_kimg: Sequence[float] = (16, 32, 64, 96, 128, 160, 192)
+    snapshot_kimg: Sequence[float] = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
     seed: int = 2
 
 
@@ -317,7 +317,7 @@ def load_fp16_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
 class BuildSettings:
     device: str = "cpu"
     teacher_seconds: float = 3000.0
-    gan_seconds: float = 1500.0
+    gan_seconds: float = 200.0  # on an H100: about 180 kimg
     classifier_seconds: float = 900.0
     max_steps: int = 1 << 40  # per trainer (tiny test builds)
     teacher_samples: int = 2000  # seeds 0 .. N-1 of the 18-step Heun sampler
