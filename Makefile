@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/refiner toy --out runs/toy --force
+	$(BIN)/refiner demo --out runs/demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -452,6 +452,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
     info["part_seconds"] = round(time.perf_counter() - start, 1)
     info["settings"] = asdict(settings)
     info["threads"] = torch.get_num_threads()
+    info["device"] = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
     atomic_write_text(work / f"part-{part}.json", json.dumps(info, indent=1) + "\n")
     echo(f"{part}: " + json.dumps({k: v for k, v in info.items() if k != "settings"}))
     return info
@@ -473,6 +474,7 @@ def merge_parts(work: Path) -> dict[str, Any]:
     info = {"settings": settings, "data": data_hash(), "torch": torch.__version__,
             "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
                        else f"cpu, {parts['teacher']['threads']} thread(s) per process"),
+            "part_devices": {p: parts[p].get("device", settings["device"]) for p in PARTS},
             "classifier": parts["classifier"], "floor": scores["floor"],
             "teacher": {**parts["teacher"], "sampling_seconds": parts["samples"]["part_seconds"],
                         "scores": scores["teacher"]},
@@ -562,7 +564,8 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
         "measured": {"samples": settings["teacher_samples"], "teacher": build["teacher"]["scores"],
                      "floor": build["floor"], "generator": build["gan"]["snapshots"][gan_kimg]},
         "distill": {"sigma_init": 2.5},
-        "build": {"torch": build["torch"], "device": build["device"], "wall_seconds": build["wall_seconds"],
+        "build": {"torch": build["torch"], "device": build["device"], "part_devices": build["part_devices"],
+                  "wall_seconds": build["wall_seconds"],
                   "seeds": {"teacher": settings["teacher"]["seed"], "gan": settings["gan"]["seed"],
                             "classifier": settings["classifier"]["seed"], "split": settings["split_seed"]}},
         **(extra or {}),
