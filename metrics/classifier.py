@@ -101,3 +101,9 @@ def domain_scores(features: DomainFeatures, ref_mu: np.ndarray, ref_cov: np.ndar
     s = features.stats
     return {"fd": fid(s.mean, s.cov, ref_mu, ref_cov),
             "cs": inception_score(features.all_logits, num_splits=num_splits)[0]}
+
+
+def class_shares(features: DomainFeatures) -> np.ndarray:
+    """The fraction of the images that the classifier assigns to each class (argmax of the logits)."""
+    logits = features.all_logits
+    return np.bincount(logits.argmax(1), minlength=logits.shape[1]) / len(logits)

@@ -396,7 +396,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
     from dataclasses import asdict
 
     from fileformats.atomic import atomic_write_text
-    from metrics.classifier import domain_scores, embed
+    from metrics.classifier import class_shares, domain_scores, embed
 
     torch.backends.cuda.matmul.allow_tf32 = False  # samples and statistics must match a CPU run
     torch.backends.cudnn.allow_tf32 = False
@@ -438,15 +438,17 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
         classifier = DomainClassifier.from_state(config, w.load("classifier.pt")).to(w.device)
         stats = {k: v.cpu().numpy() for k, v in w.load("stats.pt").items()}
 
-        def scores(batches, reference: str = "test") -> dict[str, float]:
-            return domain_scores(embed(classifier, batches), stats[f"{reference}_mu"], stats[f"{reference}_cov"])
+        def scores(batches, reference: str = "test", shares: bool = False) -> dict[str, Any]:
+            features = embed(classifier, batches)
+            out = domain_scores(features, stats[f"{reference}_mu"], stats[f"{reference}_cov"])
+            return {**out, "class_shares": class_shares(features).round(4).tolist()} if shares else out
 
         held_out = quantize(w.test[w.held_out[:n].to(w.device)])
         info = {"samples": n, "floor": {ref: scores(chunks(held_out), ref) for ref in ("test", "train")},
                 "teacher": scores(chunks(w.load("teacher_samples.pt")["images"][:n])), "gan": {}}
         for kimg, state in w.load("gan_snapshots.pt").items():
             G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, w.device)
-            info["gan"][kimg] = scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED))
+            info["gan"][kimg] = scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED), shares=True)
     else:
         raise ValueError(f"unknown part {part!r}; one of {PARTS}")
     info["part_seconds"] = round(time.perf_counter() - start, 1)

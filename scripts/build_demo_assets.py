@@ -27,21 +27,23 @@ import torch
 
 from refiner.demo_build import PARTS, BuildSettings, build_part, finalize, merge_parts
 
-# The GAN must be clearly imperfect: the demo uses the first snapshot whose FD falls below this many times
-# the teacher's (measured on the same samples at build time).
-SELECT_FD_RATIO = 4.0
+# The GAN must be clearly imperfect, in a way the refinement can mend. Diff-Instruct's divergence is
+# mode-seeking: it sharpens the samples of every class the generator makes but does not add a class it
+# misses. So the demo uses the first snapshot in which every class holds at least MIN_SHARE of the samples
+# and none more than MAX_SHARE (the classifier's argmax), however poor its FD.
+MIN_SHARE, MAX_SHARE = 0.01, 0.30
 
 
-def select_snapshot(build: dict, ratio: float = SELECT_FD_RATIO) -> tuple[str, str]:
-    """(kimg, reason): the first snapshot with FD <= ratio x teacher FD, else the last one."""
-    teacher_fd = build["teacher"]["scores"]["fd"]
-    fds = build["gan"]["snapshots"]
-    for kimg in sorted(fds, key=float):
-        if fds[kimg]["fd"] <= ratio * teacher_fd:
-            return kimg, (f"first snapshot with FD <= {ratio:g} x teacher FD ({fds[kimg]['fd']:.3f} <= "
-                          f"{ratio:g} x {teacher_fd:.3f})")
-    last = max(fds, key=float)
-    return last, f"no snapshot reached FD <= {ratio:g} x teacher FD; the last one"
+def select_snapshot(build: dict, min_share: float = MIN_SHARE, max_share: float = MAX_SHARE) -> tuple[str, str]:
+    """(kimg, reason): the first snapshot whose class shares all lie in [min_share, max_share], else the last."""
+    snapshots = build["gan"]["snapshots"]
+    for kimg in sorted(snapshots, key=float):
+        shares = snapshots[kimg]["class_shares"]
+        if min(shares) >= min_share and max(shares) <= max_share:
+            return kimg, (f"first snapshot in which every class holds {min_share:.0%}..{max_share:.0%} of the "
+                          f"samples ({min(shares):.1%}..{max(shares):.1%}); FD {snapshots[kimg]['fd']:.2f}")
+    last = max(snapshots, key=float)
+    return last, f"no snapshot has every class within {min_share:.0%}..{max_share:.0%} of the samples; the last one"
 
 
 def main(argv: list[str] | None = None) -> None:

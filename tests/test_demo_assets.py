@@ -81,3 +81,37 @@ def test_a_damaged_asset_is_refused(tmp_path: Path):
 
 def test_manifest_is_plain_json():
     json.loads((DEFAULT_ASSETS / "manifest.json").read_text())
+
+
+def test_class_shares_count_argmax_predictions():
+    from metrics.classifier import DomainFeatures, class_shares
+    from metrics.stats import FeatureStats
+
+    logits = np.eye(4)[[0, 0, 1, 3, 3, 3, 3, 3]] * 5.0 - 1.0  # two of class 0, one of 1, none of 2, five of 3
+    features = DomainFeatures(FeatureStats(2), [logits[:3], logits[3:]])
+    np.testing.assert_array_equal(class_shares(features), [0.25, 0.125, 0.0, 0.625])
+
+
+def _build(shares_by_kimg: dict[str, list[float]]) -> dict:
+    return {"gan": {"snapshots": {k: {"fd": 100.0 - float(k), "class_shares": v}
+                                  for k, v in shares_by_kimg.items()}}}
+
+
+def test_snapshot_rule_takes_the_first_that_covers_every_class():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from build_demo_assets import select_snapshot
+
+    even, lopsided, missing = [0.1] * 10, [0.35] + [0.65 / 9] * 9, [0.0] + [1 / 9] * 9
+    # sorted numerically, not as text ("8" < "16"); a class below 1% or one above 30% disqualifies
+    kimg, reason = select_snapshot(_build({"16": even, "8": missing, "12": lopsided, "32": even}))
+    assert kimg == "16" and "first snapshot" in reason
+    kimg, reason = select_snapshot(_build({"8": missing, "16": lopsided}))
+    assert kimg == "16" and "the last one" in reason
+
+
+def test_committed_generator_follows_the_rule(assets):
+    m = assets.manifest["networks"]["generator"]
+    assert m["selection"].startswith("first snapshot in which every class")
+    assert m["kimg"] == 64.0 and m["snapshots_fd"]["64"] > 4 * assets.manifest["measured"]["teacher"]["fd"]

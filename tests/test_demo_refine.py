@@ -21,7 +21,7 @@ def test_twenty_refinement_steps_lower_the_training_set_fd(tmp_path: Path):
     r = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"fd_before", "fd_after", "fd_teacher", "fd_floor", "seconds"} <= set(r)
     assert r["steps"] == 20 and r["samples"] == 500
-    assert r["fd_after"] < 0.97 * r["fd_before"], r  # measured: 133.9 -> 126.3 with the committed assets
+    assert r["fd_after"] < 0.95 * r["fd_before"], r  # measured: 65.7 -> 58.2 with the committed assets
     assert r["fd_floor"] < r["fd_teacher"] < r["fd_before"], r
     for name in ("report.html", "grid-before.png", "grid-after.png", "grid-teacher.png", "log.jsonl"):
         assert (out / name).is_file(), name
@@ -29,3 +29,19 @@ def test_twenty_refinement_steps_lower_the_training_set_fd(tmp_path: Path):
     assert saved["format"] == GENERATOR_FORMAT
     z = torch.randn(2, saved["config"]["z_dim"])
     assert demo_generator(saved["config"], saved["state"])(z).shape == (2, 1, 32, 32)
+
+
+def test_distill_job_writes_a_one_step_generator_that_beats_its_start(tmp_path: Path):
+    """`--job distill`: G(z) = D(σ_init·z; σ_init) starts as one blurry denoising step; a few steps of the
+    loop already lower its FD (measured: 166.7 -> 60.6 after 5 steps on 200 samples)."""
+    from gan_adapters.loader import load_generator
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["demo", "--job", "distill", "--out", str(out), "--steps", "5",
+                                      "--samples", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    assert r["job"] == "distill" and r["fd_after"] < 0.8 * r["fd_before"], r
+    G = load_generator(out / "generator-onestep.pkl")
+    with torch.no_grad():
+        assert G(G.sample_latents(2, torch.Generator().manual_seed(0))).shape == (2, 1, 32, 32)
