@@ -19,8 +19,9 @@ from metrics.images import ImageArray, image_grid
 from metrics.plots import Series, line_plot
 
 # +1: higher is better, -1: lower is better, 0: neither (spread)
-DIRECTION = {"fid": -1, "kid": -1, "is_mean": +1, "is_std": 0}
-LABELS = {"fid": "FID", "kid": "KID", "is_mean": "IS", "is_std": "IS std"}
+DIRECTION = {"fid": -1, "kid": -1, "is_mean": +1, "is_std": 0, "fd": -1, "cs": +1}
+LABELS = {"fid": "FID", "kid": "KID", "is_mean": "IS", "is_std": "IS std", "fd": "domain FD",
+          "cs": "classifier score"}  # fd, cs: the demo's metrics on a domain classifier (metrics/classifier.py)
 
 
 def _finite(v: object) -> float | None:
