@@ -143,6 +143,12 @@ def test_compare_handles_missing_values():
                            better=None)
 
 
+def test_compare_knows_which_way_is_better():
+    rows = compare({"fid": 3.0, "fd": 67.0, "cs": 2.9, "is_mean": 5.0},
+                   {"fid": 4.0, "fd": 45.3, "cs": 3.2, "is_mean": 4.0})
+    assert {r["metric"]: r["better"] for r in rows} == {"fid": False, "fd": True, "cs": True, "is_mean": False}
+
+
 def test_line_plot_and_ticks():
     assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
     assert nice_ticks(0.0012, 0.0019) == [0.0012, 0.0014, 0.0016, 0.0018]
