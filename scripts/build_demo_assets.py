@@ -1,14 +1,23 @@
 """Build the demo's assets (assets/demo/) from Fashion-MNIST with refiner's own code.
 
-    python scripts/build_demo_assets.py train --work WORK [--device cuda] [--teacher-seconds 170 ...]
-    python scripts/build_demo_assets.py finalize --work WORK --out assets/demo [--gan-kimg K]
+    python scripts/build_demo_assets.py train --work WORK [--device cuda] [--part P ...] [--threads N]
+    python scripts/build_demo_assets.py finalize --work WORK --out assets/demo [--gan-kimg K] [--sweep S.json]
     python scripts/build_demo_assets.py sweep --work WORK --out SWEEP.json [--variants JSON] [--steps N]
 
-`train` (wants a GPU: about 5 minutes on one H100) trains the classifier, the EDM teacher and the GAN
-(time-boxed), draws the teacher's 18-step samples and writes WORK/ (build.json records seeds, settings,
-wall times and the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
-(default: the rule below) and CPU reference outputs. `sweep` runs the demo on a few settings
-and records the FD reached every few steps: the evidence for the demo's defaults.
+`train` trains the classifier, the EDM teacher and the GAN (each time-boxed), draws the teacher's 18-step
+samples and scores everything into WORK/ (part-*.json record seeds, settings, wall times and the device;
+build.json adds the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
+(default: the rule below) and CPU reference outputs. `sweep` runs the demo on a few settings and records
+the FD reached every few steps: the evidence for the demo's defaults.
+
+The committed assets were made like this (the default time boxes):
+
+    train --work W --device cpu --threads 1 --part classifier     # 900 s
+    train --work W --device cpu --threads 1 --part teacher        # 3000 s (in parallel with the classifier)
+    train --work W --device cpu --threads 1 --part samples        # 2000 teacher samples
+    train --work W --device cuda --part gan                       # 200 s on an H100
+    train --work W --device cpu --part scores
+    finalize --work W --out assets/demo --sweep sweep.json
 
 Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist` or `refiner data fashion-mnist`.
 """
