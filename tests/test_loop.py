@@ -115,6 +115,16 @@ def test_bad_options_exit_2_with_one_line_and_touch_nothing(tmp_path: Path):
         assert not out.exists(), args
 
 
+def test_noise_level_options_reach_the_config(tmp_path: Path):
+    out = tmp_path / "run"
+    result = _toy(CliRunner(), "--out", str(out), "--sigma", "karras", "--p-mean", "0", "--p-std", "0.8")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["sigma"], config["p_mean"], config["p_std"]) == ("karras", 0.0, 0.8)
+    result = _toy(CliRunner(), "--out", str(tmp_path / "other"), "--sigma", "uniform")
+    assert result.exit_code == 2 and "--sigma" in result.output and not (tmp_path / "other").exists()
+
+
 def test_run_directory_rules(tmp_path: Path):
     runner = CliRunner()
     out = tmp_path / "run"

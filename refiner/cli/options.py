@@ -9,6 +9,7 @@ import click
 from fileformats.errors import UserError
 from refiner.config import PRECISIONS, TrainConfig
 from refiner.losses import GENERATOR_LOSSES
+from refiner.sigma import SIGMA_SAMPLERS
 
 
 def training_options(defaults: TrainConfig) -> Callable:
@@ -35,6 +36,13 @@ def training_options(defaults: TrainConfig) -> Callable:
                      help="Generator updates between checkpoints (0 = at the end only)."),
         click.option("--loss", type=click.Choice(sorted(GENERATOR_LOSSES)), default=d.loss, show_default=True,
                      help="Generator loss: ikl = Diff-Instruct, dmd = DMD's normalised IKL."),
+        click.option("--sigma", type=click.Choice(sorted(SIGMA_SAMPLERS)), default=d.sigma, show_default=True,
+                     help="Noise levels of the loss: lognormal = ln σ ~ N(p-mean, p-std²); karras = uniform over "
+                          "the Karras sampling grid."),
+        click.option("--p-mean", type=float, default=d.p_mean, show_default=True,
+                     help="Mean of ln σ (lognormal). Higher weighs coarse structure more: the demo's refinement "
+                          "needed 0 instead of EDM's -1.2."),
+        click.option("--p-std", type=float, default=d.p_std, show_default=True, help="Std of ln σ (lognormal)."),
         click.option("--beta1", type=float, default=d.betas[0], show_default=True, help="Adam beta1."),
         click.option("--beta2", type=float, default=d.betas[1], show_default=True, help="Adam beta2."),
         click.option("--fake-warmup", type=int, default=d.fake_warmup, show_default=True,
@@ -54,7 +62,7 @@ def training_options(defaults: TrainConfig) -> Callable:
 
 
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
-                 "fake_warmup", "precision", "log_every")
+                 "sigma", "p_mean", "p_std", "fake_warmup", "precision", "log_every")
 
 
 def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any], **extra: Any) -> TrainConfig:
