@@ -92,8 +92,14 @@ def run(build, describe, description: str) -> None:
     device = torch.device(args.device)
     teacher, generator, fake = build(device, args)
     print(f"# {describe(teacher, generator, fake)}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    speed = {}
     for precision in args.precision.split(","):
-        print(json.dumps(iteration_speed(precision, args, teacher, generator, fake, device)), flush=True)
+        result = iteration_speed(precision, args, teacher, generator, fake, device)
+        speed[precision] = result["img_per_s"]
+        print(json.dumps(result), flush=True)
+    if "fp32" in speed and len(speed) > 1:  # mixed precision against the fp32 reference, same run
+        print("# img/s relative to fp32: " + ", ".join(f"{p} {v / speed['fp32']:.2f}x" for p, v in speed.items()
+                                                       if p != "fp32"))
 
 
 def main() -> None:
