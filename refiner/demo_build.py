@@ -438,17 +438,17 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
         classifier = DomainClassifier.from_state(config, w.load("classifier.pt")).to(w.device)
         stats = {k: v.cpu().numpy() for k, v in w.load("stats.pt").items()}
 
-        def scores(batches, reference: str = "test", shares: bool = False) -> dict[str, Any]:
+        def scores(batches, reference: str = "test") -> dict[str, Any]:
             features = embed(classifier, batches)
-            out = domain_scores(features, stats[f"{reference}_mu"], stats[f"{reference}_cov"])
-            return {**out, "class_shares": class_shares(features).round(4).tolist()} if shares else out
+            return {**domain_scores(features, stats[f"{reference}_mu"], stats[f"{reference}_cov"]),
+                    "class_shares": class_shares(features).round(4).tolist()}
 
         held_out = quantize(w.test[w.held_out[:n].to(w.device)])
         info = {"samples": n, "floor": {ref: scores(chunks(held_out), ref) for ref in ("test", "train")},
                 "teacher": scores(chunks(w.load("teacher_samples.pt")["images"][:n])), "gan": {}}
         for kimg, state in w.load("gan_snapshots.pt").items():
             G = demo_generator(GAN_CONFIG.to_init_kwargs(), state, w.device)
-            info["gan"][kimg] = scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED), shares=True)
+            info["gan"][kimg] = scores(generated_batches(G, n, batch_size=500, seed=EVAL_SEED))
     else:
         raise ValueError(f"unknown part {part!r}; one of {PARTS}")
     info["part_seconds"] = round(time.perf_counter() - start, 1)
@@ -472,11 +472,9 @@ def merge_parts(work: Path) -> dict[str, Any]:
         settings[p], settings[f"{p}_seconds"] = own[p], own[f"{p}_seconds"]
     settings["teacher_samples"] = parts["samples"].pop("settings")["teacher_samples"]
     scores = parts["scores"]
-    device = settings["device"]
-    info = {"settings": settings, "data": data_hash(), "torch": torch.__version__,
-            "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                       else f"cpu, {parts['teacher']['threads']} thread(s) per process"),
-            "part_devices": {p: parts[p].get("device", settings["device"]) for p in PARTS},
+    devices = {p: parts[p]["device"] + (f", {parts[p]['threads']} thread(s)" if parts[p]["device"] == "cpu" else "")
+               for p in PARTS}
+    info = {"settings": settings, "data": data_hash(), "torch": torch.__version__, "part_devices": devices,
             "classifier": parts["classifier"], "floor": scores["floor"],
             "teacher": {**parts["teacher"], "sampling_seconds": parts["samples"]["part_seconds"],
                         "scores": scores["teacher"]},
@@ -484,6 +482,27 @@ def merge_parts(work: Path) -> dict[str, Any]:
             "wall_seconds": round(sum(p["part_seconds"] for p in parts.values()), 1)}
     atomic_write_text(work / "build.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+# The GAN must be clearly imperfect, in a way the refinement can mend. Diff-Instruct's divergence is
+# mode-seeking: it sharpens the samples of every class the generator makes but does not add a class it
+# misses. So the demo uses the first snapshot in which every class holds at least MIN_SHARE of the samples
+# and none more than MAX_SHARE (the classifier's argmax), however poor its FD.
+MIN_SHARE, MAX_SHARE = 0.01, 0.30
+
+
+def select_snapshot(build: dict[str, Any], min_share: float = MIN_SHARE, max_share: float = MAX_SHARE
+                    ) -> tuple[str, str]:
+    """(kimg, reason): the first snapshot whose class shares all lie in [min_share, max_share], else the last."""
+    snapshots = build["gan"]["snapshots"]
+    for kimg in sorted(snapshots, key=float):
+        shares = snapshots[kimg]["class_shares"]
+        if min(shares) >= min_share and max(shares) <= max_share:
+            return kimg, (f"first snapshot in which every class holds {min_share:.0%}..{max_share:.0%} of the "
+                          f"samples ({min(shares):.1%}..{max(shares):.1%}); FD {snapshots[kimg]['fd']:.2f}")
+    last = max(snapshots, key=float)
+    return last, f"no snapshot has every class within {min_share:.0%}..{max_share:.0%} of the samples; the last one"
+
 
 def _reference_outputs(teacher: EDMPrecond, generator: nn.Module, classifier: DomainClassifier,
                        samples: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -566,8 +585,7 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
         "measured": {"samples": settings["teacher_samples"], "teacher": build["teacher"]["scores"],
                      "floor": build["floor"], "generator": build["gan"]["snapshots"][gan_kimg]},
         "distill": {"sigma_init": 2.5},
-        "build": {"torch": build["torch"], "device": build["device"], "part_devices": build["part_devices"],
-                  "wall_seconds": build["wall_seconds"],
+        "build": {"torch": build["torch"], "part_devices": build["part_devices"], "wall_seconds": build["wall_seconds"],
                   "seeds": {"teacher": settings["teacher"]["seed"], "gan": settings["gan"]["seed"],
                             "classifier": settings["classifier"]["seed"], "split": settings["split_seed"]}},
         **(extra or {}),

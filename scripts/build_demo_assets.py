@@ -7,8 +7,8 @@
 `train` trains the classifier, the EDM teacher and the GAN (each time-boxed), draws the teacher's 18-step
 samples and scores everything into WORK/ (part-*.json record seeds, settings, wall times and the device;
 build.json adds the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
-(default: the rule below) and CPU reference outputs. `sweep` runs the demo on a few settings and records
-the FD reached every few steps: the evidence for the demo's defaults.
+(default: the rule of refiner.demo_build.select_snapshot) and CPU reference outputs. `sweep` runs the demo
+on a few settings and records the FD reached every few steps: the evidence for the demo's defaults.
 
 The committed assets were made like this (the default time boxes):
 
@@ -34,25 +34,8 @@ from pathlib import Path
 
 import torch
 
-from refiner.demo_build import PARTS, BuildSettings, build_part, finalize, merge_parts
-
-# The GAN must be clearly imperfect, in a way the refinement can mend. Diff-Instruct's divergence is
-# mode-seeking: it sharpens the samples of every class the generator makes but does not add a class it
-# misses. So the demo uses the first snapshot in which every class holds at least MIN_SHARE of the samples
-# and none more than MAX_SHARE (the classifier's argmax), however poor its FD.
-MIN_SHARE, MAX_SHARE = 0.01, 0.30
-
-
-def select_snapshot(build: dict, min_share: float = MIN_SHARE, max_share: float = MAX_SHARE) -> tuple[str, str]:
-    """(kimg, reason): the first snapshot whose class shares all lie in [min_share, max_share], else the last."""
-    snapshots = build["gan"]["snapshots"]
-    for kimg in sorted(snapshots, key=float):
-        shares = snapshots[kimg]["class_shares"]
-        if min(shares) >= min_share and max(shares) <= max_share:
-            return kimg, (f"first snapshot in which every class holds {min_share:.0%}..{max_share:.0%} of the "
-                          f"samples ({min(shares):.1%}..{max(shares):.1%}); FD {snapshots[kimg]['fd']:.2f}")
-    last = max(snapshots, key=float)
-    return last, f"no snapshot has every class within {min_share:.0%}..{max_share:.0%} of the samples; the last one"
+from fileformats.atomic import atomic_write_text
+from refiner.demo_build import PARTS, BuildSettings, build_part, finalize, merge_parts, select_snapshot
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,12 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    if getattr(a, "threads", None):
+        torch.set_num_threads(a.threads)
     if a.phase == "train":
         settings = BuildSettings(device=a.device, teacher_seconds=a.teacher_seconds, gan_seconds=a.gan_seconds,
                                  classifier_seconds=a.classifier_seconds, teacher_samples=a.teacher_samples,
                                  max_steps=a.max_steps)
-        if a.threads:
-            torch.set_num_threads(a.threads)
         for part in a.part or PARTS:
             build_part(part, a.work, settings, echo=lambda m: print(m, flush=True))
     elif a.phase == "finalize":
@@ -102,13 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         extra = {"sweep": json.loads(a.sweep.read_text())} if a.sweep else {}
         finalize(a.work, a.out, kimg, reason, extra)
     else:
-        if a.threads:
-            torch.set_num_threads(a.threads)
         sweep(a.work, a.out, a.variants, a.steps, a.every, a.samples, a.device)
 
 
-DEFAULT_VARIANTS = [dict(job="refine", lr=1e-3, batch=16), dict(job="refine", lr=3e-3, batch=16),
-                    dict(job="refine", lr=1e-3, batch=32), dict(job="distill", lr=1e-4, batch=16)]
+# The demo's recipe and its neighbours (EDM's σ distribution, a faster generator), and the distill job.
+DEFAULT_VARIANTS = [dict(job="refine"), dict(job="refine", p_mean=-1.2), dict(job="refine", lr=1e-3, fake_lr=1e-3),
+                    dict(job="distill")]
 
 
 def sweep(work: Path, out: Path, variants: list[dict], steps: int, every: int, samples: int, device: str) -> None:
@@ -138,7 +120,7 @@ def sweep(work: Path, out: Path, variants: list[dict], steps: int, every: int, s
                             "cs": {c["step"]: round(c["cs"], 4) for c in curve},
                             "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()})
             print(json.dumps(results[-1]), flush=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            atomic_write_text(out, json.dumps(results, indent=1) + "\n")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ fixture (EDMPrecond + DDPM++, 16x16, 10 classes); the generator and fake score a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_distill_cli_on_cuda(tmp_path: Path, precision: str):
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all(r["peak_cuda_mb"] > 0 and r["loss_fake"] == r["loss_fake"] for r in log)
+    assert all(r["peak_cuda_mb"] > 0 and math.isfinite(r["loss_fake"]) and math.isfinite(r["loss_gen"]) for r in log)
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == precision
     G = load_generator(out / "network-snapshot-000000.pkl")  # written from the run, read on the CPU

@@ -14,8 +14,8 @@ import torch
 
 from fileformats.errors import UserError
 from refiner.datasets import FASHION_MNIST
-from refiner.demo import DEFAULT_ASSETS, load_assets
-from refiner.demo_build import teacher_samples
+from refiner.demo import DEFAULT_ASSETS, EVAL_SEED, load_assets, make_evaluator, score_images
+from refiner.demo_build import MAX_SHARE, MIN_SHARE, select_snapshot, teacher_samples
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,6 @@ def _build(shares_by_kimg: dict[str, list[float]]) -> dict:
 
 
 def test_snapshot_rule_takes_the_first_that_covers_every_class():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from build_demo_assets import select_snapshot
-
     even, lopsided, missing = [0.1] * 10, [0.35] + [0.65 / 9] * 9, [0.0] + [1 / 9] * 9
     # sorted numerically, not as text ("8" < "16"); a class below 1% or one above 30% disqualifies
     kimg, reason = select_snapshot(_build({"16": even, "8": missing, "12": lopsided, "32": even}))
@@ -111,7 +106,15 @@ def test_snapshot_rule_takes_the_first_that_covers_every_class():
     assert kimg == "16" and "the last one" in reason
 
 
-def test_committed_generator_follows_the_rule(assets):
-    m = assets.manifest["networks"]["generator"]
-    assert m["selection"].startswith("first snapshot in which every class")
-    assert m["kimg"] == 64.0 and m["snapshots_fd"]["64"] > 4 * assets.manifest["measured"]["teacher"]["fd"]
+def test_committed_generator_covers_every_class_and_is_clearly_imperfect(assets):
+    """Measured again here, not read back from the manifest: the committed classifier puts 1-30% of the
+    committed GAN's samples into each class, and the GAN's FD is over 4x the teacher's."""
+    from metrics.classifier import class_shares, embed
+    from metrics.evaluate import generated_batches
+
+    generator = assets.generator()
+    shares = class_shares(embed(assets.classifier, generated_batches(generator, 2000, 500, seed=EVAL_SEED)))
+    assert MIN_SHARE <= shares.min() and shares.max() <= MAX_SHARE, shares
+    fd = make_evaluator(assets, 2000)(generator)["fd"]
+    teacher_fd = score_images(assets, assets.teacher_samples)["fd"]
+    assert fd > 4 * teacher_fd, (fd, teacher_fd)

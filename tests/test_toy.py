@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from refiner.toy import TOY_DEFAULTS, run_toy
 
 
 def test_ring_defaults_reach_the_noise_floor_and_cover_every_mode(tmp_path: Path):
-    config = TOY_DEFAULTS.__class__(**{**vars(TOY_DEFAULTS), "device": "cpu"})
+    config = replace(TOY_DEFAULTS, device="cpu")
     result = run_toy(config, tmp_path / "ring", target="ring", samples=2000)
     assert result.modes_covered_before == 0 and result.energy_distance_before > 100 * result.noise_floor
     assert result.energy_distance_after <= 3 * result.noise_floor, result
