@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
+from fileformats.atomic import atomic_copy
 from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
@@ -114,7 +114,5 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: torch.nn
     expected = reference.state_dict()
     if reread.keys() != expected.keys() or not all(torch.equal(reread[k], expected[k].cpu()) for k in expected):
         raise UserError(f"{refined} did not read back as the refined generator; {target} was left unchanged")
-    shutil.copy2(target, backup)
-    tmp = target.with_name(f".{target.name}.refined.tmp")
-    shutil.copy2(refined, tmp)
-    os.replace(tmp, target)
+    atomic_copy(target, backup, advice="free space beside it, or run without --in-place")
+    atomic_copy(refined, target, advice="free space beside it, or run without --in-place")
