@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,10 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device")
 
     def validate(self) -> TrainConfig:
+        numbers = {"--lr": self.lr, "--fake-lr": self.fake_lr, "--ema": self.ema, "--p-mean": self.p_mean,
+                   "--p-std": self.p_std, "loss_scale": self.loss_scale, "fake_loss_scale": self.fake_loss_scale}
         checks = [
+            *((math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in numbers.items()),
             (self.steps >= 0, f"--steps must be >= 0 (got {self.steps})"),
             (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fileformats.atomic import append_text, atomic_open, atomic_write_text, remove_stale_temps
+from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
 from fileformats.errors import UserError
 from refiner.config import TrainConfig
 
@@ -54,7 +54,7 @@ class RunDir:
                             f"--force to delete it and start over, or choose a new --out")
         elif existing and force:
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path)
         self.checkpoint_dir.mkdir(exist_ok=True)
         remove_stale_temps(self.path, self.checkpoint_dir)  # left by a killed run
         if checkpoint is None:
