@@ -305,3 +305,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_disk_error_no_writer_expected_is_still_one_line(monkeypatch):
+    import refiner.cli.inspect as inspect_cli
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/net.pkl")
+
+    monkeypatch.setattr(inspect_cli, "open_source", denied)
+    result = CliRunner().invoke(cli, ["inspect", "net.pkl"])
+    assert result.exit_code == 2
+    assert result.output == "Error: permission denied (/data/net.pkl); check the path, its permissions and the " \
+                            "free space\n"
+
+    def other(*args, **kwargs):  # not a disk problem: a bug, shown as such
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+    monkeypatch.setattr(inspect_cli, "open_source", other)
+    assert isinstance(CliRunner().invoke(cli, ["inspect", "net.pkl"]).exception, ConnectionResetError)

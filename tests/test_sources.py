@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import socket
 import threading
@@ -216,7 +217,6 @@ def test_stale_temporary_files_in_the_cache_are_removed(server, tmp_path):
     old, fresh = folder / ".abc_net.pkl.k2j4h5g6.tmp", folder / ".abc_net.pkl.a1b2c3d4.tmp"
     for p in (old, fresh):
         p.write_bytes(b"partial")
-    import os
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     open_source(url, cache_dir=tmp_path)
     assert not old.exists() and fresh.exists()  # a live download's file is spared

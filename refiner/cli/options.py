@@ -49,17 +49,19 @@ SEED = click.IntRange(0, MAX_SEED)
 BATCH = click.IntRange(1, MAX_BATCH)
 
 
+def check_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of a sha256 option: 64 hex digits, lower-cased."""
+    try:
+        return check_sha256_text(value, param.opts[0])
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def sha256_option(name: str) -> Callable:
     """--NAME-sha256 HEX: the expected sha256 of the file given to --NAME (see `fetch_source`)."""
-    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        try:
-            return check_sha256_text(value, f"--{name}-sha256")
-        except UserError as e:
-            raise click.BadParameter(str(e)) from None
-
     return click.option(f"--{name}-sha256", f"{name.replace('-', '_')}_sha256", default=None, metavar="HEX",
-                        callback=check, help=f"Expected sha256 of the --{name} file (a URL is checked before "
-                                             "it is cached).")
+                        callback=check_sha256, help=f"Expected sha256 of the --{name} file (a URL is checked "
+                                                    "before it is cached).")
 
 
 def fetch_source(source: str, sha256: str | None, option: str) -> str:
