@@ -27,6 +27,7 @@ import pickletools
 import re
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -260,7 +261,7 @@ def content_problem(f: IO[bytes], thorough: bool = True) -> str | None:
                 with gzip.GzipFile(fileobj=f) as g:
                     while g.read(_CHUNK):
                         pass
-            except (EOFError, OSError, zipfile.BadZipFile) as e:
+            except (EOFError, OSError, zlib.error) as e:
                 return f"the gzip file is incomplete or damaged ({e})"
         return None
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:

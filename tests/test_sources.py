@@ -236,6 +236,7 @@ def test_content_check_by_format():
     assert "does not end with STOP" in problem(BODY[:-1], thorough=False)
     assert "central directory" in problem(zipped[:-30])
     assert "gzip file is incomplete" in problem(packed[:-4])
+    assert "gzip file is incomplete or damaged" in problem(packed[:12] + b"\xff" * 8 + packed[20:])
     assert "web page" in problem(b"  <html>")
     assert "empty" in problem(b"")
     assert "not a pickle, zip or gzip file" in problem(b"GIF89a....")
