@@ -21,8 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fileformats.atomic import atomic_write
+from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.errors import UserError
 from gan_adapters.base import uniform_one_hot
 
@@ -419,19 +417,10 @@ class BigGANGenerator(nn.Module):
             raise UserError(f"{folder} already holds {' and '.join(taken)}; choose a new output folder "
                             "(input models are never overwritten unless asked)")
         state = self.file_state_dict()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             atomic_write(tmp / WEIGHTS_NAME,
                          lambda f: torch.save(state, f, _use_new_zipfile_serialization=False))
             atomic_write(tmp / CONFIG_NAME, lambda f: f.write(self.config_bytes))
-            if folder.exists():
-                for name in (WEIGHTS_NAME, CONFIG_NAME):
-                    os.replace(tmp / name, folder / name)
-            else:
-                os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_biggan(folder: str | os.PathLike, device: torch.device | str | None = None,

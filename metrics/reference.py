@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fileformats.atomic import atomic_open
+from fileformats.atomic import atomic_open, remove_stale_temps
 from fileformats.errors import UserError
-from fileformats.sources import cache_root
+from fileformats.sources import CACHE_ADVICE, STALE_TEMP_AGE, cache_root
 from metrics.features import FeatureCollector, collect
 from metrics.images import ImageSet, open_image_set
 
@@ -76,7 +77,8 @@ def _save(path: Path, stats: ReferenceStats) -> None:
     arrays = dict(mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num))
     if stats.features is not None:
         arrays["features"] = stats.features
-    with atomic_open(path, "wb") as f:
+    remove_stale_temps(path.parent, older_than=STALE_TEMP_AGE)
+    with atomic_open(path, "wb", advice=CACHE_ADVICE) as f:
         np.savez(f, **arrays)
 
 
@@ -118,5 +120,8 @@ def load_reference(ref: str | os.PathLike | ImageSet, detector, *, frontend: str
     if stats is not None and (stats.features is not None or not need_features):
         return stats
     stats = _compute(ref, detector, need_features, batch_size)
-    _save(cached, stats)
+    try:
+        _save(cached, stats)
+    except UserError as e:  # the numbers are still good: report them, compute them again next time
+        print(f"warning: the reference statistics were not cached: {e}", file=sys.stderr)
     return stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +47,15 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device")
 
     def validate(self) -> TrainConfig:
+        numbers = {"--lr": self.lr, "--fake-lr": self.fake_lr, "--ema": self.ema, "--p-mean": self.p_mean,
+                   "--p-std": self.p_std, "loss_scale": self.loss_scale, "fake_loss_scale": self.fake_loss_scale}
         checks = [
+            *((math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in numbers.items()),
             (self.steps >= 0, f"--steps must be >= 0 (got {self.steps})"),
             (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
-            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
-            (self.fake_lr > 0, f"--fake-lr must be > 0 (got {self.fake_lr})"),
+            (0 < self.lr <= 1, f"--lr must be in (0, 1] (got {self.lr}): Adam moves each weight by about lr per step"),
+            (0 < self.fake_lr <= 1, f"--fake-lr must be in (0, 1] (got {self.fake_lr}): Adam moves each weight by "
+                                    "about lr per step"),
             (self.ratio >= 1, f"--ratio must be >= 1 fake update per generator update (got {self.ratio})"),
             (self.ema >= 0, f"--ema (half-life in kimg) must be >= 0 (got {self.ema})"),
             (all(0 <= b < 1 for b in self.betas), f"Adam betas must lie in [0, 1) (got {self.betas})"),

@@ -59,8 +59,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = False
     code = codes[array.dtype.newbyteorder("=")]
     payload = (bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
                + array.astype(IDX_TYPES[code]).tobytes())
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
-        f.write(payload)
+    atomic_write(path, lambda f: f.write(gzip.compress(payload, mtime=0) if compress else payload))
 
 
 @dataclass(frozen=True)

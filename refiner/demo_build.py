@@ -527,9 +527,7 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Phase 2: write the asset folder `out` from a work folder with GAN snapshot `gan_kimg`: the network
     files, reference outputs and manifest.json. Returns the manifest."""
-    import shutil
-
-    from fileformats.atomic import atomic_open, atomic_write_text
+    from fileformats.atomic import atomic_copy, atomic_open, atomic_write_text
     from fileformats.sources import file_sha256
     from refiner.demo import ASSETS_FORMAT, demo_generator
 
@@ -539,7 +537,7 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
         raise ValueError(f"no GAN snapshot at {gan_kimg} kimg; there are {sorted(snapshots, key=float)}")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("teacher.pt", "classifier.pt", "stats.pt", "teacher_samples.pt"):
-        shutil.copyfile(work / name, out / name)
+        atomic_copy(work / name, out / name)
     with atomic_open(out / "generator.pt") as f:
         torch.save(snapshots[gan_kimg], f)
 

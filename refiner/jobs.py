@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fileformats.atomic import atomic_open
+from fileformats.atomic import append_text, atomic_open
 from fileformats.errors import UserError
 from metrics.evaluate import generated_batches
 from metrics.images import save_image_grid
@@ -125,8 +125,7 @@ class ImageJob:
         if self.metrics_at_snapshots and self.evaluate is not None:
             record = {"step": trainer.counters.step, "kimg": trainer.counters.nimg / 1000,
                       **self._measure(trainer.ema, f"at step {trainer.counters.step}")}
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
 
 
 def trainable_copy(teacher: nn.Module) -> nn.Module:

@@ -73,6 +73,9 @@ class _Window:
 
 
 STATE_FORMAT = "refiner-training-state/2"  # /2: one fp16 loss scaler per loss ("scalers")
+# Consecutive generator steps with a non-finite gradient that stop a run; with fp16 loss scaling 32 more, the
+# steps its scale may need to back off from 2^16 after overflows.
+MAX_NONFINITE_STEPS = 10
 
 
 class Trainer:
@@ -110,6 +113,7 @@ class Trainer:
         self.scalers = {"fake": torch.amp.GradScaler("cuda", init_scale=1.0, enabled=fp16),
                         "generator": torch.amp.GradScaler("cuda", init_scale=2.0**16, enabled=fp16)}
         self.peak_rss = 0
+        self.nonfinite_steps = 0  # consecutive generator steps skipped for a non-finite gradient
         dist.broadcast_module(generator)
         dist.broadcast_module(fake)
         dist.broadcast_module(self.ema)
@@ -189,6 +193,7 @@ class Trainer:
             self.counters.skipped_generator += 1
             self.echo(f"warning: step {self.counters.step + 1}: non-finite generator gradient; the update "
                       f"was skipped ({self.counters.skipped_generator} skipped so far)")
+        self._stop_if_diverged(ok, float(loss.detach()))
         c_cfg = self.config
         if c_cfg.ema > 0:
             beta = ema_beta(c_cfg.batch, self.counters.nimg, c_cfg.ema, c_cfg.ema_rampup)
@@ -198,6 +203,25 @@ class Trainer:
         self.counters.step += 1
         return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, "sigma_mean": float(sigma.mean()),
                 "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
+
+    def _stop_if_diverged(self, applied: bool, loss: float) -> None:
+        """A UserError after MAX_NONFINITE_STEPS skipped generator steps in a row: the weights or the loss
+        diverged (e.g. --lr too large), and going on would only write snapshots of broken weights."""
+        self.nonfinite_steps = 0 if applied else self.nonfinite_steps + 1
+        limit = MAX_NONFINITE_STEPS + (32 if self.scalers["generator"].is_enabled() else 0)
+        if self.nonfinite_steps >= limit:
+            raise UserError(f"training stopped at step {self.counters.step + 1}: the generator's gradient was "
+                            f"non-finite for {limit} steps in a row (loss {loss:g}), so the run diverged; nothing "
+                            f"was written for these steps. Lower --lr / --fake-lr or check --p-mean / --p-std, "
+                            f"and start again or resume from {self.run.checkpoint_dir}")
+
+    def _check_weights(self) -> None:
+        """A UserError instead of a snapshot whose weights are not all finite."""
+        for name, module in (("generator", self.generator), ("generator's EMA", self.ema)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                raise UserError(f"training stopped at step {self.counters.step}: the {name} weights are no "
+                                f"longer finite, so no snapshot was written. Lower --lr and start again, or "
+                                f"resume from {self.run.checkpoint_dir}")
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -231,6 +255,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def checkpoint(self) -> None:
+        self._check_weights()
         if self.rank == 0:
             self.run.save_checkpoint(self.state(), self.counters.step)
             for callback in self.on_snapshot:

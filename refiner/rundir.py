@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fileformats.atomic import atomic_open, atomic_write_text
+from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
 from fileformats.errors import UserError
 from refiner.config import TrainConfig
 
@@ -54,8 +54,9 @@ class RunDir:
                             f"--force to delete it and start over, or choose a new --out")
         elif existing and force:
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path)
         self.checkpoint_dir.mkdir(exist_ok=True)
+        remove_stale_temps(self.path, self.checkpoint_dir)  # left by a killed run
         if checkpoint is None:
             atomic_write_text(self.config_path, json.dumps(config.to_json(), indent=2) + "\n")
         return checkpoint
@@ -96,8 +97,7 @@ class RunDir:
 
     # -- log ----------------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.log_path, json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
         """Drop log records written after `step` (by a run that was killed after its last checkpoint)."""

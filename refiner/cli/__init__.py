@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from fileformats.atomic import os_error_message
 from fileformats.errors import UserError
 
 # command name -> module that defines `command` (a click.Command). Imported on first use.
@@ -42,6 +43,11 @@ class _LazyGroup(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise _UserFacingError(str(e)) from None
+        except OSError as e:  # a full disk or a missing permission where no writer expected one
+            message = os_error_message(e)
+            if message is None:
+                raise
+            raise _UserFacingError(message) from None
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

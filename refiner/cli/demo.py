@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED
 from refiner.demo import JOBS, REFERENCES
 
 
@@ -26,11 +27,11 @@ def _defaults_help() -> str:
 @click.option("--force", is_flag=True, help="Delete an existing run in --out and start over.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Generator updates [per job].")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch size [per job].")
-@click.option("--lr", type=float, default=None, help="Generator learning rate [per job].")
-@click.option("--fake-lr", type=float, default=None, help="Fake-score learning rate [per job].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training loop.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
+@click.option("--batch", type=BATCH, default=None, help="Batch size [per job].")
+@click.option("--lr", type=FINITE_FLOAT, default=None, help="Generator learning rate [per job].")
+@click.option("--fake-lr", type=FINITE_FLOAT, default=None, help="Fake-score learning rate [per job].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the training loop.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
 @click.option("--samples", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Images per FD / classifier-score measurement.")
 @click.option("--reference", type=click.Choice(REFERENCES), default="test", show_default=True,

@@ -17,11 +17,14 @@ import torch
 from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
+    FINITE_FLOAT,
     TRAINING_KEYS,
     config_from_options,
+    fetch_source,
     make_evaluator,
     metric_options,
     run_options,
+    sha256_option,
     training_options,
 )
 from refiner.config import TrainConfig
@@ -32,31 +35,33 @@ _FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=
                            ema=None, loss=None, precision=None, snapshot_every=None)
 
 SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM snapshot names
+MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is drawn and held in memory)
 
 
 @click.command("distill", epilog=presets_help())
 @click.option("--teacher", "teacher_src", required=True,
               help="EDM network pickle (its `ema`), e.g. edm-cifar10-32x32-uncond-vp.pkl: path or URL.")
+@sha256_option("teacher")
 @click.option("--preset", "preset_name", metavar="NAME", default=None,
               help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "
                    "CIFAR-10 values in bf16.")
-@click.option("--sigma-init", type=float, default=None,
+@click.option("--sigma-init", type=FINITE_FLOAT, default=None,
               help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [preset].")
-@click.option("--dropout", type=float, default=None,
+@click.option("--dropout", type=FINITE_FLOAT, default=None,
               help="Dropout of the generator and the fake-score network while they train [preset].")
-@click.option("--kimg", type=float, default=None,
+@click.option("--kimg", type=FINITE_FLOAT, default=None,
               help="Training length in thousands of generator images [preset]; --steps counts updates instead.")
-@click.option("--snapshot-kimg", type=float, default=None,
+@click.option("--snapshot-kimg", type=FINITE_FLOAT, default=None,
               help="Thousands of images between snapshots [preset]; --snapshot-every counts updates instead.")
-@click.option("--grid-seeds", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--grid-seeds", type=click.IntRange(1, MAX_GRID), default=64, show_default=True,
               help="Images in the grids of fixed seeds.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
 @metric_options
 @training_options(_FROM_PRESET)
-def command(teacher_src: str, preset_name: str | None, sigma_init: float | None, dropout: float | None,
-            kimg: float | None, snapshot_kimg: float | None, grid_seeds: int, teacher_dtype: str | None,
-            metrics_at_snapshots: bool, **kwargs: Any) -> None:
+def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | None, sigma_init: float | None,
+            dropout: float | None, kimg: float | None, snapshot_kimg: float | None, grid_seeds: int,
+            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -82,7 +87,8 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
     default_dtype = None if config.precision == "fp32" else config.precision
-    teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype or default_dtype)
+    teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device,
+                           dtype=teacher_dtype or default_dtype)
     if preset.shape is not None and (teacher.data_shape[-1], teacher.label_dim) != preset.shape:
         echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "

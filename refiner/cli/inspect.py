@@ -13,6 +13,7 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.sources import open_source
+from refiner.cli.options import check_sha256
 
 
 def jsonable(value: Any) -> Any:
@@ -146,7 +147,8 @@ def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
 @click.option("--depth", type=click.IntRange(min=0), default=None,
               help="Show the module tree only this many levels below each network (default: all).")
 @click.option("--tensors", is_flag=True, help="List every parameter and buffer with shape and dtype.")
-@click.option("--sha256", default=None, help="Expected sha256 of the file (checked before reading).")
+@click.option("--sha256", default=None, metavar="HEX", callback=check_sha256,
+              help="Expected sha256 of the file (checked before reading; a URL before it is cached).")
 def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256: str | None) -> None:
     """Show the networks in an NVIDIA pickle, executing nothing.
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import click
-import torch
 
 from fileformats.errors import UserError
 from metrics.evaluate import evaluate, parse_metrics
+from refiner.cli.options import BATCH, DEVICE, SEED, fetch_source, sha256_option
+from teachers.base import resolve_device
 
 DEFAULT_IMAGE_METRICS = "fid,is"
 DEFAULT_GENERATOR_METRICS = "fid50k_full,is50k"
@@ -41,6 +42,7 @@ def _print_human(results: dict[str, float]) -> None:
                    "images.")
 @click.option("--generator", "generator", default=None,
               help="Generator to measure (pickle, checkpoint folder or URL); samples are drawn with --seed.")
+@sha256_option("generator")
 @click.option("--ref", "ref", type=click.Path(exists=True), default=None,
               help="Reference: image folder, dataset .zip, .npz of images, or an .npz with mu and sigma "
                    "(e.g. EDM's cifar10-32x32.npz). Needed for FID and KID.")
@@ -54,20 +56,21 @@ def _print_human(results: dict[str, float]) -> None:
 @click.option("--detector", "detector_source", default=None,
               help="Inception weights: NVIDIA's inception-2015-12-05 .pt/.pkl, a pytorch-fid / "
                    "torch-fidelity .pth, or a URL (default: the standard detector).")
+@sha256_option("detector")
 @click.option("--frontend", type=click.Choice(["nvidia", "pytorch-fid"]), default="nvidia", show_default=True,
               help="Input pipeline: nvidia = uint8, TF1 bilinear resize, (x-128)/128 (NVIDIA, "
                    "torch-fidelity); pytorch-fid = PyTorch bilinear resize of [0,1] images.")
 @click.option("--fid-method", type=click.Choice(["sqrtm", "eig"]), default="sqrtm", show_default=True,
               help="FID trace term: scipy sqrtm (NVIDIA, pytorch-fid) or eigenvalues (torch-fidelity).")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--batch", "batch_size", type=BATCH, default=64, show_default=True,
               help="Images per detector batch.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed for generator samples, image subsets and KID subsets.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the keys fid, is_mean, is_std, kid (those computed).")
-def command(images, generator, ref, metrics, num, detector_source, frontend, fid_method, batch_size, seed,
-            device, as_json):
+def command(images, generator, generator_sha256, ref, metrics, num, detector_source, detector_sha256, frontend,
+            fid_method, batch_size, seed, device, as_json):
     """Measure FID / IS / KID of an image set or a generator against a reference.
 
     \b
@@ -82,12 +85,15 @@ def command(images, generator, ref, metrics, num, detector_source, frontend, fid
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
         raise UserError("FID and KID need --ref (image folder, dataset .zip, .npz of images or an .npz with "
                         "mu and sigma); or ask only for --metrics is")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
+    if detector_source is not None:
+        detector_source = fetch_source(detector_source, detector_sha256, "detector")
     detector = _load_detector(detector_source, frontend, device)
     if metrics is None and getattr(detector, "has_logits", True) is False:
         spec = ",".join(f"{r.name}{r.num or ''}" for r in requests if r.name != "is")
         click.echo("note: these Inception weights have no classifier, so IS is left out", err=True)
-    source = images if images is not None else _load_generator(generator, device)
+    source = images if images is not None else \
+        _load_generator(fetch_source(generator, generator_sha256, "generator"), device)
     results = evaluate(source, detector, spec, ref=ref, num=num,
                        batch_size=batch_size, seed=seed, fid_method=fid_method, frontend=frontend)
     if as_json:

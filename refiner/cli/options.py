@@ -2,14 +2,76 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Callable
 
 import click
 
 from fileformats.errors import UserError
+from fileformats.sources import check_sha256_text, is_url, open_source
 from refiner.config import PRECISIONS, TrainConfig
 from refiner.losses import GENERATOR_LOSSES
 from refiner.sigma import SIGMA_SAMPLERS
+
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (checkpoints, .npz files)
+MAX_BATCH = 1 << 16  # images per step: more does not fit the memory of one machine for any network here
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A float option that refuses inf and nan (an infinite --lr or a nan --p-mean ruins a run silently)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class Device(click.ParamType):
+    """A torch device name (auto, cpu, cuda, cuda:N), checked against this machine when parsed."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from teachers.base import resolve_device
+
+        try:
+            resolve_device(str(value))
+        except UserError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
+FINITE_FLOAT = FiniteFloat()
+DEVICE = Device()
+SEED = click.IntRange(0, MAX_SEED)
+BATCH = click.IntRange(1, MAX_BATCH)
+
+
+def check_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of a sha256 option: 64 hex digits, lower-cased."""
+    try:
+        return check_sha256_text(value, param.opts[0])
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def sha256_option(name: str) -> Callable:
+    """--NAME-sha256 HEX: the expected sha256 of the file given to --NAME (see `fetch_source`)."""
+    return click.option(f"--{name}-sha256", f"{name.replace('-', '_')}_sha256", default=None, metavar="HEX",
+                        callback=check_sha256, help=f"Expected sha256 of the --{name} file (a URL is checked "
+                                                    "before it is cached).")
+
+
+def fetch_source(source: str, sha256: str | None, option: str) -> str:
+    """The local path to read for the value of --OPTION: a URL is downloaded into the cache (checked); with a
+    sha256 a local file is checked too. Other values (a local path, a folder) are returned as given."""
+    if sha256 is None and not is_url(source):
+        return source
+    if os.path.isdir(source):
+        raise UserError(f"--{option}-sha256 checks a single file, but {source} is a folder; leave it out")
+    return str(open_source(source, sha256=sha256))
 
 
 def training_options(defaults: TrainConfig) -> Callable:
@@ -19,18 +81,18 @@ def training_options(defaults: TrainConfig) -> Callable:
         click.option("--out", "out", type=click.Path(file_okay=False), required=True,
                      help="Run directory: config.json, log.jsonl, checkpoints/ and outputs."),
         click.option("--steps", type=int, default=d.steps, show_default=True, help="Generator updates."),
-        click.option("--batch", type=int, default=d.batch, show_default=True,
+        click.option("--batch", type=BATCH, default=d.batch, show_default=True,
                      help="Global batch size (split over processes)."),
-        click.option("--seed", type=int, default=d.seed, show_default=True, help="Random seed."),
+        click.option("--seed", type=SEED, default=d.seed, show_default=True, help="Random seed."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Delete an existing run in --out and start over."),
-        click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--lr", type=float, default=d.lr, show_default=True, help="Generator learning rate."),
-        click.option("--fake-lr", type=float, default=d.fake_lr, show_default=True,
+        click.option("--device", type=DEVICE, default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--lr", type=FINITE_FLOAT, default=d.lr, show_default=True, help="Generator learning rate."),
+        click.option("--fake-lr", type=FINITE_FLOAT, default=d.fake_lr, show_default=True,
                      help="Fake-score network learning rate."),
         click.option("--ratio", type=int, default=d.ratio, show_default=True,
                      help="Fake-score updates per generator update."),
-        click.option("--ema", type=float, default=d.ema, show_default=True,
+        click.option("--ema", type=FINITE_FLOAT, default=d.ema, show_default=True,
                      help="EMA half-life of the generator in kimg (0 = no averaging)."),
         click.option("--snapshot-every", type=int, default=d.snapshot_every, show_default=True,
                      help="Generator updates between checkpoints (0 = at the end only)."),
@@ -39,12 +101,12 @@ def training_options(defaults: TrainConfig) -> Callable:
         click.option("--sigma", type=click.Choice(sorted(SIGMA_SAMPLERS)), default=d.sigma, show_default=True,
                      help="Noise levels of the loss: lognormal = ln σ ~ N(p-mean, p-std²); karras = uniform over "
                           "the Karras sampling grid."),
-        click.option("--p-mean", type=float, default=d.p_mean, show_default=True,
+        click.option("--p-mean", type=FINITE_FLOAT, default=d.p_mean, show_default=True,
                      help="Mean of ln σ (lognormal). Higher weighs coarse structure more: the demo's refinement "
                           "needed 0 instead of EDM's -1.2."),
-        click.option("--p-std", type=float, default=d.p_std, show_default=True, help="Std of ln σ (lognormal)."),
-        click.option("--beta1", type=float, default=d.betas[0], show_default=True, help="Adam beta1."),
-        click.option("--beta2", type=float, default=d.betas[1], show_default=True, help="Adam beta2."),
+        click.option("--p-std", type=FINITE_FLOAT, default=d.p_std, show_default=True, help="Std of ln σ (lognormal)."),
+        click.option("--beta1", type=FINITE_FLOAT, default=d.betas[0], show_default=True, help="Adam beta1."),
+        click.option("--beta2", type=FINITE_FLOAT, default=d.betas[1], show_default=True, help="Adam beta2."),
         click.option("--fake-warmup", type=int, default=d.fake_warmup, show_default=True,
                      help="Fake-score updates before the first generator update."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision, show_default=True,
@@ -85,6 +147,7 @@ def metric_options(f: Callable) -> Callable:
                      help="Metrics before and after, e.g. fid50k,is50k,kid50k (none by default)."),
         click.option("--ref", default=None, help="Reference images or mu/sigma .npz for FID / KID."),
         click.option("--detector", default=None, help="Inception weights: path or URL (see `refiner metrics`)."),
+        sha256_option("detector"),
         click.option("--frontend", type=click.Choice(["nvidia", "pytorch-fid"]), default="nvidia",
                      show_default=True, help="Resize and scaling conventions of the detector."),
         click.option("--metrics-at-snapshots", is_flag=True, help="Also measure at every snapshot."),
@@ -96,9 +159,10 @@ def metric_options(f: Callable) -> Callable:
 
 def make_evaluator(kwargs: dict[str, Any], device) -> Callable | None:
     """The evaluator the metric options ask for (None without --metrics); removes them from kwargs."""
-    spec, ref, detector, frontend = (kwargs.pop(k) for k in ("metrics", "ref", "detector", "frontend"))
+    spec, ref, detector, detector_sha256, frontend = (kwargs.pop(k) for k in ("metrics", "ref", "detector",
+                                                                             "detector_sha256", "frontend"))
     if spec is None:
-        if ref is not None or detector is not None:
+        if ref is not None or detector is not None or detector_sha256 is not None:
             raise UserError("--ref / --detector are given without --metrics; add e.g. --metrics fid10k")
         return None
     from metrics.detector import load_detector
@@ -107,5 +171,7 @@ def make_evaluator(kwargs: dict[str, Any], device) -> Callable | None:
     requests = parse_metrics(spec)
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
         raise UserError("FID and KID need --ref (reference images or an .npz with mu and sigma)")
+    if detector is not None:
+        detector = fetch_source(detector, detector_sha256, "detector")
     net = load_detector(detector, frontend=frontend, device=device)
     return lambda generator: evaluate(generator, net, spec, ref=ref, frontend=frontend)

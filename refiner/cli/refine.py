@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
+from fileformats.atomic import atomic_copy
 from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
+    FINITE_FLOAT,
     config_from_options,
+    fetch_source,
     make_evaluator,
     metric_options,
     run_options,
+    sha256_option,
     training_options,
 )
 from refiner.config import TrainConfig
@@ -31,13 +34,15 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 @click.option("--generator", "generator_src", required=True,
               help="StyleGAN2-ADA network pickle (network-snapshot-*.pkl, path or URL) or a BigGAN-deep "
                    "folder (config.json + pytorch_model.bin).")
+@sha256_option("generator")
 @click.option("--teacher", "teacher_src", required=True, help="EDM network pickle (its `ema`): path or URL.")
+@sha256_option("teacher")
 @click.option("--trainable", type=click.Choice(["all", "synthesis", "mapping-frozen"]), default=None,
               help="StyleGAN2-ADA: which weights train (default all); mapping-frozen = synthesis incl. style "
                    "affines; synthesis = synthesis convolutions only (the styles of a z are kept).")
 @click.option("--noise-mode", type=click.Choice(["random", "const", "none"]), default=None,
               help="StyleGAN2-ADA: per-pixel noise during training (default random = what metrics sample).")
-@click.option("--truncation", type=float, default=None,
+@click.option("--truncation", type=FINITE_FLOAT, default=None,
               help="BigGAN-deep: truncation of the prior and batch-norm statistics (default 1.0).")
 @click.option("--resize-to-teacher", is_flag=True,
               help="Area-downsample the generator's images to the teacher's resolution (e.g. a 128 px "
@@ -49,7 +54,8 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
               help="Teacher precision on CUDA (default: what the file says).")
 @metric_options
 @training_options(REFINE_DEFAULTS)
-def command(generator_src: str, teacher_src: str, trainable: str | None, noise_mode: str | None,
+def command(generator_src: str, generator_sha256: str | None, teacher_src: str, teacher_sha256: str | None,
+            trainable: str | None, noise_mode: str | None,
             truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool,
             teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
@@ -78,11 +84,12 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
         if backup.exists():
             raise UserError(f"--in-place would keep the input as {backup}, which already exists; "
                             f"move it away first")
-    generator = load_generator(generator_src, device=device, **family_options)
+    generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
+                               **family_options)
     is_folder = os.path.isdir(generator_src)
     if is_folder and (keep_g or in_place):
         raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to BigGAN-deep folders")
-    teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype)
+    teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
@@ -114,7 +121,5 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: torch.nn
     expected = reference.state_dict()
     if reread.keys() != expected.keys() or not all(torch.equal(reread[k], expected[k].cpu()) for k in expected):
         raise UserError(f"{refined} did not read back as the refined generator; {target} was left unchanged")
-    shutil.copy2(target, backup)
-    tmp = target.with_name(f".{target.name}.refined.tmp")
-    shutil.copy2(refined, tmp)
-    os.replace(tmp, target)
+    atomic_copy(target, backup, advice="free space beside it, or run without --in-place")
+    atomic_copy(refined, target, advice="free space beside it, or run without --in-place")

@@ -14,17 +14,21 @@ import torch
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
 from fileformats.progress import Progress
+from refiner.cli.options import BATCH, DEVICE, fetch_source, sha256_option
 from teachers.base import resolve_device
 from teachers.edm_loader import load_teacher
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 
 GRID_NAME = "grid.png"
 NPZ_NAME = "samples.npz"
+MAX_SEED = 2**32 - 1  # each image's noise comes from torch.Generator().manual_seed(seed mod 2**32), as in EDM
+MAX_IMAGES = 1_000_000  # images per call, all held in memory for samples.npz and the grid
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-63' or '1,5,10-12' -> the listed non-negative integers (ranges inclusive), in order."""
-    seeds: list[int] = []
+    """'0-63' or '1,5,10-12' -> the listed integers in [0, MAX_SEED] (ranges inclusive), in order; at most
+    MAX_IMAGES of them."""
+    ranges = []
     for part in text.replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
@@ -34,8 +38,28 @@ def parse_seeds(text: str) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise UserError(f"--seeds {text!r}: range {part!r} runs backwards; write it as {hi}-{lo}")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
+        if hi > MAX_SEED:
+            raise UserError(f"--seeds {text!r}: {hi} is over the largest seed {MAX_SEED} (2**32 - 1)")
+        ranges.append(range(lo, hi + 1))
+    count = sum(len(r) for r in ranges)
+    if count > MAX_IMAGES:
+        raise UserError(f"--seeds {text!r} asks for {count:,} images; one call draws at most {MAX_IMAGES:,} "
+                        "(all are kept in memory): split the seeds over several calls")
+    return [seed for r in ranges for seed in r]
+
+
+def check_memory(count: int, shape: tuple[int, ...]) -> None:
+    """Refuse when `count` uint8 images of `shape` (held twice: the images and their grid) exceed the memory
+    available now."""
+    import psutil
+
+    need = 2 * count * math.prod(shape)
+    available = psutil.virtual_memory().available
+    if need > available:
+        fit = available // (2 * math.prod(shape))
+        raise UserError(f"--seeds asks for {count:,} images of {'x'.join(map(str, shape))}: about "
+                        f"{need / 2**30:.1f} GiB in memory, more than the {available / 2**30:.1f} GiB available; "
+                        f"draw at most {fit:,} per call")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -60,6 +84,7 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
 
 @click.command("sample")
 @click.option("--teacher", "source", required=True, help="EDM network pickle: path or URL.")
+@sha256_option("teacher")
 @click.option("--seeds", default="0-63", show_default=True,
               help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -68,10 +93,10 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
               help="Sampler steps N (2N-1 network evaluations).")
 @click.option("--class", "class_idx", type=int, default=None,
               help="Class index for a conditional teacher (default: a random class per seed).")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: int | None, batch: int,
-            device: str) -> None:
+@click.option("--batch", default=64, show_default=True, type=BATCH, help="Images per batch.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, steps: int, class_idx: int | None,
+            batch: int, device: str) -> None:
     """Sample images from an EDM teacher; writes an image grid and an .npz of uint8 images.
 
     The .npz holds 'x' (uint8, NHWC, quantised as (x*127.5+128).clamp(0,255)), 'seeds' and, for a
@@ -84,7 +109,8 @@ def command(source: str, seeds: str, out_dir: Path, steps: int, class_idx: int |
             raise UserError(f"{path} already exists; choose another --out folder "
                             "(files are never overwritten)")
     dev = resolve_device(device)
-    teacher = load_teacher(source, device=dev)
+    teacher = load_teacher(fetch_source(source, teacher_sha256, "teacher"), device=dev)
+    check_memory(len(seed_list), tuple(teacher.data_shape))
     if class_idx is not None and teacher.label_dim == 0:
         raise UserError("--class given but the teacher is unconditional; leave out --class")
     if class_idx is not None and not 0 <= class_idx < teacher.label_dim:
