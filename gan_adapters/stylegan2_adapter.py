@@ -164,7 +164,7 @@ class StyleGAN2Generator(torch.nn.Module):
                 record.load_state_dict(stored)
 
 
-STYLEGAN3 = "stylegan3"  # StyleGAN3-T/R, NVlabs/stylegan3 training/networks_stylegan3.py
+STYLEGAN3 = "stylegan3-t/r"  # StyleGAN3-T/R, NVlabs/stylegan3 training/networks_stylegan3.py
 
 
 def stylegan_kind(record: nvpickle.PersistentObject) -> str:
