@@ -32,8 +32,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
-import scipy.signal
-import scipy.special
 import torch
 
 from gan_adapters.stylegan2 import NOISE_MODES, FullyConnectedLayer, MappingNetwork
@@ -154,6 +152,9 @@ def design_lowpass_filter(numtaps: int, cutoff: float, width: float, fs: float,
     """Windowed low-pass FIR (None for 1 tap). Separable: Kaiser-windowed sinc with transition `width`
     (scipy.signal.firwin). Radial: jinc J1(2π f_c r)/(π r) on the 2-D tap grid times the outer product
     of a Kaiser window whose β meets the same transition width, normalised to sum 1."""
+    import scipy.signal  # slow to import; only needed to build a network
+    import scipy.special
+
     if numtaps == 1:
         return None
     if not radial:
