@@ -95,6 +95,7 @@ class GeneratorConfig:
     _POSITIONAL = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs",
                    "synthesis_kwargs")
     _REPO_DEFAULTS = {SG2ADA_REPO: ({}, {}), SG3_REPO: ({"w_avg_beta": 0.998}, {"num_fp16_res": 4, "conv_clamp": 256})}
+    _SG3_ONLY = ("fused_modconv_default",)  # synthesis arguments stylegan2-ada-pytorch does not have
 
     @classmethod
     def from_init_kwargs(cls, args: Sequence[Any] = (), kwargs: dict | None = None,
@@ -110,6 +111,8 @@ class GeneratorConfig:
             flat = {k: given.pop(k) for k in list(given) if k not in cls._POSITIONAL[:6]}
             given["synthesis_kwargs"] = flat
         unknown = set(given) - set(cls._POSITIONAL)
+        if repo == SG2ADA_REPO:
+            unknown |= set(given.get("synthesis_kwargs") or {}) & set(cls._SG3_ONLY)
         missing = set(cls._POSITIONAL[:5]) - set(given)
         if unknown or missing:
             raise ValueError(f"unexpected Generator arguments {sorted(unknown)}, missing {sorted(missing)}")
@@ -123,9 +126,11 @@ class GeneratorConfig:
     def to_init_kwargs(self) -> dict:
         """The original constructor's kwargs (full, defaults included), in the layout of `repo`."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mapping", "synthesis", "repo")}
+        synthesis = asdict(self.synthesis)
         if self.repo == SG3_REPO:
-            return dict(out, mapping_kwargs=asdict(self.mapping), **asdict(self.synthesis))
-        return dict(out, mapping_kwargs=asdict(self.mapping), synthesis_kwargs=asdict(self.synthesis))
+            return dict(out, mapping_kwargs=asdict(self.mapping), **synthesis)
+        synthesis = {k: v for k, v in synthesis.items() if k not in self._SG3_ONLY}
+        return dict(out, mapping_kwargs=asdict(self.mapping), synthesis_kwargs=synthesis)
 
 
 def _dataclass_from(cls: type, kwargs: dict) -> Any:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
-from gan_adapters.stylegan2 import SG2ADA_REPO, SG3_REPO
+from gan_adapters.stylegan2 import SG2ADA_REPO, SG3_REPO, GeneratorConfig
 from gan_adapters.stylegan2_adapter import STYLEGAN3, build_network, stylegan_kind
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 from refiner.cli import cli
@@ -233,3 +233,17 @@ def test_unsafe_or_malformed_arrays_are_refused(state, needle):
 def test_object_array_written_by_numpy_is_refused():
     with pytest.raises(UserError, match="dtype object"):
         nvpickle.load(pickle.dumps(np.array([1, None], dtype=object), protocol=4))
+
+
+def test_config_round_trips_in_each_repositorys_layout():
+    record = nvpickle.load(_pkl("sg3-stylegan2-cond"))["G_ema"]
+    cfg = build_network(record).cfg
+    flat = cfg.to_init_kwargs()
+    assert "synthesis_kwargs" not in flat and flat["fused_modconv_default"] == "inference_only"
+    assert {k: flat[k] for k in record.init_kwargs if k != "mapping_kwargs"} == \
+        {k: v for k, v in record.init_kwargs.items() if k != "mapping_kwargs"}
+    assert GeneratorConfig.from_init_kwargs((), flat, repo=SG3_REPO) == cfg
+    nested = GeneratorConfig(**{**cfg.__dict__, "repo": SG2ADA_REPO}).to_init_kwargs()
+    assert "fused_modconv_default" not in nested["synthesis_kwargs"]  # not a stylegan2-ada-pytorch argument
+    with pytest.raises(ValueError, match="fused_modconv_default"):
+        GeneratorConfig.from_init_kwargs((), {**nested, "synthesis_kwargs": {"fused_modconv_default": True}})
