@@ -247,3 +247,28 @@ def test_config_round_trips_in_each_repositorys_layout():
     assert "fused_modconv_default" not in nested["synthesis_kwargs"]  # not a stylegan2-ada-pytorch argument
     with pytest.raises(ValueError, match="fused_modconv_default"):
         GeneratorConfig.from_init_kwargs((), {**nested, "synthesis_kwargs": {"fused_modconv_default": True}})
+
+
+def test_filtered_lrelu_without_filters_is_bias_lrelu_gain_clamp():
+    from gan_adapters.stylegan2_ops import filtered_lrelu
+
+    x = torch.tensor([[[[-2.0, -0.5], [0.5, 3.0]]]])
+    y = filtered_lrelu(x, b=torch.tensor([1.0]), gain=2.0, slope=0.25, clamp=5.0)
+    assert torch.equal(y, torch.tensor([[[[-0.5, 1.0], [3.0, 5.0]]]]))  # (x + 1) -> lrelu · 2 -> clamp
+    # 2x up with a [1, 1] box filter repeats pixels (zero insertion, gain up²); down 2 keeps every other one
+    up = filtered_lrelu(x, fu=torch.tensor([0.5, 0.5]), up=2, padding=[1, 0, 1, 0], gain=1.0, slope=1.0)
+    assert torch.allclose(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    assert torch.equal(filtered_lrelu(up, down=2, gain=1.0, slope=1.0), x)
+
+
+def test_input_gain_is_the_same_in_the_fused_and_the_unfused_modulated_convolution():
+    from gan_adapters.stylegan2_ops import modulated_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 3, 6, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    styles, gain = torch.randn(2, 3, generator=g), torch.tensor(0.7)
+    fused = modulated_conv2d(x, weight, styles, padding=2, input_gain=gain)
+    unfused = modulated_conv2d(x, weight, styles, padding=2, input_gain=gain, fused_modconv=False)
+    assert torch.allclose(fused, unfused, atol=1e-5)
+    # a scalar gain scales the demodulated output (demodulation does not see it)
+    assert torch.allclose(fused, modulated_conv2d(x, weight, styles, padding=2) * 0.7, atol=1e-5)
