@@ -18,6 +18,7 @@ from __future__ import annotations
 import _compat_pickle
 import copy
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -291,6 +292,39 @@ def _numpy_scalar(dtype, data=None):
     return _REAL_NUMPY_SCALAR(dtype, data)
 
 
+_MAX_NUMPY_ARRAY_BYTES = 1 << 20  # StyleGAN3 stores a few small attributes (sizes) as arrays
+_NUMPY_ARRAY_KINDS = "biufc"  # bool, signed/unsigned int, float, complex: no object/structured/str
+
+
+def _numpy_reconstruct(subtype, shape, typecode):
+    """`numpy.(_)core.multiarray._reconstruct`: only the empty-ndarray call ndarray.__reduce__ emits;
+    its data arrives in the BUILD that follows and is checked by `_check_numpy_array_state`."""
+    if subtype is not np.ndarray or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise UserError("unexpected use of numpy's _reconstruct in the file (only plain ndarrays are "
+                        "allowed); the file is refused as unsafe")
+    return _REAL_NUMPY_RECONSTRUCT(np.ndarray, (0,), b"b")
+
+
+def _check_numpy_array_state(state: Any) -> None:
+    """ndarray.__setstate__ argument (version, shape, dtype, is_fortran, raw bytes): plain numeric
+    dtypes and at most `_MAX_NUMPY_ARRAY_BYTES` of data, so no object can be unpickled into an array."""
+    ok = (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple)
+          and all(isinstance(n, int) and n >= 0 for n in state[1]) and isinstance(state[2], np.dtype))
+    if not ok:
+        raise UserError("malformed numpy array in the file; the file is refused as unsafe")
+    _, shape, dtype, _, data = state
+    if dtype.hasobject or dtype.kind not in _NUMPY_ARRAY_KINDS or dtype.fields is not None:
+        raise UserError(f"refused: the file holds a numpy array of dtype {dtype} (only plain numeric "
+                        "dtypes are allowed); the file is refused as unsafe (nothing in it was executed)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _MAX_NUMPY_ARRAY_BYTES:
+        raise UserError(f"refused: the file holds a numpy array of shape {list(shape)} ({nbytes:,} bytes; "
+                        f"network pickles store only small arrays, at most {_MAX_NUMPY_ARRAY_BYTES:,} bytes)")
+    if not isinstance(data, bytes) or len(data) != nbytes:
+        raise UserError(f"malformed numpy array in the file: shape {list(shape)} {dtype} needs {nbytes} "
+                        "bytes of data; the file is refused as unsafe or corrupt")
+
+
 def _latin1_encode(text, encoding="latin1"):
     """`_codecs.encode` as protocol 2 uses it for bytes: only (str, 'latin1')."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -299,6 +333,7 @@ def _latin1_encode(text, encoding="latin1"):
 
 
 _REAL_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+_REAL_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
@@ -313,6 +348,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1.x writers
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2.x writers
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,  # small arrays (StyleGAN3)
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
     ("torch.nn.modules.container", "ModuleDict"): torch.nn.ModuleDict,  # EDM enc/dec
     ("torch.nn.modules.container", "ModuleList"): torch.nn.ModuleList,
     ("torch.nn.modules.container", "Sequential"): torch.nn.Sequential,
@@ -334,7 +372,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         target = _ALLOWED.get((module, name))
-        if target is _numpy_scalar:
+        if target is _numpy_scalar or target is _numpy_reconstruct:
             self.numpy_scalar_module = module
         if target is None:
             raise UserError(
@@ -355,6 +393,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
                         type(target).__name__)
             raise UserError(f"refused: the file tries to set attributes on '{what}'; "
                             "the file is refused as unsafe (nothing in it was executed)")
+        if isinstance(target, np.ndarray):
+            _check_numpy_array_state(self.stack[-1])
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -562,6 +602,7 @@ class _Writer(pickle._Pickler):
             _reconstruct_persistent_obj: ("torch_utils.persistence", "_reconstruct_persistent_obj"),
             EasyDict: ("dnnlib.util", "EasyDict"),
             _REAL_NUMPY_SCALAR: (numpy_scalar_module, "scalar"),
+            _REAL_NUMPY_RECONSTRUCT: (numpy_scalar_module, "_reconstruct"),
         }
 
     def reducer_override(self, obj: Any) -> Any:

@@ -1,7 +1,8 @@
 """`load_generator`: recognise what a source holds and load it behind the `Generator` interface.
 
 One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builder). Supported now:
-- a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py);
+- a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA, or StyleGAN2/StyleGAN3-T/R written by
+  NVlabs/stylegan3 (gan_adapters/stylegan2_adapter.py);
 - a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`);
 - a dict whose `ema` is an EDM preconditioner: a one-step generator (refiner distill, Diff-Instruct and
   SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present).
@@ -53,4 +54,5 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
         if matches(data):
             return build(data, name, device, opts)
     raise UserError(f"{name}: no generator that can be loaded; found {nvpickle.describe(data)}. "
-                    "Give a StyleGAN2-ADA network snapshot (.pkl with G_ema) or a one-step EDM snapshot ('ema')")
+                    "Give a StyleGAN2-ADA/StyleGAN3 network snapshot (.pkl with G_ema) or a one-step EDM snapshot "
+                    "('ema')")

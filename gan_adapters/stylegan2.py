@@ -4,6 +4,13 @@ Module, parameter and buffer names equal those of stylegan2-ada-pytorch's `train
 a pickle's `G_ema.state_dict()` loads 1:1 (research/pickle_formats.md §2.1-2.3). Construction takes
 a `GeneratorConfig`, built from the pickle's `_init_kwargs` with the original defaults filled in.
 
+The same network, with the same names, is NVlabs/stylegan3's StyleGAN2 config
+(`training/networks_stylegan2.py`). Only its bookkeeping differs (`GeneratorConfig.repo`): the
+synthesis arguments are flat `Generator` kwargs instead of a `synthesis_kwargs` dict; the defaults
+are num_fp16_res 4, conv_clamp 256 and w_avg_beta 0.998 (stylegan2-ada-pytorch: 0, None, 0.995);
+float16 blocks run only on CUDA (on the CPU it computes in float32); `fused_modconv_default` only
+chooses between two equal ways of computing a layer.
+
 Forward semantics kept from the original:
 - mapping: z -> normalize_2nd_moment -> (concat the normalised label embedding) -> FC layers with
   learning-rate multiplier -> broadcast to num_ws -> truncation w_avg + psi·(w - w_avg) (optionally
@@ -35,6 +42,8 @@ from gan_adapters.stylegan2_ops import (
 
 NOISE_MODES = ("random", "const", "none")
 ARCHITECTURES = ("orig", "skip", "resnet")
+SG2ADA_REPO = "stylegan2-ada-pytorch"
+SG3_REPO = "stylegan3"  # NVlabs/stylegan3's training/networks_stylegan2.py
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,6 +72,7 @@ class SynthesisConfig:
     resample_filter: Sequence[float] = (1, 3, 3, 1)
     conv_clamp: float | None = None
     fp16_channels_last: bool = False  # memory layout only; results do not depend on it
+    fused_modconv_default: bool | str = True  # NVlabs/stylegan3 only; fused or not gives the same result
     kernel_size: int = 3
     use_noise: bool = True
     activation: str = "lrelu"
@@ -80,30 +90,47 @@ class GeneratorConfig:
     img_channels: int
     mapping: MappingConfig = field(default_factory=MappingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    repo: str = SG2ADA_REPO  # whose code wrote the file (module docstring)
 
     _POSITIONAL = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs",
                    "synthesis_kwargs")
+    _REPO_DEFAULTS = {SG2ADA_REPO: ({}, {}), SG3_REPO: ({"w_avg_beta": 0.998}, {"num_fp16_res": 4, "conv_clamp": 256})}
+    _SG3_ONLY = ("fused_modconv_default",)  # synthesis arguments stylegan2-ada-pytorch does not have
 
     @classmethod
-    def from_init_kwargs(cls, args: Sequence[Any] = (), kwargs: dict | None = None) -> GeneratorConfig:
-        """Rebuild the config from the original constructor's (args, kwargs); defaults fill the rest.
+    def from_init_kwargs(cls, args: Sequence[Any] = (), kwargs: dict | None = None,
+                         repo: str = SG2ADA_REPO) -> GeneratorConfig:
+        """Rebuild the config from the original constructor's (args, kwargs); that repository's defaults
+        fill the rest. stylegan3's Generator takes the synthesis arguments as flat **kwargs.
 
         Raises ValueError naming any argument the original does not have.
         """
-        given = dict(zip(cls._POSITIONAL, args))
+        given = dict(zip(cls._POSITIONAL[:6], args))
         given.update(kwargs or {})
+        if repo == SG3_REPO:
+            flat = {k: given.pop(k) for k in list(given) if k not in cls._POSITIONAL[:6]}
+            given["synthesis_kwargs"] = flat
         unknown = set(given) - set(cls._POSITIONAL)
+        if repo == SG2ADA_REPO:
+            unknown |= set(given.get("synthesis_kwargs") or {}) & set(cls._SG3_ONLY)
         missing = set(cls._POSITIONAL[:5]) - set(given)
         if unknown or missing:
             raise ValueError(f"unexpected Generator arguments {sorted(unknown)}, missing {sorted(missing)}")
+        mapping_defaults, synthesis_defaults = cls._REPO_DEFAULTS[repo]
         return cls(**{k: given[k] for k in cls._POSITIONAL[:5]},
-                   mapping=_dataclass_from(MappingConfig, given.get("mapping_kwargs") or {}),
-                   synthesis=_dataclass_from(SynthesisConfig, given.get("synthesis_kwargs") or {}))
+                   mapping=_dataclass_from(MappingConfig, {**mapping_defaults, **(given.get("mapping_kwargs") or {})}),
+                   synthesis=_dataclass_from(SynthesisConfig,
+                                             {**synthesis_defaults, **(given.get("synthesis_kwargs") or {})}),
+                   repo=repo)
 
     def to_init_kwargs(self) -> dict:
-        """The original constructor's kwargs (full, defaults included)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mapping", "synthesis")}
-        return dict(out, mapping_kwargs=asdict(self.mapping), synthesis_kwargs=asdict(self.synthesis))
+        """The original constructor's kwargs (full, defaults included), in the layout of `repo`."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mapping", "synthesis", "repo")}
+        synthesis = asdict(self.synthesis)
+        if self.repo == SG3_REPO:
+            return dict(out, mapping_kwargs=asdict(self.mapping), **synthesis)
+        synthesis = {k: v for k, v in synthesis.items() if k not in self._SG3_ONLY}
+        return dict(out, mapping_kwargs=asdict(self.mapping), synthesis_kwargs=synthesis)
 
 
 def _dataclass_from(cls: type, kwargs: dict) -> Any:
@@ -359,7 +386,8 @@ class SynthesisBlock(torch.nn.Module):
 class SynthesisNetwork(torch.nn.Module):
     """ws [N, num_ws, w_dim] -> image [N, img_channels, R, R] (float32), blocks b4 ... bR."""
 
-    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, cfg: SynthesisConfig):
+    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, cfg: SynthesisConfig,
+                 fp16_cuda_only: bool = False):
         if img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
         super().__init__()
@@ -367,6 +395,7 @@ class SynthesisNetwork(torch.nn.Module):
         self.img_resolution = img_resolution
         self.img_resolution_log2 = int(math.log2(img_resolution))
         self.img_channels = img_channels
+        self.fp16_cuda_only = fp16_cuda_only  # NVlabs/stylegan3: float16 blocks compute in float32 off CUDA
         self.block_resolutions = [2 ** i for i in range(2, self.img_resolution_log2 + 1)]
         fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - cfg.num_fp16_res), 8)
         layer_kwargs = dict(kernel_size=cfg.kernel_size, use_noise=cfg.use_noise, activation=cfg.activation)
@@ -388,6 +417,7 @@ class SynthesisNetwork(torch.nn.Module):
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"ws must be [N, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
         ws = ws.to(torch.float32)
+        force_fp32 = force_fp32 or (self.fp16_cuda_only and ws.device.type != "cuda")
         x = img = None
         w_idx = 0
         for block in self.blocks():
@@ -409,10 +439,20 @@ class Generator(torch.nn.Module):
         self.w_dim = cfg.w_dim
         self.img_resolution = cfg.img_resolution
         self.img_channels = cfg.img_channels
-        self.synthesis = SynthesisNetwork(cfg.w_dim, cfg.img_resolution, cfg.img_channels, cfg.synthesis)
+        self.synthesis = SynthesisNetwork(cfg.w_dim, cfg.img_resolution, cfg.img_channels, cfg.synthesis,
+                                          fp16_cuda_only=cfg.repo == SG3_REPO)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(cfg.z_dim, cfg.c_dim, cfg.w_dim, num_ws=self.num_ws,
                                       **asdict(cfg.mapping))
+
+    def summary(self) -> str:
+        """Family and architecture in a few words (for `describe`)."""
+        s = self.cfg.synthesis
+        fp16 = [f"b{b.resolution}" for b in self.synthesis.blocks() if b.use_fp16]
+        family = "StyleGAN2-ADA" if self.cfg.repo == SG2ADA_REPO else "StyleGAN2 (NVlabs/stylegan3)"
+        return (f"{family} generator {self.img_resolution}x{self.img_resolution}x{self.img_channels}, "
+                f"architecture {s.architecture}, float16 blocks {','.join(fp16) if fp16 else 'none'}, "
+                f"conv_clamp {s.conv_clamp}")
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None, truncation_psi: float = 1,
                 truncation_cutoff: int | None = None, noise_mode: str = "random", force_fp32: bool = False,

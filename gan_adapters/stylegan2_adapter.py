@@ -1,12 +1,14 @@
-"""A StyleGAN2-ADA network pickle behind the `Generator` interface, and writing it back.
+"""A StyleGAN2-ADA or StyleGAN3 network pickle behind the `Generator` interface, and writing it back.
 
 `load_stylegan2(source)` reads a snapshot (`network-snapshot-*.pkl`: training_set_kwargs, G, D,
 G_ema, augment_pipe) with the safe reader `fileformats.nvpickle`, builds the clean-room generator
-(gan_adapters/stylegan2.py) from `G_ema`'s constructor arguments and loads its weights. The
-returned `StyleGAN2Generator` keeps the loaded file; `save(path)` writes it back with the refined
-weights in place of G_ema's tensors (and G's, unless keep_G). Every other entry (D, augment_pipe,
-training_set_kwargs, module sources, attributes, init kwargs, global names) is written unchanged,
-so NVIDIA's `legacy.load_network_pkl` and our own loader read the result.
+from `G_ema`'s constructor arguments and loads its weights. Files of both NVIDIA code bases load:
+NVlabs/stylegan2-ada-pytorch and NVlabs/stylegan3's StyleGAN2 config (gan_adapters/stylegan2.py, one
+network, the repository's layout of the arguments told apart by `stylegan_kind`) and StyleGAN3-T/R
+(gan_adapters/stylegan3.py). The returned `StyleGAN2Generator` keeps the loaded file; `save(path)`
+writes it back with the refined weights in place of G_ema's tensors (and G's, unless keep_G). Every
+other entry (D, augment_pipe, training_set_kwargs, module sources, attributes, init kwargs, global
+names) is written unchanged, so NVIDIA's `legacy.load_network_pkl` and our own loader read the result.
 
 Training-time choices (options of `load_stylegan2` / `load_generator`):
 - noise_mode 'random' (default): fresh per-pixel noise on every call, the distribution NVIDIA's
@@ -23,8 +25,10 @@ Training-time choices (options of `load_stylegan2` / `load_generator`):
                    including the per-layer affine style layers.
   'synthesis'      the whole z -> style path frozen: the mapping MLP and every affine style layer.
                    Only the image-making weights train (convolution weights and biases, ToRGB,
-                   the 4x4 constant input, noise strengths), so a z keeps its styles.
-  Frozen mappings stay in eval mode (no w_avg updates) whatever train() is called with.
+                   the 4x4 constant input or StyleGAN3's Fourier-feature mixing matrix, noise
+                   strengths), so a z keeps its styles.
+  Frozen mappings stay in eval mode (no w_avg updates) whatever train() is called with. StyleGAN3's
+  input-magnitude buffers (magnitude_ema) and filters stay as read.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import torch
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
-from gan_adapters.stylegan2 import NOISE_MODES, Generator, GeneratorConfig
+from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, Generator, GeneratorConfig
+from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
 
@@ -84,10 +89,10 @@ class _Snapshot:
 
 
 class StyleGAN2Generator(torch.nn.Module):
-    """`Generator` interface over a StyleGAN2-ADA G_ema. `.network` is the clean-room generator with
-    the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
+    """`Generator` interface over a StyleGAN2(-ADA) or StyleGAN3 G_ema. `.network` is the clean-room
+    generator with the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
 
-    def __init__(self, network: Generator, snapshot: _Snapshot, options: StyleGAN2Options):
+    def __init__(self, network: Generator | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
         super().__init__()
         self.network = network
         self.snapshot = snapshot
@@ -131,17 +136,12 @@ class StyleGAN2Generator(torch.nn.Module):
                             noise_mode=o.noise_mode, force_fp32=o.force_fp32)
 
     def describe(self) -> str:
-        cfg = self.network.cfg
-        fp16 = [f"b{b.resolution}" for b in self.network.synthesis.blocks() if b.use_fp16]
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
         cond = f"{self.c_dim} classes" if self.c_dim else "unconditional"
-        return (f"StyleGAN2-ADA generator {self.resolution}x{self.resolution}x{self.channels}, {cond}, "
-                f"z_dim {self.z_dim}, w_dim {cfg.w_dim}, {self.network.num_ws} ws, "
-                f"architecture {cfg.synthesis.architecture}, float16 blocks "
-                f"{','.join(fp16) if fp16 else 'none'}, conv_clamp {cfg.synthesis.conv_clamp}; "
-                f"{n_train:,} of {n_all:,} parameters trainable ({self.options.trainable}); "
-                f"from {self.snapshot.name}")
+        return (f"{self.network.summary()}, {cond}, z_dim {self.z_dim}, w_dim {self.network.w_dim}, "
+                f"{self.network.num_ws} ws; {n_train:,} of {n_all:,} parameters trainable "
+                f"({self.options.trainable}); from {self.snapshot.name}")
 
     def save(self, path: str | os.PathLike, keep_G: bool = False, overwrite: bool = False) -> None:
         """Write the loaded pickle back with this network's weights as G_ema (and G unless keep_G).
@@ -164,22 +164,67 @@ class StyleGAN2Generator(torch.nn.Module):
                 record.load_state_dict(stored)
 
 
+STYLEGAN3 = "stylegan3-t/r"  # StyleGAN3-T/R, NVlabs/stylegan3 training/networks_stylegan3.py
+
+
+def stylegan_kind(record: nvpickle.PersistentObject) -> str:
+    """Which code wrote a stored Generator: SG2ADA_REPO, SG3_REPO (its StyleGAN2 config) or STYLEGAN3.
+
+    Told from the stored module tree, never from the module source: StyleGAN3 synthesis networks have
+    an `input` layer; StyleGAN2 blocks written by NVlabs/stylegan3 store `fused_modconv_default`,
+    those of stylegan2-ada-pytorch do not (which also nests its synthesis kwargs in `synthesis_kwargs`).
+    """
+    synthesis = record.children().get("synthesis")
+    parts = nvpickle.node_children(synthesis) if synthesis is not None else {}
+    if "input" in parts:
+        return STYLEGAN3
+    block = parts.get("b4")
+    if "synthesis_kwargs" not in record.init_kwargs and "fused_modconv_default" in (nvpickle.node_state(block) or {}):
+        return SG3_REPO
+    return SG2ADA_REPO
+
+
+def stylegan_snapshot_kind(data: Any) -> str | None:
+    """What a loaded snapshot's G_ema is, in words ('StyleGAN2-ADA', 'StyleGAN2 (NVlabs/stylegan3)',
+    'StyleGAN3-T', 'StyleGAN3-R'), or None if the file has no stored Generator under G_ema. Nothing is
+    built; for messages and `refiner inspect`."""
+    record = data.get("G_ema") if isinstance(data, dict) else None
+    if not isinstance(record, nvpickle.PersistentObject) or record.class_name != "Generator":
+        return None
+    kind = stylegan_kind(record)
+    if kind == STYLEGAN3:
+        try:
+            return f"StyleGAN3-{StyleGAN3Config.from_init_kwargs(record.init_args, record.init_kwargs).config_name}"
+        except (ValueError, TypeError):
+            return "StyleGAN3"
+    return "StyleGAN2 (NVlabs/stylegan3)" if kind == SG3_REPO else "StyleGAN2-ADA"
+
+
+def build_network(record: nvpickle.PersistentObject) -> Generator | StyleGAN3Network:
+    """The clean-room generator for a stored Generator's constructor arguments (ValueError if they do
+    not fit), not yet loaded with its weights."""
+    kind = stylegan_kind(record)
+    if kind == STYLEGAN3:
+        return StyleGAN3Network(StyleGAN3Config.from_init_kwargs(record.init_args, record.init_kwargs))
+    return Generator(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs, repo=kind))
+
+
 def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<snapshot>",
                             device: torch.device | str | None = None) -> StyleGAN2Generator:
     """The generator of an already loaded snapshot (what `nvpickle.load` returned)."""
     record = data.get("G_ema") if isinstance(data, dict) else None
     if not isinstance(record, nvpickle.PersistentObject):
-        raise UserError(f"{name}: no StyleGAN2-ADA generator (G_ema) in this file; found "
-                        f"{nvpickle.describe(data)}. Give a StyleGAN2-ADA network snapshot "
+        raise UserError(f"{name}: no StyleGAN2-ADA/StyleGAN3 generator (G_ema) in this file; found "
+                        f"{nvpickle.describe(data)}. Give a StyleGAN2-ADA or StyleGAN3 network snapshot "
                         "(network-snapshot-*.pkl)")
     if record.class_name != "Generator":
-        raise UserError(f"{name}: G_ema is a {record.class_name}, not a StyleGAN2-ADA Generator")
+        raise UserError(f"{name}: G_ema is a {record.class_name}, not a StyleGAN2-ADA/StyleGAN3 Generator")
     try:
-        cfg = GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs)
-        network = Generator(cfg)
+        network = build_network(record)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{name}: G_ema's constructor arguments do not describe a StyleGAN2-ADA generator "
-                        f"({e}); StyleGAN3 and StyleGAN2 (TensorFlow) files are not supported") from None
+        raise UserError(f"{name}: G_ema's constructor arguments do not describe a StyleGAN2-ADA, StyleGAN2 "
+                        f"(NVlabs/stylegan3) or StyleGAN3-T/R generator ({e}); StyleGAN2 (TensorFlow) and "
+                        "StyleGAN-XL files are not supported") from None
     _check_same_tensors(name, record.state_dict(), network.state_dict())
     network.load_state_dict(record.state_dict())
     network.eval()
@@ -196,14 +241,14 @@ def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[
         problems = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                              for what, items in (("missing", missing), ("unexpected", extra),
                                                  ("shape differs (file vs rebuilt)", shapes)) if items)
-        raise UserError(f"{name}: G_ema's weights do not match a StyleGAN2-ADA generator built from its "
+        raise UserError(f"{name}: G_ema's weights do not match a generator built from its "
                         f"constructor arguments ({problems}); the file may come from another "
                         "StyleGAN version")
 
 
 def load_stylegan2(source: nvpickle.Source, device: torch.device | str | None = None,
                    **opts: Any) -> StyleGAN2Generator:
-    """Load a StyleGAN2-ADA snapshot (path, URL, bytes or binary file) as a `StyleGAN2Generator`.
+    """Load a StyleGAN2-ADA or StyleGAN3 snapshot (path, URL, bytes or binary file) as a `StyleGAN2Generator`.
 
     opts: noise_mode, truncation_psi, truncation_cutoff, force_fp32, trainable (module docstring).
     The pickle's other networks (D, augment_pipe) stay on the CPU, untouched.

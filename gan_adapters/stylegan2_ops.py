@@ -11,6 +11,7 @@ semantics of the original `torch_utils/ops` reference paths:
   (up-sampled) input, and the low-pass filter surrounds the convolution.
 - `modulated_conv2d`: StyleGAN2's weight (de)modulation, fused (grouped convolution) or not.
 - `normalize_2nd_moment`: x / sqrt(mean(x²) + eps).
+- `filtered_lrelu`: StyleGAN3's alias-free nonlinearity (bias, up-sample, lrelu, clamp, down-sample).
 
 Padding lists follow the original's order: `[x_before, x_after, y_before, y_after]`; an int `p`
 means `[p, p, p, p]` and a pair `[px, py]` means `[px, px, py, py]`.
@@ -215,10 +216,13 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
                      noise: torch.Tensor | None = None, up: int = 1, down: int = 1, padding: Padding = 0,
                      resample_filter: torch.Tensor | None = None, demodulate: bool = True,
-                     flip_weight: bool = True, fused_modconv: bool = True) -> torch.Tensor:
+                     flip_weight: bool = True, fused_modconv: bool = True,
+                     input_gain: torch.Tensor | None = None) -> torch.Tensor:
     """StyleGAN2 modulated convolution (Karras et al. 2020, eqs. 1-3), then `+ noise`.
 
     w'_{n,o,i,k} = weight_{o,i,k} · s_{n,i};  demodulation d_{n,o} = (Σ_{i,k} w'² + 1e-8)^(-1/2).
+    input_gain (StyleGAN3, Karras et al. 2021 App. F: 1/sqrt of the input's tracked mean square; a
+    scalar, [I] or [N, I]) scales the input channels after demodulation, i.e. outside of it.
     Fused: one grouped convolution with per-sample weights w'·d. Not fused (same result, and no
     per-sample weights in memory: the training path): scale the activations by s, convolve with
     the shared weight, scale by d, add noise.
@@ -241,8 +245,10 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
             sq_weight = weight.to(dtype).square().sum(dim=[2, 3])  # [O, I]
             dcoefs = (styles.to(dtype).square() @ sq_weight.t() + 1e-8).rsqrt()  # [N, O]
 
+    if input_gain is not None:
+        input_gain = input_gain.to(styles.dtype).expand(n, in_ch)
     if not fused_modconv:
-        x = x * styles.to(x.dtype).reshape(n, -1, 1, 1)
+        x = x * (styles if input_gain is None else styles * input_gain).to(x.dtype).reshape(n, -1, 1, 1)
         x = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                             flip_weight=flip_weight)
         if demodulate and noise is not None:  # x·d + noise in one rounding, as the original's fma
@@ -254,6 +260,8 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     w = weight.unsqueeze(0) * styles.reshape(n, 1, -1, 1, 1)  # [N, O, I, kh, kw]
     if demodulate:
         w = w * dcoefs.to(w.dtype).reshape(n, -1, 1, 1, 1)
+    if input_gain is not None:
+        w = w * input_gain.reshape(n, 1, -1, 1, 1)
     x = conv2d_resample(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_ch, kh, kw).to(x.dtype),
                         f=resample_filter, up=up, down=down, padding=padding, groups=n,
                         flip_weight=flip_weight)
@@ -264,3 +272,23 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """x · (mean(x², dim) + eps)^(-1/2): projects latents onto the sphere of radius sqrt(dim size)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def filtered_lrelu(x: torch.Tensor, fu: torch.Tensor | None = None, fd: torch.Tensor | None = None,
+                   b: torch.Tensor | None = None, up: int = 1, down: int = 1, padding: Padding = 0,
+                   gain: float = math.sqrt(2), slope: float = 0.2, clamp: float | None = None) -> torch.Tensor:
+    """StyleGAN3's filtered leaky ReLU (Karras et al. 2021, "Alias-Free GANs", sec. 3.2 and App. D):
+
+        y = downsample_d(fd ∗ clamp(lrelu_slope(gain · (fu ∗ pad(upsample_u(x + b)))))).
+
+    The nonlinearity runs at `up` times the input rate so that its new high frequencies can be
+    removed by `fd` before decimating. Per channel: add the bias, insert up-1 zeros after every pixel,
+    pad (`padding`, on the up-sampled grid; negative crops), convolve with fu (gain up², 'valid'),
+    leaky ReLU × gain, clamp to ±clamp, convolve with fd ('valid'), keep every `down`-th pixel. This
+    is the definition NVlabs/stylegan3 gives for `filtered_lrelu` (its CUDA kernel fuses the same
+    steps); fu/fd are 1-D (separable) or 2-D filters, None = identity.
+    """
+    x = bias_act(x, b)
+    x = upfirdn2d(x, fu, up=up, padding=padding, gain=up * up)
+    x = bias_act(x, act="lrelu", alpha=slope, gain=gain, clamp=clamp)
+    return upfirdn2d(x, fd, down=down)

@@ -70,8 +70,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def find_ema(obj: Any, name: str) -> nvpickle.PersistentObject:
     """The `ema` record of a snapshot dict, or a UserError that says what the file is instead."""
     if isinstance(obj, dict) and {"G", "D", "G_ema"} <= set(obj):
-        raise UserError(f"{name}: this is a StyleGAN2-ADA snapshot (keys G, D, G_ema), not an EDM "
-                        "teacher; use it as --generator")
+        from gan_adapters.stylegan2_adapter import stylegan_snapshot_kind
+
+        kind = stylegan_snapshot_kind(obj) or "StyleGAN2-ADA/StyleGAN3"
+        raise UserError(f"{name}: this is a {kind} snapshot (keys G, D, G_ema), a GAN, not an EDM "
+                        "teacher; use it as --generator of `refiner refine` or `refiner metrics`")
     if not isinstance(obj, dict) or not isinstance(obj.get("ema"), nvpickle.PersistentObject):
         raise UserError(f"{name}: expected an EDM network pickle (a dict with a network under 'ema'), "
                         f"found {nvpickle.describe(obj)}; give an EDM, Diff-Instruct or SiD snapshot")

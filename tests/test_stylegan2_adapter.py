@@ -187,7 +187,7 @@ def test_ema_copy_shares_the_snapshot_and_the_discriminator_stays_on_cpu():
 def test_files_without_a_generator_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="EDM diffusion model.*--sigma-init"):
         load_generator(DATA / "edm-small-ddpmpp-edm-cond.pkl")
-    with pytest.raises(UserError, match=r"no StyleGAN2-ADA generator \(G_ema\).*EDMPrecond"):
+    with pytest.raises(UserError, match=r"no StyleGAN2-ADA/StyleGAN3 generator \(G_ema\).*EDMPrecond"):
         load_stylegan2(DATA / "edm-small-ncsnpp-edm-uncond.pkl")
     data = nvpickle.load(PKL)
     d_only = tmp_path / "d_only.pkl"

@@ -19,8 +19,8 @@ from refiner.cli.options import check_sha256
 def jsonable(value: Any) -> Any:
     """Plain JSON data for stored attributes and kwargs: numpy scalars become numbers, non-finite
     floats the strings 'inf' / '-inf' / 'nan', tensors a short description, anything else its repr."""
-    if isinstance(value, np.generic):
-        value = value.item()
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()  # numpy scalars and StyleGAN3's small arrays (sizes)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -85,6 +85,20 @@ def network_summary(record: nvpickle.PersistentObject) -> dict:
     }
 
 
+def gan_usage(obj: Any) -> dict | None:
+    """For a StyleGAN snapshot: which generator it holds and how each command takes it (else None)."""
+    from gan_adapters.stylegan2_adapter import stylegan_snapshot_kind
+
+    kind = stylegan_snapshot_kind(obj)
+    if kind is None:
+        return None
+    return {"generator": f"{kind} (G_ema)", "commands": {
+        "refine": "--generator FILE with an EDM --teacher; the refined pickle keeps this layout "
+                  "(--in-place replaces FILE and keeps FILE.bak)",
+        "metrics": "--generator FILE",
+        "distill, sample": "cannot use it: they take an EDM teacher (--teacher)"}}
+
+
 def summarize(obj: Any) -> dict:
     """Everything `inspect` shows, as JSON data: one entry per top-level key."""
     items = obj.items() if isinstance(obj, dict) else [("<top>", obj)]
@@ -94,7 +108,8 @@ def summarize(obj: Any) -> dict:
             entries[str(key)] = {"network": network_summary(value)}
         else:
             entries[str(key)] = {"type": type(value).__name__, "value": jsonable(value)}
-    return {"kind": nvpickle.describe(obj), "entries": entries}
+    usage = gan_usage(obj)
+    return {"kind": nvpickle.describe(obj), **({"usage": usage} if usage else {}), "entries": entries}
 
 
 def _count(n: int) -> str:
@@ -120,8 +135,11 @@ def _render_tree(name: str, tree: dict, depth: int, max_depth: int | None, tenso
 def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
     lines = [f"file: {summary['file']}  ({_count(summary['size_bytes'])} bytes, "
              f"pickle protocol {summary['pickle_protocol']})",
-             f"kind: {summary['kind']}",
-             f"globals: {', '.join(summary['globals'])}", ""]
+             f"kind: {summary['kind']}"]
+    if "usage" in summary:
+        lines.append(f"generator: {summary['usage']['generator']}")
+        lines += [f"  {command}: {how}" for command, how in summary["usage"]["commands"].items()]
+    lines += [f"globals: {', '.join(summary['globals'])}", ""]
     for key, entry in summary["entries"].items():
         if "network" not in entry:
             lines.append(f"[{key}] {entry['type']}: {json.dumps(entry['value'])}")
