@@ -17,6 +17,7 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from teachers import edm2
 from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
 from teachers.edm_precond import PRECONDS, Precond
@@ -78,15 +79,17 @@ def find_ema(obj: Any, name: str) -> nvpickle.PersistentObject:
     return obj["ema"]
 
 
-def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> Precond:
-    """Our preconditioner rebuilt from a record's `_init_kwargs`, holding the record's tensors.
+def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> Precond | edm2.Precond:
+    """Our preconditioner (EDM's four, or EDM2's `Precond`) rebuilt from a record's `_init_kwargs`,
+    holding the record's tensors.
 
     The network is constructed without drawing weights (`skip_init`) and takes the stored tensors by
-    reference (`load_state_dict(assign=True)`): they are shared with the record, not copied."""
-    cls = PRECONDS.get(record.class_name)
+    reference (`load_state_dict(assign=True)`): float32 tensors are shared with the record, not copied;
+    reduced-precision ones (EDM2 stores float16) are widened to float32."""
+    cls = PRECONDS.get(record.class_name) or (edm2.Precond if edm2.is_edm2(record) else None)
     if cls is None:
         raise UserError(f"{name}: 'ema' is a {record.class_name}, not an EDM preconditioner "
-                        f"({', '.join(PRECONDS)}); give an EDM network pickle")
+                        f"({', '.join(PRECONDS)}) or EDM2's Precond; give an EDM or EDM2 network pickle")
     try:
         with skip_init():
             network = cls(*record.init_args, **record.init_kwargs)
@@ -107,7 +110,7 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
         raise UserError(f"{name}: the stored weights do not fit {record.class_name} built from its "
                         f"arguments ({details}); the file is corrupt or from a modified EDM code base")
     network.load_state_dict(tensors, strict=True, assign=True)
-    return network.eval()
+    return network.float().eval()
 
 
 def load_teacher(source: str | os.PathLike, device: str | torch.device | None = None,
@@ -118,7 +121,9 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
     'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
     name = os.fspath(source)
-    record = find_ema(nvpickle.load(source), name)
+    data = nvpickle.load(source)
+    record = find_ema(data, name)
+    edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
     network = build_network(record, name).to(resolve_device(device))
     return EDMTeacher(network, record, resolve_dtype(dtype))
 
