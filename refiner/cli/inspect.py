@@ -13,6 +13,8 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.sources import open_source
+from gan_adapters.published import is_torch_checkpoint
+from refiner.cli.usage import pickle_usage, state_dict_usage
 
 
 def jsonable(value: Any) -> Any:
@@ -116,11 +118,17 @@ def _render_tree(name: str, tree: dict, depth: int, max_depth: int | None, tenso
         _render_tree(child_name, child, depth + 1, max_depth, tensors, lines)
 
 
+def render_usage(usage: dict) -> list[str]:
+    lines = [f"what it is: {usage['kind']}"]
+    lines += [f"  {command}: {use}" for command, use in usage["commands"].items()]
+    return lines + [""]
+
+
 def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
     lines = [f"file: {summary['file']}  ({_count(summary['size_bytes'])} bytes, "
              f"pickle protocol {summary['pickle_protocol']})",
              f"kind: {summary['kind']}",
-             f"globals: {', '.join(summary['globals'])}", ""]
+             f"globals: {', '.join(summary['globals'])}", "", *render_usage(summary["usage"])]
     for key, entry in summary["entries"].items():
         if "network" not in entry:
             lines.append(f"[{key}] {entry['type']}: {json.dumps(entry['value'])}")
@@ -153,15 +161,28 @@ def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256
     Prints the top-level keys and, for each network, its constructor kwargs, parameter counts,
     dtypes and sizes, and its module tree (class names and nesting).
 
-    FILE_OR_URL is a StyleGAN2-ADA / EDM network pickle (path, file:// or http(s):// URL; URLs
-    are cached). The file is read with a restricted unpickler: the module source stored in it is
+    FILE_OR_URL is a StyleGAN2-ADA / EDM / EDM2 network pickle or a DMD2 / consistency-model state
+    dict (path, file:// or http(s):// URL; URLs are cached); inspect says what it is and how each
+    command can use it. The file is read with a restricted unpickler: the module source stored in it is
     never executed, and files that reference anything outside the allow-list are refused.
     """
     path = open_source(source, sha256=sha256)
+    if is_torch_checkpoint(str(path)):
+        summary = {"file": str(path), "size_bytes": path.stat().st_size, "format": "torch state dict",
+                   "usage": state_dict_usage(str(path), str(path))}
+        text = "\n".join([f"file: {path}  ({_count(summary['size_bytes'])} bytes, torch state dict; "
+                          f"{summary['usage']['num_tensors']} tensors, "
+                          f"{_count(summary['usage']['num_elements'])} elements, "
+                          f"{', '.join(summary['usage']['dtypes'])})", "", *render_usage(summary["usage"])])
+        if "architecture" in summary["usage"]:
+            text += f"architecture (from tensor shapes): {json.dumps(jsonable(summary['usage']['architecture']))}\n"
+        click.echo(json.dumps(jsonable(summary), indent=1) if as_json else text)
+        return
     obj = nvpickle.load(path)
     summary = {"file": str(path), "size_bytes": path.stat().st_size,
                "pickle_protocol": nvpickle.pickle_protocol(path),
-               "globals": sorted(f"{m}.{n}" for m, n in nvpickle.globals_in(path)), **summarize(obj)}
+               "globals": sorted(f"{m}.{n}" for m, n in nvpickle.globals_in(path)), **summarize(obj),
+               "usage": pickle_usage(obj)}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
