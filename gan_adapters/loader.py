@@ -6,7 +6,7 @@ One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builde
 - a dict whose `ema` is an EDM preconditioner: a one-step generator (refiner distill, Diff-Instruct and
   SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present);
 - a torch state-dict file: DMD2's or a consistency model's one-step generator (gan_adapters/published.py;
-  options `sigma_init`, `resolution`). An EDM2 pickle is a teacher and is refused with a pointer.
+  options `sigma_init`, `resolution`). An EDM2 teacher pickle is refused with a pointer.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from fileformats.torchfiles import is_torch_checkpoint, local_path
 from gan_adapters.base import Generator
 from gan_adapters.biggan import is_biggan_folder, load_biggan
 from gan_adapters.onestep import is_onestep_snapshot, onestep_from_snapshot
-from gan_adapters.published import edm2_is_not_a_generator, is_torch_checkpoint, load_published, local_path
+from gan_adapters.published import edm2_generator, is_edm2_without_metadata, load_published
 from gan_adapters.stylegan2_adapter import StyleGAN2Options, source_name, stylegan2_from_snapshot
-from teachers.edm2 import is_edm2
 
 Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
 
@@ -31,8 +31,8 @@ _PICKLE_KINDS: list[tuple[Callable[[Any], bool], Builder]] = [
     (lambda data: isinstance(data, dict) and "G_ema" in data,
      lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts),
                                                               name, device)),
+    (is_edm2_without_metadata, edm2_generator),
     (is_onestep_snapshot, lambda data, name, device, opts: onestep_from_snapshot(data, name, device, **opts)),
-    (lambda data: isinstance(data, dict) and is_edm2(data.get("ema")), edm2_is_not_a_generator),
 ]
 
 

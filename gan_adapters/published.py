@@ -19,7 +19,6 @@ nothing in the file is executed.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -27,37 +26,18 @@ from typing import Any
 import torch
 
 from fileformats.errors import UserError
-from fileformats.sources import open_source
-from gan_adapters.onestep import OneStepGenerator
+from gan_adapters.onestep import METADATA_KEY, OneStepGenerator, onestep_from_snapshot
+from teachers import edm2
 from teachers.edm_layers import skip_init
 from teachers.edm_loader import network_record
 from teachers.edm_precond import ConsistencyPrecond, EDMPrecond, Precond
 
 SIGMA_INIT = 80.0
-ZIP_MAGIC = b"PK\x03\x04"
-LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8"  # torch.save before 1.6
 # guided diffusion's default channel_mult per image size (create_model in script_util.py)
 GUIDED_DIFFUSION_SIZES = {(1, 2, 2, 2): 32, (1, 2, 3, 4): 64, (1, 1, 2, 3, 4): 128, (1, 1, 2, 2, 4, 4): 256}
 HEAD_CHANNELS = 64  # DhariwalUNet's channels per attention head; every published ADM / CM model uses 64
 
 Tensors = Mapping[str, torch.Tensor]
-
-
-def local_path(source: Any) -> str | None:
-    """The file a path or URL names (URLs are downloaded to the cache), None for other sources."""
-    if not isinstance(source, (str, os.PathLike)):
-        return None
-    text = os.fspath(source)
-    return str(open_source(text)) if isinstance(text, str) and "://" in text else text
-
-
-def is_torch_checkpoint(path: str | None) -> bool:
-    """A torch.save file (zip archive or the legacy format), by its first bytes."""
-    if path is None or not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    return head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC
 
 
 def read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
@@ -267,8 +247,17 @@ def load_published(path: str, name: str, device: torch.device | str | None = Non
     return generator.eval().to(device) if device is not None else generator.eval()
 
 
-def edm2_is_not_a_generator(data: Any, name: str, *args: Any) -> OneStepGenerator:
-    """An EDM2 pickle given where a generator is expected: say what it is and where it goes."""
-    raise UserError(f"{name} is an EDM2 diffusion model (a teacher, not a generator): give it as --teacher to "
-                    "refiner refine, distill or sample; a one-step generator distilled from it can be measured "
-                    "with metrics")
+def is_edm2_without_metadata(data: Any) -> bool:
+    return isinstance(data, dict) and edm2.is_edm2(data.get("ema")) and METADATA_KEY not in data
+
+
+def edm2_generator(data: Any, name: str, device: torch.device | str | None, opts: dict) -> OneStepGenerator:
+    """An EDM2 pickle without refiner's metadata given where a generator is expected: with sigma_init it is
+    read as a one-step generator of EDM2's layout (pixel space only); without, say what it is and where
+    it goes."""
+    edm2.pixel_encoder(data, name)
+    if opts.get("sigma_init") is None:
+        raise UserError(f"{name} is an EDM2 diffusion model (a teacher, not a generator): give it as --teacher "
+                        "to refiner refine, distill or sample. If it is a one-step generator of EDM2's layout, "
+                        "give its σ_init")
+    return onestep_from_snapshot(data, name, device, **opts)

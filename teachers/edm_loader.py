@@ -17,6 +17,7 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from fileformats.torchfiles import is_torch_checkpoint, local_path
 from teachers import edm2
 from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
@@ -121,6 +122,10 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
     'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
     name = os.fspath(source)
+    if is_torch_checkpoint(local_path(source)):
+        raise UserError(f"{name} is a torch state dict (a one-step generator such as DMD2's or a consistency "
+                        "model's), not a diffusion teacher: give it as --generator to refine or metrics, and an "
+                        "EDM or EDM2 network pickle as --teacher")
     data = nvpickle.load(source)
     record = find_ema(data, name)
     edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available

@@ -17,6 +17,7 @@ import refiner.cli.metrics as cli_metrics
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
+from gan_adapters.onestep import OneStepGenerator
 from refiner.cli import cli
 from teachers.edm2 import MPConv, Precond, mp_cat, mp_sum, normalize
 from teachers.edm_loader import load_teacher
@@ -107,3 +108,24 @@ def test_training_mode_forces_weight_normalisation():
     assert torch.equal(conv.weight, before)
     conv.train()(torch.randn(1, 4, 5, 5))
     assert torch.allclose(conv.weight.flatten(1).pow(2).mean(1).sqrt(), torch.ones(6), atol=1e-3)
+
+
+def test_distilled_edm2_generator_round_trip(edm2_file, tmp_path):
+    """A one-step generator made from an EDM2 teacher is saved in EDM2's layout (float16, as the teacher
+    file) with refiner's metadata and loads back as a generator; an EDM2 file given as a generator with
+    an explicit σ_init is read as one."""
+    teacher = load_teacher(edm2_file)
+    g = OneStepGenerator.from_teacher(teacher, sigma_init=2.5)
+    g.save(tmp_path / "g.pkl")
+    back = load_generator(tmp_path / "g.pkl")
+    assert back.sigma_init == 2.5 and isinstance(back.network, Precond)
+    z, c = torch.randn(2, 3, 16, 16), torch.eye(10)[[1, 2]]
+    with torch.no_grad():
+        assert torch.equal(back(z, c), g(z, c))  # the teacher's weights are float16 values already
+        assert torch.equal(load_generator(edm2_file, sigma_init=2.5)(z, c), g(z, c))
+
+
+def test_state_dict_as_teacher_says_where_it_goes(tmp_path):
+    torch.save({"model.map_layer0.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="torch state dict .*--generator to refine or metrics"):
+        load_teacher(tmp_path / "pytorch_model.bin")

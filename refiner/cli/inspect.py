@@ -13,7 +13,7 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.sources import open_source
-from gan_adapters.published import is_torch_checkpoint
+from fileformats.torchfiles import is_torch_checkpoint
 from refiner.cli.usage import pickle_usage, state_dict_usage
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters import published
-from gan_adapters.onestep import PUBLISHED_SIGMA_INIT
+from gan_adapters.onestep import METADATA_KEY, PUBLISHED_SIGMA_INIT
 from teachers import edm2
 from teachers.edm_precond import PRECONDS
 
@@ -27,6 +27,12 @@ def pickle_usage(data: Any) -> dict[str, Any]:
                      "place of G_ema)", distill=NOT_A_TEACHER, sample=NOT_A_TEACHER,
                      metrics="yes, as --generator")
     ema = data.get("ema") if isinstance(data, dict) else None
+    edm_layout = isinstance(ema, nvpickle.PersistentObject) and ema.class_name in PRECONDS
+    meta = data.get(METADATA_KEY) if isinstance(data, dict) else None
+    if (edm_layout or edm2.is_edm2(ema)) and isinstance(meta, dict) and "sigma_init" in meta:
+        return _uses(f"one-step generator written by refiner (σ_init {meta['sigma_init']:g})",
+                     refine="yes, as --generator", distill="no: distill starts from a teacher",
+                     sample=NOT_A_TEACHER, metrics="yes, as --generator")
     if edm2.is_edm2(ema):
         try:
             edm2.pixel_encoder(data, "this file")
@@ -36,12 +42,7 @@ def pickle_usage(data: Any) -> dict[str, Any]:
                          sample=latent, metrics=latent)
         return _uses("EDM2 pixel-space diffusion model (teacher)", **TEACHER,
                      metrics="no: a diffusion model, not a generator (measure `sample` output with --images)")
-    if isinstance(ema, nvpickle.PersistentObject) and ema.class_name in PRECONDS:
-        meta = data.get("refiner")
-        if isinstance(meta, dict) and "sigma_init" in meta:
-            return _uses(f"one-step generator written by refiner (σ_init {meta['sigma_init']:g})",
-                         refine="yes, as --generator", distill="as --teacher only if it is a diffusion model",
-                         sample="as --teacher only if it is a diffusion model", metrics="yes, as --generator")
+    if edm_layout:
         what = "EDM diffusion model" if "loss_fn" in data else "EDM-layout network without refiner metadata"
         return _uses(f"{what} ({ema.class_name}; a Diff-Instruct / SiD one-step snapshot has the same layout)",
                      **TEACHER, metrics="as --generator if it is a one-step generator, with its σ_init "
