@@ -114,3 +114,16 @@ def test_bad_state_dicts(tmp_path):
     torch.save(state, tmp_path / "bad.bin")
     with pytest.raises(UserError, match="do not fit EDMPrecond.*wrong shape"):
         load_generator(tmp_path / "bad.bin")
+
+
+@pytest.mark.parametrize("fixture, opts", [("dmd2", {}), ("cm", {"resolution": 8})])
+def test_snapshot_round_trip(tmp_path, fixture, opts):
+    """What refine / the training loop write for these generators ({'ema': network record, 'refiner':
+    σ_init}) loads back as the same generator, without options."""
+    ref, path = write_state(tmp_path, fixture)
+    g = load_generator(path, **opts)
+    g.save(tmp_path / "snapshot.pkl")
+    back = load_generator(tmp_path / "snapshot.pkl")
+    assert type(back.network) is type(g.network) and back.sigma_init == 80
+    with torch.no_grad():
+        assert torch.equal(back(ref["z"], ref["labels"]), g(ref["z"], ref["labels"]))

@@ -59,6 +59,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
     from gan_adapters.loader import load_generator
+    from gan_adapters.onestep import OneStepGenerator
     from gan_adapters.resize import Resized
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
@@ -80,8 +81,10 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
                             f"move it away first")
     generator = load_generator(generator_src, device=device, **family_options)
     is_folder = os.path.isdir(generator_src)
-    if is_folder and (keep_g or in_place):
-        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to BigGAN-deep folders")
+    one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}, not in place
+    if (is_folder or one_step) and (keep_g or in_place):
+        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to "
+                        + ("BigGAN-deep folders" if is_folder else "one-step generators"))
     teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
@@ -89,7 +92,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     evaluate = make_evaluator(kwargs, device)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, overwrite=True, **({} if is_folder else {"keep_G": keep_g}))
+        ema.save(path, overwrite=True, **({} if is_folder or one_step else {"keep_G": keep_g}))
 
     job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
                    "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
