@@ -37,14 +37,17 @@ class EDMTeacher(nn.Module):
     snapshot with the same module source can be written later. On CPU the network's tensors are the
     record's tensors (no copy): teachers are frozen, never modify them in place.
     `dtype`: reduced precision for the U-Net on CUDA (None: fp16 iff the file says use_fp16).
+    `encoder`: between the teacher's data space and uint8 pixels (teachers.edm2.Encoder); pixels in
+    [-1, 1] unless an EDM2 file names another encoder.
     """
 
     def __init__(self, network: Precond, record: nvpickle.PersistentObject | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, encoder: edm2.Encoder | None = None):
         super().__init__()
         self.network = network
         self.record = record
         self.dtype = dtype
+        self.encoder = encoder if encoder is not None else edm2.StandardRGBEncoder()  # data space <-> pixels
         self.data_shape = (network.img_channels, network.img_resolution, network.img_resolution)
         self.label_dim = network.label_dim
         self.sigma_min = float(network.sigma_min)
@@ -128,9 +131,9 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
                         "EDM or EDM2 network pickle as --teacher")
     data = nvpickle.load(source)
     record = find_ema(data, name)
-    edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
+    encoder = edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
     network = build_network(record, name).to(resolve_device(device))
-    return EDMTeacher(network, record, resolve_dtype(dtype))
+    return EDMTeacher(network, record, resolve_dtype(dtype), encoder)
 
 
 def network_record(module: nn.Module, init_kwargs: dict | None = None,

@@ -48,6 +48,9 @@ def test_outputs_match_original(ref, edm2_file):
     assert torch.equal(D_logvar, D) and (logvar - ref["logvar"]).abs().max() < 1e-4 and logvar.shape == (4, 1, 1, 1)
     assert (D_nolabel - ref["D_nolabel"]).abs().max() < 1e-4
     assert ref["D"].abs().max() > 1  # the reference is not trivially small
+    # StandardRGBEncoder: pixels = (x·127.5 + 128).clip(0, 255), x = pixels/127.5 − 1 (edm2 encoders.py)
+    assert teacher.encoder.decode(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+    assert teacher.encoder.encode(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
 def test_written_pickle_has_the_original_layout(ref, edm2_file):
