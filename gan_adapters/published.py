@@ -134,7 +134,7 @@ def infer_consistency_unet(tensors: Tensors, name: str, resolution: int | None) 
                 adaptive_scale=_shape(tensors, "input_blocks.1.0.emb_layers.1.weight", name)[0] == 2 * widths[0])
 
 
-def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors) -> dict[str, torch.Tensor]:
+def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors, name: str = "the file") -> dict[str, torch.Tensor]:
     """Guided diffusion's UNetModel tensors under EDM DhariwalUNet names, in our network's layout.
 
     Both run the same blocks in the same order: input_blocks[i] = enc[i] (ResBlock at .0, attention at
@@ -142,14 +142,17 @@ def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors) -> dict[str, 
     whose last sub-module is the next level's upsampling block. ResBlock in_layers.0/.2 = norm0/conv0,
     emb_layers.1 = affine, out_layers.0/.3 = norm1/conv1, skip_connection = skip; attention norm = norm2,
     proj_out = proj, qkv rows (q|k|v, head, channel) reordered to EDM's (head, channel, q|k|v);
-    label_emb = map_label transposed. Resampling filters (constants) keep our values."""
+    label_emb = map_label transposed. Resampling filters (constants) keep our values; every parameter
+    of ours must get a tensor and every tensor of theirs must be used."""
     unet = network.model
     mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
 
     def copy(src: str, dst: str) -> None:
         for suffix in ("weight", "bias"):
             if f"{src}.{suffix}" in tensors:
                 mapped[f"model.{dst}.{suffix}"] = tensors[f"{src}.{suffix}"]
+                used.add(f"{src}.{suffix}")
 
     def block(src: str, dst: str, attention: str | None) -> None:
         for a, b in (("in_layers.0", "norm0"), ("in_layers.2", "conv0"), ("emb_layers.1", "affine"),
@@ -160,7 +163,10 @@ def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors) -> dict[str, 
             copy(f"{attention}.proj_out", f"{dst}.proj")
             heads = unet.get_submodule(dst).num_heads
             for suffix in ("weight", "bias"):
-                w = tensors[f"{attention}.qkv.{suffix}"]
+                w = tensors.get(f"{attention}.qkv.{suffix}")
+                if w is None:
+                    continue  # reported below as a parameter without a source
+                used.add(f"{attention}.qkv.{suffix}")
                 w = w.reshape(3, heads, w.shape[0] // (3 * heads), -1).permute(1, 2, 0, 3).reshape(w.shape)
                 mapped[f"model.{dst}.qkv.{suffix}"] = w
 
@@ -168,6 +174,7 @@ def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors) -> dict[str, 
     copy("time_embed.2", "map_layer1")
     if "label_emb.weight" in tensors:
         mapped["model.map_label.weight"] = tensors["label_emb.weight"].t()
+        used.add("label_emb.weight")
     copy("out.0", "out_norm")
     copy("out.2", "out_conv")
     for i, (name, module) in enumerate(unet.enc.items()):
@@ -187,8 +194,12 @@ def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors) -> dict[str, 
             k += 1
             last = 1 if module.num_heads else 0
             block(f"output_blocks.{k}.0", f"dec.{name}", f"output_blocks.{k}.1" if last else None)
-    ours = network.state_dict()
-    return {key: mapped[key].reshape(t.shape) if key in mapped else t for key, t in ours.items()}
+    unfilled = [k for k, _ in network.named_parameters() if k not in mapped]
+    unused = sorted(set(tensors) - used)
+    if unfilled or unused:
+        raise UserError(f"{name}: the UNetModel tensors do not map onto DhariwalUNet (ours without a source: "
+                        f"{unfilled[:3]}, theirs unused: {unused[:3]}); the file is from a modified code base")
+    return {key: mapped[key].reshape(t.shape) if key in mapped else t for key, t in network.state_dict().items()}
 
 
 def _load_into(network: Precond, tensors: Tensors, name: str, what: str) -> Precond:
@@ -219,7 +230,7 @@ def load_consistency(tensors: Tensors, name: str, resolution: int | None) -> tup
                         "False, the LSUN models); only the ImageNet-64 layout (scale-shift) is supported")
     with skip_init():
         network = ConsistencyPrecond(**kwargs)
-    return _load_into(network, cm_to_edm_names(network, tensors), name, "guided diffusion's UNetModel"), kwargs
+    return _load_into(network, cm_to_edm_names(network, tensors, name), name, "guided diffusion's UNetModel"), kwargs
 
 
 def load_published(path: str, name: str, device: torch.device | str | None = None,

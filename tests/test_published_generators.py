@@ -12,6 +12,7 @@ reference outputs; the weights files are written here with torch.save, as the or
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,8 +24,11 @@ import refiner.cli.metrics as cli_metrics
 from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
+from gan_adapters.published import cm_to_edm_names, infer_consistency_unet, infer_edm_dhariwal
 from metrics.evaluate import evaluate
 from refiner.cli import cli
+from teachers.edm_layers import skip_init
+from teachers.edm_precond import ConsistencyPrecond, EDMPrecond
 
 
 def write_state(tmp_path, fixture: str, **edit) -> tuple[dict, str]:
@@ -127,3 +131,33 @@ def test_snapshot_round_trip(tmp_path, fixture, opts):
     assert type(back.network) is type(g.network) and back.sigma_init == 80
     with torch.no_grad():
         assert torch.equal(back(ref["z"], ref["labels"]), g(ref["z"], ref["labels"]))
+
+
+def test_published_imagenet64_layouts_are_recognised():
+    """The tensor names and shapes of the published ImageNet-64 generators (made with the original code:
+    DMD2's get_imagenet_config, consistency_models' create_model with the launch.sh ImageNet-64 flags)
+    give the published architecture, and every tensor finds its place. Checked on the meta device."""
+    layouts = json.loads((DATA / "published-layouts.json").read_text())
+    with torch.device("meta"):
+        dmd2 = {k: torch.empty(s) for k, s in layouts["dmd2-imagenet64"].items()}
+        cm = {k: torch.empty(s) for k, s in layouts["cm-imagenet64"].items()}
+        kwargs = infer_edm_dhariwal(dmd2, "dmd2")
+        expected = dict(img_resolution=64, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
+                        channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8], augment_dim=0)
+        assert {k: kwargs[k] for k in expected} == expected
+        with skip_init():
+            network = EDMPrecond(**kwargs)
+        assert {k: list(v.shape) for k, v in network.state_dict().items()} == layouts["dmd2-imagenet64"]
+
+        kwargs = infer_consistency_unet(cm, "cm", resolution=None)  # 64 from the default channel_mult
+        assert kwargs.pop("adaptive_scale") is True
+        assert {k: kwargs[k] for k in expected if k != "augment_dim"} == {k: v for k, v in expected.items()
+                                                                          if k != "augment_dim"}
+        with skip_init():
+            network = ConsistencyPrecond(**kwargs)
+        mapped = cm_to_edm_names(network, cm)
+    assert sum(math.prod(s) for s in layouts["cm-imagenet64"].values()) == 295_899_267  # = EDM's ADM
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in network.state_dict().items()}
+    broken = {k: v for k, v in cm.items() if k != "middle_block.1.qkv.weight"}
+    with pytest.raises(UserError, match=r"do not map .*middle_block|do not map .*in0\.qkv"):
+        cm_to_edm_names(network, broken)
