@@ -3,6 +3,7 @@
 One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builder). Supported now:
 - a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA (gan_adapters/stylegan2_adapter.py);
 - a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`);
+  with pytorch_model.bin only: a DMD2 checkpoint folder (as the state-dict file below);
 - a dict whose `ema` is an EDM preconditioner: a one-step generator (refiner distill, Diff-Instruct and
   SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present);
 - a torch state-dict file: DMD2's or a consistency model's one-step generator (gan_adapters/published.py;
@@ -47,9 +48,13 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
     """
     name = source_name(source)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        weights = os.path.join(source, "pytorch_model.bin")
+        if not is_biggan_folder(source) and is_torch_checkpoint(weights):  # a DMD2 checkpoint folder
+            return load_published(weights, name, device, **opts)
         if not is_biggan_folder(source):
             raise UserError(f"{name} is a folder without config.json and pytorch_model.bin; the only "
-                            "generator stored as a folder is BigGAN-deep (pytorch-pretrained-biggan)")
+                            "generators stored as a folder are BigGAN-deep (pytorch-pretrained-biggan) and "
+                            "DMD2 checkpoints (pytorch_model.bin)")
         unknown = sorted(set(opts) - {"truncation"})
         if unknown:
             raise UserError(f"{name} is a BigGAN-deep folder; {', '.join(unknown)} apply to StyleGAN2-ADA only")

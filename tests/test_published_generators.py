@@ -52,6 +52,11 @@ def test_dmd2_matches_original(tmp_path):
     assert isinstance(g, OneStepGenerator) and g.sigma_init == 80 and g.data_shape == (3, 16, 16) and g.c_dim == 10
     with torch.no_grad():
         assert_close(g(ref["z"], ref["labels"]), ref["images"])
+    folder = tmp_path / "checkpoint_model_001000"  # DMD2's checkpoint folder holds pytorch_model.bin
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(open(path, "rb").read())
+    with torch.no_grad():
+        assert torch.equal(load_generator(folder)(ref["z"], ref["labels"]), g(ref["z"], ref["labels"]))
 
 
 def test_consistency_model_matches_original(tmp_path):
