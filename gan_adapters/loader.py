@@ -4,8 +4,11 @@ One entry per kind of file in `_PICKLE_KINDS` (test on the loaded pickle, builde
 - a network pickle whose top-level dict has `G_ema`: StyleGAN2-ADA, or StyleGAN2/StyleGAN3-T/R written by
   NVlabs/stylegan3 (gan_adapters/stylegan2_adapter.py);
 - a folder with config.json + pytorch_model.bin: BigGAN-deep (gan_adapters/biggan.py; option `truncation`);
+  with pytorch_model.bin only: a DMD2 checkpoint folder (as the state-dict file below);
 - a dict whose `ema` is an EDM preconditioner: a one-step generator (refiner distill, Diff-Instruct and
-  SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present).
+  SiD snapshots; gan_adapters/onestep.py; option `sigma_init`, read from refiner's metadata if present);
+- a torch state-dict file: DMD2's or a consistency model's one-step generator (gan_adapters/published.py;
+  options `sigma_init`, `resolution`). An EDM2 teacher pickle is refused with a pointer.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from fileformats.torchfiles import is_torch_checkpoint, local_path
 from gan_adapters.base import Generator
 from gan_adapters.biggan import is_biggan_folder, load_biggan
 from gan_adapters.onestep import is_onestep_snapshot, onestep_from_snapshot
+from gan_adapters.published import edm2_generator, is_edm2_without_metadata, load_published
 from gan_adapters.stylegan2_adapter import StyleGAN2Options, source_name, stylegan2_from_snapshot
 
 Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
@@ -28,6 +33,7 @@ _PICKLE_KINDS: list[tuple[Callable[[Any], bool], Builder]] = [
     (lambda data: isinstance(data, dict) and "G_ema" in data,
      lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts),
                                                               name, device)),
+    (is_edm2_without_metadata, edm2_generator),
     (is_onestep_snapshot, lambda data, name, device, opts: onestep_from_snapshot(data, name, device, **opts)),
 ]
 
@@ -37,18 +43,26 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
     """The generator stored in `source` (path, URL, bytes or binary file), on `device`.
 
     opts are passed to the family's loader (StyleGAN2-ADA: noise_mode, truncation_psi,
-    truncation_cutoff, force_fp32, trainable; one-step EDM: sigma_init). A file of no supported kind
+    truncation_cutoff, force_fp32, trainable; one-step EDM: sigma_init; DMD2 / consistency-model state
+    dicts: sigma_init, resolution). A file of no supported kind
     is a UserError saying what the file holds.
     """
     name = source_name(source)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        weights = os.path.join(source, "pytorch_model.bin")
+        if not is_biggan_folder(source) and is_torch_checkpoint(weights):  # a DMD2 checkpoint folder
+            return load_published(weights, name, device, **opts)
         if not is_biggan_folder(source):
             raise UserError(f"{name} is a folder without config.json and pytorch_model.bin; the only "
-                            "generator stored as a folder is BigGAN-deep (pytorch-pretrained-biggan)")
+                            "generators stored as a folder are BigGAN-deep (pytorch-pretrained-biggan) and "
+                            "DMD2 checkpoints (pytorch_model.bin)")
         unknown = sorted(set(opts) - {"truncation"})
         if unknown:
             raise UserError(f"{name} is a BigGAN-deep folder; {', '.join(unknown)} apply to StyleGAN2-ADA only")
         return load_biggan(source, device, **opts)
+    path = local_path(source)
+    if is_torch_checkpoint(path):
+        return load_published(path, name, device, **opts)
     data = nvpickle.load(source)
     for matches, build in _PICKLE_KINDS:
         if matches(data):

@@ -27,13 +27,14 @@ from torch import nn
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
+from teachers import edm2
 from teachers.edm_layers import UNetBlock
 from teachers.edm_loader import EDMTeacher, build_network
 from teachers.edm_precond import PRECONDS, Precond
 
 METADATA_KEY = "refiner"
 FORMAT = "refiner-one-step-generator/1"
-PUBLISHED_SIGMA_INIT = "1.0 for Diff-Instruct, 2.5 for SiD"
+PUBLISHED_SIGMA_INIT = "1.0 for Diff-Instruct, 2.5 for SiD, 80 for DMD2 (fed 80·z)"
 
 
 class _Template:
@@ -49,9 +50,9 @@ class _Template:
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
-    """Set the dropout probability of every EDM U-Net block (their `dropout` attribute) to p."""
+    """Set the dropout probability of every EDM / EDM2 U-Net block (their `dropout` attribute) to p."""
     for m in module.modules():
-        if isinstance(m, UNetBlock):
+        if isinstance(m, (UNetBlock, edm2.Block)):
             m.dropout = float(p)
 
 
@@ -99,7 +100,7 @@ class OneStepGenerator(nn.Module):
         return self.network(self.sigma_init * z, sigma, c, force_fp32=True)
 
     def describe(self) -> str:
-        inner = type(self.network.model).__name__
+        inner = type(getattr(self.network, "model", None) or self.network.unet).__name__  # EDM2: unet
         cond = f"{self.c_dim} classes" if self.c_dim else "unconditional"
         n = sum(p.numel() for p in self.parameters())
         return (f"one-step generator {type(self.network).__name__}({inner}) "
@@ -121,9 +122,9 @@ class OneStepGenerator(nn.Module):
 
 
 def is_onestep_snapshot(data: Any) -> bool:
-    """A dict whose `ema` is an EDM preconditioner record (our, Diff-Instruct, SiD and EDM snapshots)."""
+    """A dict whose `ema` is an EDM or EDM2 preconditioner record (our, Diff-Instruct, SiD and EDM snapshots)."""
     ema = data.get("ema") if isinstance(data, dict) else None
-    return isinstance(ema, nvpickle.PersistentObject) and ema.class_name in PRECONDS
+    return isinstance(ema, nvpickle.PersistentObject) and (ema.class_name in PRECONDS or edm2.is_edm2(ema))
 
 
 def onestep_from_snapshot(data: dict, name: str, device: torch.device | str | None = None,

@@ -43,6 +43,11 @@ def skip_init() -> Iterator[None]:
         _skip_init = previous
 
 
+def skipping_init() -> bool:
+    """True inside `skip_init()`: layers allocate their weights without drawing them."""
+    return _skip_init
+
+
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain: float = 1.0
                 ) -> torch.Tensor:
     """gain × Glorot ("xavier", variance 2/(fan_in+fan_out)) or He ("kaiming", variance 1/fan_in) draws,

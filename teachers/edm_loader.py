@@ -17,6 +17,8 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from fileformats.torchfiles import is_torch_checkpoint, local_path
+from teachers import edm2
 from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
 from teachers.edm_precond import PRECONDS, Precond
@@ -35,14 +37,17 @@ class EDMTeacher(nn.Module):
     snapshot with the same module source can be written later. On CPU the network's tensors are the
     record's tensors (no copy): teachers are frozen, never modify them in place.
     `dtype`: reduced precision for the U-Net on CUDA (None: fp16 iff the file says use_fp16).
+    `encoder`: between the teacher's data space and uint8 pixels (teachers.edm2.Encoder); pixels in
+    [-1, 1] unless an EDM2 file names another encoder.
     """
 
     def __init__(self, network: Precond, record: nvpickle.PersistentObject | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, encoder: edm2.Encoder | None = None):
         super().__init__()
         self.network = network
         self.record = record
         self.dtype = dtype
+        self.encoder = encoder if encoder is not None else edm2.StandardRGBEncoder()  # data space <-> pixels
         self.data_shape = (network.img_channels, network.img_resolution, network.img_resolution)
         self.label_dim = network.label_dim
         self.sigma_min = float(network.sigma_min)
@@ -81,15 +86,17 @@ def find_ema(obj: Any, name: str) -> nvpickle.PersistentObject:
     return obj["ema"]
 
 
-def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> Precond:
-    """Our preconditioner rebuilt from a record's `_init_kwargs`, holding the record's tensors.
+def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> Precond | edm2.Precond:
+    """Our preconditioner (EDM's four, or EDM2's `Precond`) rebuilt from a record's `_init_kwargs`,
+    holding the record's tensors.
 
     The network is constructed without drawing weights (`skip_init`) and takes the stored tensors by
-    reference (`load_state_dict(assign=True)`): they are shared with the record, not copied."""
-    cls = PRECONDS.get(record.class_name)
+    reference (`load_state_dict(assign=True)`): float32 tensors are shared with the record, not copied;
+    reduced-precision ones (EDM2 stores float16) are widened to float32."""
+    cls = PRECONDS.get(record.class_name) or (edm2.Precond if edm2.is_edm2(record) else None)
     if cls is None:
         raise UserError(f"{name}: 'ema' is a {record.class_name}, not an EDM preconditioner "
-                        f"({', '.join(PRECONDS)}); give an EDM network pickle")
+                        f"({', '.join(PRECONDS)}) or EDM2's Precond; give an EDM or EDM2 network pickle")
     try:
         with skip_init():
             network = cls(*record.init_args, **record.init_kwargs)
@@ -110,7 +117,7 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
         raise UserError(f"{name}: the stored weights do not fit {record.class_name} built from its "
                         f"arguments ({details}); the file is corrupt or from a modified EDM code base")
     network.load_state_dict(tensors, strict=True, assign=True)
-    return network.eval()
+    return network.float().eval()
 
 
 def load_teacher(source: str | os.PathLike, device: str | torch.device | None = None,
@@ -121,9 +128,15 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
     'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
     name = os.fspath(source)
-    record = find_ema(nvpickle.load(source), name)
+    if is_torch_checkpoint(local_path(source)):
+        raise UserError(f"{name} is a torch state dict (a one-step generator such as DMD2's or a consistency "
+                        "model's), not a diffusion teacher: give it as --generator to refine or metrics, and an "
+                        "EDM or EDM2 network pickle as --teacher")
+    data = nvpickle.load(source)
+    record = find_ema(data, name)
+    encoder = edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
     network = build_network(record, name).to(resolve_device(device))
-    return EDMTeacher(network, record, resolve_dtype(dtype))
+    return EDMTeacher(network, record, resolve_dtype(dtype), encoder)
 
 
 def network_record(module: nn.Module, init_kwargs: dict | None = None,

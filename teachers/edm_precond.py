@@ -178,5 +178,48 @@ class iDDPMPrecond(Precond):
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 
 
-PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls
-                                      for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond)}
+class TimestepEmbedding(nn.Module):
+    """Guided diffusion's timestep embedding [cos(t·ω_j), sin(t·ω_j)], ω_j = exp(−ln(max_period)·j/(C/2)),
+    j < C/2 (openai/guided-diffusion and openai/consistency_models `timestep_embedding`). Mathematically
+    EDM's PositionalEmbedding without endpoint; evaluated the same way as the original so that large t
+    (250·ln 80 ≈ 1095) gives the same phases in float32."""
+
+    def __init__(self, num_channels: int, max_period: int = 10000):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_period = max_period
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                          / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([args.cos(), args.sin()], dim=1).to(t.dtype)
+
+
+class ConsistencyPrecond(Precond):
+    """Consistency models (Song et al. 2023, eq. 7 / appendix C; openai/consistency_models
+    `get_scalings_for_boundary_condition` and `denoise`), f(x, σ) = c_skip·x + c_out·F(c_in·x; c_noise):
+    c_skip = σd²/((σ−σ_min)² + σd²), c_out = (σ−σ_min)·σd/√(σ²+σd²), c_in = 1/√(σ²+σd²),
+    c_noise = 1000·¼·ln(σ + 1e-44), so f(x, σ_min) = x. F is guided diffusion's UNetModel, which is
+    EDM's DhariwalUNet with guided diffusion's timestep embedding (gan_adapters/published.py maps the
+    parameter names)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0.002, sigma_max: float = 80, sigma_data: float = 0.5,
+                 model_type: str = "DhariwalUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels,
+                         model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+        self.model.map_noise = TimestepEmbedding(self.model.map_layer0.in_features)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        sd2, s = self.sigma_data**2, sigma - self.sigma_min
+        return (sd2 / (s**2 + sd2), s * self.sigma_data / (sigma**2 + sd2).sqrt(), 1 / (sigma**2 + sd2).sqrt(),
+                250 * (sigma + 1e-44).log())
+
+
+PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond,
+                                                                     ConsistencyPrecond)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fileformats import nvpickle
-from teachers.edm_loader import network_record
+from teachers.edm_loader import PLACEHOLDER_SOURCE, network_record
 from teachers.edm_precond import EDMPrecond
 
 DATA = Path(__file__).parent / "data"
@@ -32,3 +32,38 @@ def write_edm_teacher(path: Path, seed: int = 0, **kw) -> Path:
             p.add_(0.02 * torch.randn_like(p))  # layers that start at zero get non-zero weights too
     nvpickle.dump({"ema": network_record(net, kwargs)}, path)
     return path
+
+
+def write_edm2_teacher(path: Path, ref: dict | None = None, encoder: str = "StandardRGBEncoder") -> Path:
+    """An EDM2 pickle in NVIDIA's layout (EasyDict {encoder, dataset_kwargs, loss_fn, ema}, `ema` stored
+    in float16) holding the golden EDM2 fixture's weights, written by our writer (placeholder source)."""
+    from teachers.edm2 import Precond as EDM2Precond
+
+    ref = ref if ref is not None else torch.load(DATA / "edm2-small.ref.pt")
+    kwargs = ref["kwargs"]
+    net = EDM2Precond(**kwargs)
+    net.load_state_dict(ref["state"])
+    net = net.to(torch.float16).eval()
+
+    def plain(class_name: str, state: dict, init_kwargs: dict) -> nvpickle.PersistentObject:
+        return nvpickle.PersistentObject(class_name=class_name, module_src=PLACEHOLDER_SOURCE, version=6,
+                                         state={**state, "_init_args": (), "_init_kwargs": init_kwargs})
+
+    data = nvpickle.EasyDict(
+        encoder=plain(encoder, {}, {}),
+        dataset_kwargs=nvpickle.EasyDict(class_name="training.dataset.ImageFolderDataset", path="x",
+                                         use_labels=True),
+        loss_fn=plain("EDM2Loss", {"P_mean": -0.8, "P_std": 1.6, "sigma_data": 0.5}, {"P_mean": -0.8, "P_std": 1.6}),
+        ema=network_record(net, kwargs))
+    nvpickle.dump(data, path)
+    return path
+
+
+def seeded_state_dict(ref: dict) -> dict[str, torch.Tensor]:
+    """A reference fixture's state dict, regenerated: parameters are seeded normal draws (in sorted name
+    order, std ref['std']), buffers are stored in the fixture. Names and shapes are those of the
+    original network, recorded when the reference outputs were made with the original code."""
+    gen = torch.Generator().manual_seed(ref["seed"])
+    drawn = {name: torch.randn(ref["shapes"][name], generator=gen) * ref["std"]
+             for name in sorted(ref["shapes"]) if name not in ref["buffers"]}
+    return {name: ref["buffers"][name] if name in ref["buffers"] else drawn[name] for name in ref["shapes"]}

@@ -134,7 +134,7 @@ def test_diff_instruct_snapshot_without_metadata_needs_sigma_init(tmp_path: Path
     record = nvpickle.load(TEACHER)["ema"]
     path = tmp_path / "network-snapshot-000500.pkl"
     nvpickle.dump({"ema": record, "Sg": record}, path)  # Diff-Instruct's layout: generator and fake score
-    with pytest.raises(UserError, match=r"give --sigma-init \(1.0 for Diff-Instruct, 2.5 for SiD\)"):
+    with pytest.raises(UserError, match=r"give --sigma-init \(1.0 for Diff-Instruct, 2.5 for SiD, 80 for DMD2"):
         load_generator(path)
     G = load_generator(path, sigma_init=2.5)
     rng = torch.Generator().manual_seed(2)

@@ -186,11 +186,13 @@ def test_inspect_names_the_generator_and_the_commands():
     result = CliRunner().invoke(cli, ["inspect", str(_pkl("sg3-r-cond")), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["usage"]["generator"] == "StyleGAN3-R (G_ema)"
+    assert summary["usage"]["kind"] == "StyleGAN3-R network snapshot (G_ema)"
     assert "--generator" in summary["usage"]["commands"]["refine"]
+    assert summary["usage"]["commands"]["distill"].startswith("no:")
     assert "numpy.ndarray" in summary["globals"]
     text = CliRunner().invoke(cli, ["inspect", str(_pkl("sg3-stylegan2-cond")), "--depth", "0"]).output
-    assert "generator: StyleGAN2 (NVlabs/stylegan3) (G_ema)" in text and "metrics: --generator FILE" in text
+    assert "what it is: StyleGAN2 (NVlabs/stylegan3) network snapshot (G_ema)" in text
+    assert "metrics: yes, as --generator" in text
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import torch
 
 from fileformats import nvpickle
 from fileformats.sources import open_source
+from fileformats.torchfiles import is_torch_checkpoint
 from refiner.cli.options import check_sha256
+from refiner.cli.usage import pickle_usage, state_dict_usage
 
 
 def jsonable(value: Any) -> Any:
@@ -85,20 +87,6 @@ def network_summary(record: nvpickle.PersistentObject) -> dict:
     }
 
 
-def gan_usage(obj: Any) -> dict | None:
-    """For a StyleGAN snapshot: which generator it holds and how each command takes it (else None)."""
-    from gan_adapters.stylegan2_adapter import stylegan_snapshot_kind
-
-    kind = stylegan_snapshot_kind(obj)
-    if kind is None:
-        return None
-    return {"generator": f"{kind} (G_ema)", "commands": {
-        "refine": "--generator FILE with an EDM --teacher; the refined pickle keeps this layout "
-                  "(--in-place replaces FILE and keeps FILE.bak)",
-        "metrics": "--generator FILE",
-        "distill, sample": "cannot use it: they take an EDM teacher (--teacher)"}}
-
-
 def summarize(obj: Any) -> dict:
     """Everything `inspect` shows, as JSON data: one entry per top-level key."""
     items = obj.items() if isinstance(obj, dict) else [("<top>", obj)]
@@ -108,8 +96,7 @@ def summarize(obj: Any) -> dict:
             entries[str(key)] = {"network": network_summary(value)}
         else:
             entries[str(key)] = {"type": type(value).__name__, "value": jsonable(value)}
-    usage = gan_usage(obj)
-    return {"kind": nvpickle.describe(obj), **({"usage": usage} if usage else {}), "entries": entries}
+    return {"kind": nvpickle.describe(obj), "entries": entries}
 
 
 def _count(n: int) -> str:
@@ -132,14 +119,17 @@ def _render_tree(name: str, tree: dict, depth: int, max_depth: int | None, tenso
         _render_tree(child_name, child, depth + 1, max_depth, tensors, lines)
 
 
+def render_usage(usage: dict) -> list[str]:
+    lines = [f"what it is: {usage['kind']}"]
+    lines += [f"  {command}: {use}" for command, use in usage["commands"].items()]
+    return lines + [""]
+
+
 def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
     lines = [f"file: {summary['file']}  ({_count(summary['size_bytes'])} bytes, "
              f"pickle protocol {summary['pickle_protocol']})",
-             f"kind: {summary['kind']}"]
-    if "usage" in summary:
-        lines.append(f"generator: {summary['usage']['generator']}")
-        lines += [f"  {command}: {how}" for command, how in summary["usage"]["commands"].items()]
-    lines += [f"globals: {', '.join(summary['globals'])}", ""]
+             f"kind: {summary['kind']}",
+             f"globals: {', '.join(summary['globals'])}", "", *render_usage(summary["usage"])]
     for key, entry in summary["entries"].items():
         if "network" not in entry:
             lines.append(f"[{key}] {entry['type']}: {json.dumps(entry['value'])}")
@@ -173,15 +163,28 @@ def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256
     Prints the top-level keys and, for each network, its constructor kwargs, parameter counts,
     dtypes and sizes, and its module tree (class names and nesting).
 
-    FILE_OR_URL is a StyleGAN2-ADA / EDM network pickle (path, file:// or http(s):// URL; URLs
-    are cached). The file is read with a restricted unpickler: the module source stored in it is
+    FILE_OR_URL is a StyleGAN2-ADA / EDM / EDM2 network pickle or a DMD2 / consistency-model state
+    dict (path, file:// or http(s):// URL; URLs are cached); inspect says what it is and how each
+    command can use it. The file is read with a restricted unpickler: the module source stored in it is
     never executed, and files that reference anything outside the allow-list are refused.
     """
     path = open_source(source, sha256=sha256)
+    if is_torch_checkpoint(str(path)):
+        summary = {"file": str(path), "size_bytes": path.stat().st_size, "format": "torch state dict",
+                   "usage": state_dict_usage(str(path), str(path))}
+        text = "\n".join([f"file: {path}  ({_count(summary['size_bytes'])} bytes, torch state dict; "
+                          f"{summary['usage']['num_tensors']} tensors, "
+                          f"{_count(summary['usage']['num_elements'])} elements, "
+                          f"{', '.join(summary['usage']['dtypes'])})", "", *render_usage(summary["usage"])])
+        if "architecture" in summary["usage"]:
+            text += f"architecture (from tensor shapes): {json.dumps(jsonable(summary['usage']['architecture']))}\n"
+        click.echo(json.dumps(jsonable(summary), indent=1) if as_json else text)
+        return
     obj = nvpickle.load(path)
     summary = {"file": str(path), "size_bytes": path.stat().st_size,
                "pickle_protocol": nvpickle.pickle_protocol(path),
-               "globals": sorted(f"{m}.{n}" for m, n in nvpickle.globals_in(path)), **summarize(obj)}
+               "globals": sorted(f"{m}.{n}" for m, n in nvpickle.globals_in(path)), **summarize(obj),
+               "usage": pickle_usage(obj)}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:

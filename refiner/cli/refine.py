@@ -65,6 +65,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
     from gan_adapters.loader import load_generator
+    from gan_adapters.onestep import OneStepGenerator
     from gan_adapters.resize import Resized
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
@@ -87,8 +88,10 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
                                **family_options)
     is_folder = os.path.isdir(generator_src)
-    if is_folder and (keep_g or in_place):
-        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to BigGAN-deep folders")
+    one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}, not in place
+    if (is_folder or one_step) and (keep_g or in_place):
+        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to "
+                        + ("BigGAN-deep folders" if is_folder else "one-step generators"))
     teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
@@ -96,7 +99,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     evaluate = make_evaluator(kwargs, device)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, overwrite=True, **({} if is_folder else {"keep_G": keep_g}))
+        ema.save(path, overwrite=True, **({} if is_folder or one_step else {"keep_G": keep_g}))
 
     job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
                    "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
