@@ -17,6 +17,7 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
+from fileformats.sources import file_sha256, open_source
 from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
 from teachers.edm_precond import PRECONDS, Precond
@@ -116,9 +117,19 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     no gradients on its weights).
 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
-    'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
+    'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16). `identity` = {'name':
+    source, 'sha256': of the file's bytes} is what training checkpoints record of their teacher."""
     name = os.fspath(source)
-    record = find_ema(nvpickle.load(source), name)
+    local = open_source(source)
+    teacher = teacher_from_pickle(nvpickle.load(local), name, device, dtype)
+    teacher.identity = {"name": name, "sha256": file_sha256(local)}
+    return teacher
+
+
+def teacher_from_pickle(data: Any, name: str, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> EDMTeacher:
+    """`load_teacher` for a pickle already read by `nvpickle.load`."""
+    record = find_ema(data, name)
     network = build_network(record, name).to(resolve_device(device))
     return EDMTeacher(network, record, resolve_dtype(dtype))
 
