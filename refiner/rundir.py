@@ -98,11 +98,15 @@ class RunDir:
         which the kernel drops when the process ends in any way, so a killed run leaves no stale lock (the
         file stays; its text, "pid P on HOST", only names the holder). `prepare` writes that text once
         its checks pass, so a refused request changes nothing."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / MARKER).is_file():
-            atomic_write_text(self.path / MARKER, "a refiner run directory: --force may delete what runs "
-                                                  "wrote here\n")
-        f = open(self.path / LOCK, "a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / MARKER).is_file():
+                atomic_write_text(self.path / MARKER, "a refiner run directory: --force may delete what runs "
+                                                      "wrote here\n")
+            f = open(self.path / LOCK, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write into --out {self.path} ({e.strerror or e}); choose a folder you can "
+                            f"write to") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
