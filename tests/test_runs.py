@@ -160,6 +160,22 @@ def test_sample_same_seeds_twice_is_byte_identical(tmp_path: Path):
     assert _files(tmp_path / "a", "*") == _files(tmp_path / "b", "*")
 
 
+def test_generated_samples_are_seeded_and_leave_the_global_generator_alone():
+    """What metrics and grids draw: a StyleGAN2 with random noise inputs gives the same images for the same
+    seed whatever torch's global state, and the caller's global random stream does not move."""
+    from metrics.evaluate import generated_batches
+
+    G = load_generator(SG2, noise_mode="random")
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        runs.append(torch.cat(list(generated_batches(G, 3, batch_size=2, seed=5))))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], torch.cat(list(generated_batches(G, 3, batch_size=2, seed=6))))
+
+
 # -- the run directory: --force, restart, lock ------------------------------------------------------
 
 def _toy(out: Path | str, *args: str):
