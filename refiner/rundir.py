@@ -125,19 +125,19 @@ class RunDir:
 
     def _clear(self, inputs: Iterable[str | os.PathLike]) -> None:
         """Remove what earlier runs wrote here (RUN_FILES except the marker and our lock). Refused for the
-        working directory (or one above it) and for a directory holding an input of this command."""
+        working directory (or one above it) and when an input of this command is among those files."""
         here = self.path.resolve()
         if here == Path.cwd().resolve() or here in Path.cwd().resolve().parents:
             raise UserError(f"--out {self.path} is the working directory (or contains it); refiner does not "
                             f"empty it: choose a subfolder as --out")
+        doomed = [child for child in self.path.iterdir() if child.name not in (MARKER, LOCK)
+                  and any(fnmatch.fnmatchcase(child.name, pattern) for pattern in RUN_FILES)]
         for item in inputs:
             resolved = Path(item).resolve()
-            if resolved == here or here in resolved.parents:
+            if any(resolved == child.resolve() or child.resolve() in resolved.parents for child in doomed):
                 raise UserError(f"--out {self.path} holds {item}, an input of this command; starting over "
                                 f"there would delete it: choose another --out")
-        for child in self.path.iterdir():
-            if child.name in (MARKER, LOCK) or not any(fnmatch.fnmatchcase(child.name, p) for p in RUN_FILES):
-                continue
+        for child in doomed:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
