@@ -59,7 +59,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file, not a directory; choose another --out")
         existing = self.path.is_dir() and any(self.path.iterdir())
-        if existing and not (self.path / MARKER).is_file():
+        if existing and not self._is_run():
             raise UserError(f"--out {self.path} holds files but is not a refiner run directory (no {MARKER}); "
                             f"refiner never deletes or mixes into it: choose a new or empty --out")
         self._acquire()
@@ -93,6 +93,10 @@ class RunDir:
         return checkpoint
 
     # -- ownership and lock ---------------------------------------------------------------------------
+    def _is_run(self) -> bool:
+        """Marked as a run, or a run written before the marker existed (config.json and checkpoints/)."""
+        return (self.path / MARKER).is_file() or (self.config_path.is_file() and self.checkpoint_dir.is_dir())
+
     def _acquire(self) -> None:
         """Create the directory (marked as a run) if needed and take its lock: an exclusive flock on LOCK,
         which the kernel drops when the process ends in any way, so a killed run leaves no stale lock (the

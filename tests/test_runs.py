@@ -192,9 +192,12 @@ def test_force_removes_only_what_runs_wrote(tmp_path: Path, monkeypatch):
         result = _toy(other, *flags)
         assert result.exit_code == 2 and "not a refiner run directory" in result.output, result.output
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
-    # a run: --force deletes the run's files, not a file the user put there
+    # a run written before runs were marked is still one
     run = tmp_path / "run"
     assert _toy(run).exit_code == 0 and (run / MARKER).is_file()
+    (run / MARKER).unlink()
+    assert _toy(run, "--resume", "--steps", "2").exit_code == 0 and (run / MARKER).is_file()
+    # a run: --force deletes the run's files, not a file the user put there
     (run / "notes.txt").write_text("keep me")
     assert _toy(run, "--force").exit_code == 0
     assert (run / "notes.txt").read_text() == "keep me" and [r["step"] for r in RunDir(run).read_log()] == [1]
