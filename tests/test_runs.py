@@ -364,6 +364,12 @@ def test_refine_a_foreign_onestep_snapshot_with_sigma_init(tmp_path: Path, forei
     refined = load_generator(tmp_path / "r" / "network-refined.pkl")  # carries our metadata now
     assert isinstance(refined, OneStepGenerator) and refined.sigma_init == 2.5
     assert _refine(SG2, EDM16, tmp_path / "r2", "--keep-G", "--sigma-init", "1").exit_code == 2
+    # Diff-Instruct keeps its fake score beside the generator: --in-place would lose it
+    with_fake = tmp_path / "di-with-fake.pkl"
+    record = nvpickle.load(foreign_onestep)["ema"]
+    nvpickle.dump({"ema": record, "Sg": record}, with_fake)
+    result = _refine(with_fake, EDM16, tmp_path / "r3", "--steps", "1", "--sigma-init", "1", "--in-place")
+    assert result.exit_code == 2 and "--in-place would drop Sg" in result.output, result.output
 
 
 def test_metrics_reads_sigma_init(tmp_path: Path, foreign_onestep: Path, monkeypatch):

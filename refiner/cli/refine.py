@@ -64,7 +64,9 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     OUT/biggan-refined (BigGAN-deep) at every snapshot and at the end, before/after grids of the same
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
+    from fileformats import nvpickle
     from gan_adapters.loader import load_generator
+    from gan_adapters.onestep import METADATA_KEY, OneStepGenerator
     from gan_adapters.resize import Resized
     from gan_adapters.stylegan2_adapter import StyleGAN2Generator
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
@@ -90,6 +92,11 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     is_folder = os.path.isdir(generator_src)
     if keep_g and not isinstance(generator, StyleGAN2Generator):
         raise UserError("--keep-G applies to StyleGAN2-ADA pickles (they hold G and G_ema); leave it out")
+    if in_place and isinstance(generator, OneStepGenerator):
+        dropped = sorted(set(nvpickle.load(generator_src)) - {"ema", METADATA_KEY})
+        if dropped:
+            raise UserError(f"--in-place would drop {', '.join(dropped)} from {generator_src} (a refined one-step "
+                            f"generator is written as 'ema' and refiner's metadata); take it from --out instead")
     teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
