@@ -134,7 +134,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, advice: str = OUT_ADVI
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, advice: str = OUT_ADVICE) -> Path:
-    """Copy the bytes and the permission bits of `src` to `dst` through a temporary file and a rename."""
+    """Copy the bytes and the permission bits of `src` to `dst` through a temporary file and a rename; a
+    folder is copied into a temporary folder that then takes its place (`atomic_folder`)."""
+    if os.path.isdir(src):
+        with atomic_folder(dst, advice) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        return Path(dst)
     with open(src, "rb") as source:
         atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20), advice=advice)
     with write_errors(dst, advice):

@@ -260,6 +260,19 @@ def _storage_payload(storage: torch.TypedStorage) -> bytes | None:
     return entry[0] + data
 
 
+def _fresh_payload(storage: torch.TypedStorage) -> bytes:
+    """What torch writes for a storage (`TypedStorage.__reduce__`: a legacy torch.save stream), with the
+    key "0" in its header instead of the storage's memory address, so equal tensors give equal bytes
+    (the stream holds one storage; its loader only matches the key within the stream)."""
+    buffer = io.BytesIO()
+    torch.save(storage, buffer, _use_new_zipfile_serialization=False)
+    payload, nbytes = buffer.getvalue(), storage._untyped_storage.nbytes()
+    key = str(storage._untyped_storage._cdata).encode()
+    header = payload[: len(payload) - nbytes].replace(b"X" + struct.pack("<I", len(key)) + key,
+                                                      b"X" + struct.pack("<I", 1) + b"0")
+    return header + payload[len(payload) - nbytes:]
+
+
 def _no_hooks(hooks: Any) -> None:
     if hooks is not None and (not isinstance(hooks, dict) or hooks):
         raise UserError("a tensor in the file carries serialized hooks; the file is refused as unsafe")
@@ -608,8 +621,7 @@ class _Writer(pickle._Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.TypedStorage):
             payload = _storage_payload(obj)
-            if payload is not None:
-                return torch.storage._load_from_bytes, (payload,)
+            return torch.storage._load_from_bytes, (payload if payload is not None else _fresh_payload(obj),)
         return NotImplemented
 
     def save_global(self, obj: Any, name: str | None = None) -> None:

@@ -7,7 +7,10 @@ parameters; the refinement loop only ever sees this interface.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -49,3 +52,20 @@ def uniform_one_hot(n: int, c_dim: int, generator: torch.Generator | None = None
     device = rng_device(generator) if device is None else device
     idx = torch.randint(c_dim, (n,), generator=generator, device=device)
     return torch.nn.functional.one_hot(idx, c_dim).float()
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose of a seeded command, independent of its other purposes' streams:
+    the first 8 bytes of sha256("seed/purpose")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, purpose: str, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run a block with torch's global generators (CPU, and `device` if CUDA) seeded for `purpose`, and
+    restore their state afterwards: what a network draws itself (StyleGAN2's per-pixel noise, dropout) is
+    then reproducible, and the caller's random stream does not move."""
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derived_seed(seed, purpose))
+        yield

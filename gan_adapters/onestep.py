@@ -34,7 +34,7 @@ from teachers.edm_precond import PRECONDS, Precond
 
 METADATA_KEY = "refiner"
 FORMAT = "refiner-one-step-generator/1"
-PUBLISHED_SIGMA_INIT = "1.0 for Diff-Instruct, 2.5 for SiD, 80 for DMD2 (fed 80·z)"
+PUBLISHED_SIGMA_INIT = "1.0 for Diff-Instruct, 2.5 for SiD, 80 for DMD2 (whose input is 80·z)"
 
 
 class _Template:

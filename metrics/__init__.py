@@ -1,8 +1,8 @@
 """Inception features, FID / IS / KID, reference statistics and before/after reports.
 Knows nothing of the training loop.
 
-Public API: `compute_metrics(source, detector, metrics, ref=...)` (= metrics.evaluate.evaluate) and `load_detector(path_or_url=None)`, imported on
-first use so `import metrics` stays cheap."""
+Public API: `compute_metrics(source, detector, metrics, ref=...)` (= metrics.evaluate.evaluate) and
+`load_detector(path_or_url=None)`, imported on first use so `import metrics` stays cheap."""
 
 from __future__ import annotations
 

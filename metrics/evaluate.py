@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fileformats.errors import UserError
+from gan_adapters.base import seeded_global_rng
 from metrics.features import NO_LOGITS, FeatureCollector, collect, device_of
 from metrics.images import ImageSet, open_image_set, quantize, to_rgb
 from metrics.reference import ReferenceStats, load_reference
@@ -61,11 +62,12 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
 def generated_batches(G, num: int, batch_size: int = 64, seed: int = 0) -> Iterator[torch.Tensor]:
     """`num` samples of G as uint8 RGB batches [B, 3, H, W]; latents and labels come from G's own priors
     through one torch.Generator seeded with `seed`, so a seed gives the same latents to any generator
-    with the same priors (before / after refinement)."""
+    with the same priors (before / after refinement). What G draws itself (StyleGAN2's noise inputs) comes
+    from torch's global generator seeded per batch from `seed`, and its state is restored afterwards."""
     rng = torch.Generator(device_of(G)).manual_seed(seed)
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
-        with torch.no_grad():
+        with torch.no_grad(), seeded_global_rng(seed, f"samples/{start}", device_of(G)):
             z = G.sample_latents(b, rng)
             c = G.sample_labels(b, rng)
             x = G(z, c)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fileformats.atomic import append_text, atomic_open
 from fileformats.errors import UserError
+from gan_adapters.base import seeded_global_rng
 from metrics.evaluate import generated_batches
 from metrics.images import save_image_grid
 from metrics.report import write_report
@@ -41,37 +42,50 @@ class ImageJob:
     out: Path
     device: torch.device
     save_generator: Callable[[nn.Module, Path], None]  # writes a generator (the EMA) in its native format
-    output_name: str  # file or folder name of that output inside the run directory; with a '{kimg}'
-    # field (e.g. 'network-snapshot-{kimg:06d}.pkl') every snapshot gets its own file
+    output_name: str  # file or folder name of that output inside the run directory; with a '{nimg}'
+    # field (images seen, e.g. 'network-snapshot-{nimg:09d}.pkl') every snapshot gets its own file
     evaluate: Evaluator | None = None
     metrics_at_snapshots: bool = False
     grid_seeds: int = 64
-    snapshot_grids: bool = False  # also write grid-KKKKKK.png (kimg) of the fixed seeds at every snapshot
+    snapshot_grids: bool = False  # also write grid-NNNNNNNNN.png (images seen) of the fixed seeds at every snapshot
     title: str = "Diff-Instruct refinement"
     info: dict[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = print
+    inputs: tuple[str, ...] = ()  # the command's input files: starting over in `out` must not delete them
 
-    kimg: int = field(default=0, init=False)  # of the latest snapshot
+    nimg: int = field(default=0, init=False)  # images seen at the latest snapshot
 
     @property
     def output_path(self) -> Path:
-        """The latest output (the file of the latest snapshot when output_name has a '{kimg}' field)."""
-        return self.out / self.output_name.format(kimg=self.kimg)
+        """The latest output (the file of the latest snapshot when output_name has a '{nimg}' field)."""
+        return self.out / self.output_name.format(nimg=self.nimg)
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
+        """Prepare and lock the run directory, train, write the outputs; the lock is released on any exit."""
         run = RunDir(self.out)
-        checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force))
+        checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force, inputs=self.inputs,
+                                                       echo=self.echo))
+        try:
+            return self._run(run, checkpoint)
+        finally:
+            run.release()
+
+    def _run(self, run: RunDir, checkpoint: Path | None) -> dict[str, Any]:
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
                           on_snapshot=(self._snapshot,), echo=self.echo)
         main = dist.rank() == 0
         before = self._before(run, trainer.ema) if main else None
         if checkpoint is not None:
             trainer.resume(checkpoint)
+            if main and not self._output_for(trainer).exists():  # killed between checkpoint and snapshot
+                with seeded_global_rng(self.config.seed, "snapshot", self.device):
+                    self._snapshot(trainer)
         trainer.train()
         self.ema = trainer.ema
         if not main:
             return {"steps": trainer.counters.step}
-        after = self._measure(trainer.ema, "after")
+        with seeded_global_rng(self.config.seed, "after", self.device):
+            after = self._measure(trainer.ema, "after")
         grid_after = self._grid(trainer.ema)
         save_image_grid(grid_after, self.out / "grid-after.png")
         log = run.read_log()
@@ -98,7 +112,8 @@ class ImageJob:
             stored = np.load(path)
             return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
         grid = self._grid(generator)
-        metrics = self._measure(generator, "before")
+        with seeded_global_rng(self.config.seed, "before", self.device):
+            metrics = self._measure(generator, "before")
         save_image_grid(grid, run.path / "grid-before.png")
         with atomic_open(path) as f:
             np.savez(f, grid=grid, metrics=json.dumps(metrics))
@@ -117,11 +132,14 @@ class ImageJob:
         self.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
 
+    def _output_for(self, trainer: Trainer) -> Path:
+        return self.out / self.output_name.format(nimg=trainer.counters.nimg)
+
     def _snapshot(self, trainer: Trainer) -> None:
-        self.kimg = trainer.counters.nimg // 1000
+        self.nimg = trainer.counters.nimg
         self.save_generator(trainer.ema, self.output_path)
         if self.snapshot_grids:
-            save_image_grid(self._grid(trainer.ema), self.out / f"grid-{self.kimg:06d}.png")
+            save_image_grid(self._grid(trainer.ema), self.out / f"grid-{self.nimg:09d}.png")
         if self.metrics_at_snapshots and self.evaluate is not None:
             record = {"step": trainer.counters.step, "kimg": trainer.counters.nimg / 1000,
                       **self._measure(trainer.ema, f"at step {trainer.counters.step}")}

@@ -12,7 +12,11 @@ checkpoints of the whole training state, the JSON-lines log, the progress bar an
 Randomness: every draw of the loop (latents, labels, σ, ε) comes from one CPU `torch.Generator` seeded
 with `config.seed`, and every process draws the *global* batch and keeps its own slice. So N processes
 follow exactly the trajectory of one process with the same global batch, and a checkpoint resumes
-under any process count.
+under any process count. What the networks draw themselves from torch's global generators (StyleGAN2's
+per-pixel noise, dropout, augmentation) starts from a seed derived from `config.seed` and the rank; both
+states are in every checkpoint, and snapshot callbacks run on a forked global state, so grids and
+metrics never move the training's randomness: a run is reproducible bit for bit on CPU, and a resumed
+run equals the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from fileformats.errors import UserError
 from fileformats.progress import Progress
+from gan_adapters.base import derived_seed
 from refiner import distributed as dist
 from refiner.config import TrainConfig
 from refiner.ema import ema_beta, update_ema
@@ -101,6 +106,8 @@ class Trainer:
         self.opt_f = torch.optim.Adam([p for p in fake.parameters() if p.requires_grad],
                                       lr=config.fake_lr, betas=config.betas)
         self.rng = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(derived_seed(config.seed, f"global/{self.rank}"))  # CPU and every CUDA device
+        self.teacher_id = getattr(teacher, "identity", None)  # recorded in checkpoints, checked on resume
         self.sigma_sampler = make_sigma_sampler(config)
         self.loss_fn = generator_loss(config.loss)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
@@ -188,7 +195,6 @@ class Trainer:
         loss = self.loss_fn(x, d_real, d_fake, sigma)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])
-        self.counters.nimg += self.config.batch
         if not ok:
             self.counters.skipped_generator += 1
             self.echo(f"warning: step {self.counters.step + 1}: non-finite generator gradient; the update "
@@ -200,6 +206,7 @@ class Trainer:
             update_ema(self.ema, self.generator, beta)
         else:
             update_ema(self.ema, self.generator, 0.0)
+        self.counters.nimg += self.config.batch  # after the EMA: its β uses the count before this batch (EDM)
         self.counters.step += 1
         return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, "sigma_mean": float(sigma.mean()),
                 "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
@@ -229,6 +236,7 @@ class Trainer:
         return {
             "format": STATE_FORMAT,
             "config": self.config.to_json(),
+            "teacher": self.teacher_id,
             "counters": vars(self.counters).copy(),
             "generator": self.generator.state_dict(),
             "fake": self.fake.state_dict(),
@@ -250,16 +258,20 @@ class Trainer:
             scaler.load_state_dict(state["scalers"][name])
         self.counters = Counters(**state["counters"])
         self.rng.set_state(state["rng"]["loop"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.rank == 0:
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        else:  # the checkpoint holds rank 0's global state; the others continue from their own seed
+            torch.manual_seed(derived_seed(self.config.seed, f"global/{self.rank}/{self.counters.step}"))
 
     def checkpoint(self) -> None:
         self._check_weights()
         if self.rank == 0:
             self.run.save_checkpoint(self.state(), self.counters.step)
-            for callback in self.on_snapshot:
-                callback(self)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for callback in self.on_snapshot:
+                    callback(self)
         dist.barrier()
 
     def resume(self, path) -> None:
@@ -267,6 +279,10 @@ class Trainer:
         if state.get("format") != STATE_FORMAT:
             raise UserError(f"checkpoint {path} has format {state.get('format')!r}, this version reads "
                             f"{STATE_FORMAT!r}; resume it with the refiner version that wrote it, or start a new --out")
+        stored = state.get("teacher")
+        if stored is not None and self.teacher_id is not None and stored["sha256"] != self.teacher_id["sha256"]:
+            raise UserError(f"checkpoint {path} was trained with teacher {_describe(stored)}; this run loads "
+                            f"{_describe(self.teacher_id)}. Resume with the same teacher file, or start a new --out")
         diffs = TrainConfig.from_json(state["config"]).differences(self.config)
         if diffs:
             raise UserError(f"checkpoint {path} was written with another configuration: {'; '.join(diffs)}. "
@@ -318,3 +334,7 @@ class Trainer:
             record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.rank == 0:
             self.run.log(record)
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return f"{identity.get('name', '?')} (sha256 {str(identity.get('sha256', '?'))[:16]}…)"

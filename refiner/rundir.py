@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
 import json
+import os
 import re
 import shutil
+import socket
+import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -17,49 +23,130 @@ from refiner.config import TrainConfig
 _CKPT = re.compile(r"^state-(\d{8})\.pt$")
 
 
+MARKER = ".refiner-run"  # written first into every run directory: what --force may empty is marked ours
+LOCK = ".refiner-lock"  # flock'ed for a run's life; holds "pid host" of the holder for the message
+# What runs write into their directory (every job's outputs): --force and a restart remove these, nothing else.
+RUN_FILES = (MARKER, LOCK, "config.json", "log.jsonl", "checkpoints", "before.npz", "grid*.png", "report.*",
+             "metrics.jsonl", "network-*.pkl", "generator-*", "biggan-refined", "toy.*", ".*.tmp")
+
+
 class RunDir:
-    """The run directory. `prepare` enforces: a non-empty directory needs --resume (continue) or --force
-    (start over); a resume needs a checkpoint written with the same configuration. Nothing on disk is
-    changed before these checks pass."""
+    """The run directory. `prepare` enforces: a non-empty directory must be a run (it holds `MARKER`); a run
+    with a checkpoint needs --resume (continue) or --force (start over); a run killed before its first
+    checkpoint simply starts again; a resume needs a checkpoint written with the same configuration; a
+    second process on a live run is refused (`LOCK`). Nothing on disk is changed before these checks pass,
+    and starting over removes only the files a run writes (`RUN_FILES`), never an input of the command nor
+    the working directory."""
 
     def __init__(self, path: str | Path, keep_checkpoints: int = 2):
         self.path = Path(path)
         self.keep_checkpoints = keep_checkpoints
+        self._lock: IO | None = None
 
     config_path = property(lambda self: self.path / "config.json")
     log_path = property(lambda self: self.path / "log.jsonl")
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
 
-    def prepare(self, config: TrainConfig, resume: bool = False, force: bool = False) -> Path | None:
-        """Check the directory against the request; returns the checkpoint to resume from (or None)."""
+    def prepare(self, config: TrainConfig, resume: bool = False, force: bool = False,
+                inputs: Iterable[str | os.PathLike] = (),
+                echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path | None:
+        """Check the directory against the request and lock it for this process (until `release`);
+        returns the checkpoint to resume from (or None). `inputs`: the command's input files, which a
+        fresh start must not delete."""
         if resume and force:
             raise UserError("--resume and --force exclude each other: --resume continues the run in --out, "
                             "--force deletes it and starts over")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file, not a directory; choose another --out")
         existing = self.path.is_dir() and any(self.path.iterdir())
-        checkpoint = None
-        if resume:
-            checkpoint = self.latest_checkpoint()
-            if checkpoint is None:
-                raise UserError(f"--resume: no checkpoint in {self.checkpoint_dir}; "
-                                f"start a new run without --resume")
-            stored = self.read_config()
-            diffs = stored.differences(config)
-            if diffs:
-                raise UserError(f"--resume: the checkpoint in {self.path} was written with another "
-                                f"configuration: {'; '.join(diffs)}. Use the same options, or a new --out")
-        elif existing and not force:
-            raise UserError(f"--out {self.path} already holds files; add --resume to continue that run, "
-                            f"--force to delete it and start over, or choose a new --out")
-        elif existing and force:
-            shutil.rmtree(self.path)
-        ensure_dir(self.path)
+        if existing and not self._is_run():
+            raise UserError(f"--out {self.path} holds files but is not a refiner run directory (no {MARKER}); "
+                            f"refiner never deletes or mixes into it: choose a new or empty --out")
+        self._acquire()
+        try:
+            checkpoint = self.latest_checkpoint() if existing else None
+            if resume and checkpoint is None:
+                echo(f"--resume: {self.path} has no checkpoint yet (its run stopped before the first one "
+                     f"or never started); starting from the beginning")
+            if resume and checkpoint is not None:
+                stored = self.read_config()
+                diffs = stored.differences(config)
+                if diffs:
+                    raise UserError(f"--resume: the checkpoint in {self.path} was written with another "
+                                    f"configuration: {'; '.join(diffs)}. Use the same options, or a new --out")
+            elif checkpoint is not None and not force:
+                raise UserError(f"--out {self.path} holds a run with checkpoints; add --resume to continue it, "
+                                f"--force to delete it and start over, or choose a new --out")
+            if existing and (checkpoint is None or force):
+                self._clear(inputs)
+                checkpoint = None
+        except BaseException:
+            self.release()
+            raise
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._lock.flush()
         self.checkpoint_dir.mkdir(exist_ok=True)
         remove_stale_temps(self.path, self.checkpoint_dir)  # left by a killed run
         if checkpoint is None:
             atomic_write_text(self.config_path, json.dumps(config.to_json(), indent=2) + "\n")
         return checkpoint
+
+    # -- ownership and lock ---------------------------------------------------------------------------
+    def _is_run(self) -> bool:
+        """Marked as a run, or a run written before the marker existed (config.json and checkpoints/)."""
+        return (self.path / MARKER).is_file() or (self.config_path.is_file() and self.checkpoint_dir.is_dir())
+
+    def _acquire(self) -> None:
+        """Create the directory (marked as a run) if needed and take its lock: an exclusive flock on LOCK,
+        which the kernel drops when the process ends in any way, so a killed run leaves no stale lock (the
+        file stays; its text, "pid P on HOST", only names the holder). `prepare` writes that text once
+        its checks pass, so a refused request changes nothing."""
+        try:
+            ensure_dir(self.path)
+            if not (self.path / MARKER).is_file():
+                atomic_write_text(self.path / MARKER, "a refiner run directory: --force may delete what runs "
+                                                      "wrote here\n")
+            f = open(self.path / LOCK, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write into --out {self.path} ({e.strerror or e}); choose a folder you can "
+                            f"write to") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"--out {self.path} is in use by a running refiner ({holder}); wait for it to "
+                            f"finish, or choose another --out") from None
+        self._lock = f
+
+    def release(self) -> None:
+        """Give up the lock (also dropped by the kernel when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _clear(self, inputs: Iterable[str | os.PathLike]) -> None:
+        """Remove what earlier runs wrote here (RUN_FILES except the marker and our lock). Refused for the
+        working directory (or one above it) and when an input of this command is among those files."""
+        here = self.path.resolve()
+        if here == Path.cwd().resolve() or here in Path.cwd().resolve().parents:
+            raise UserError(f"--out {self.path} is the working directory (or contains it); refiner does not "
+                            f"empty it: choose a subfolder as --out")
+        doomed = [child for child in self.path.iterdir() if child.name not in (MARKER, LOCK)
+                  and any(fnmatch.fnmatchcase(child.name, pattern) for pattern in RUN_FILES)]
+        for item in inputs:
+            resolved = Path(item).resolve()
+            if any(resolved == child.resolve() or child.resolve() in resolved.parents for child in doomed):
+                raise UserError(f"--out {self.path} holds {item}, an input of this command; starting over "
+                                f"there would delete it: choose another --out")
+        for child in doomed:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def read_config(self) -> TrainConfig:
         try:

@@ -79,6 +79,14 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
     torch.set_num_threads(1)
     run = RunDir(out)
     checkpoint = run.prepare(config, resume=resume, force=force)
+    try:
+        return _train_toy(config, run, checkpoint, teacher, target, samples, on_snapshot)
+    finally:
+        run.release()
+
+
+def _train_toy(config: TrainConfig, run: RunDir, checkpoint: Path | None, teacher: GaussianMixtureDenoiser,
+               target: str, samples: int, on_snapshot) -> ToyResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     generator = MLPGenerator(dim=2, z_dim=2).to(device)

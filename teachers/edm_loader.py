@@ -17,7 +17,8 @@ from torch import nn
 
 from fileformats import nvpickle
 from fileformats.errors import UserError
-from fileformats.torchfiles import is_torch_checkpoint, local_path
+from fileformats.sources import file_sha256, open_source
+from fileformats.torchfiles import is_torch_checkpoint
 from teachers import edm2
 from teachers.base import as_sigma, resolve_device
 from teachers.edm_layers import skip_init
@@ -126,13 +127,22 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     no gradients on its weights).
 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
-    'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16)."""
+    'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16). `identity` = {'name':
+    source, 'sha256': of the file's bytes} is what training checkpoints record of their teacher."""
     name = os.fspath(source)
-    if is_torch_checkpoint(local_path(source)):
+    local = open_source(source)
+    if is_torch_checkpoint(str(local)):
         raise UserError(f"{name} is a torch state dict (a one-step generator such as DMD2's or a consistency "
                         "model's), not a diffusion teacher: give it as --generator to refine or metrics, and an "
                         "EDM or EDM2 network pickle as --teacher")
-    data = nvpickle.load(source)
+    teacher = teacher_from_pickle(nvpickle.load(local), name, device, dtype)
+    teacher.identity = {"name": name, "sha256": file_sha256(local)}
+    return teacher
+
+
+def teacher_from_pickle(data: Any, name: str, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> EDMTeacher:
+    """`load_teacher` for a pickle already read by `nvpickle.load`."""
     record = find_ema(data, name)
     encoder = edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
     network = build_network(record, name).to(resolve_device(device))

@@ -100,6 +100,7 @@ def test_reopened_run_directory_loses_the_temporary_files_of_a_killed_run(tmp_pa
     kept = [run.path / "notes.tmp", run.path / ".hidden"]
     for p in kept:
         p.write_text("the user's")
+    run.release()  # the killed run's lock went with its process
     assert run.prepare(config, resume=True) == run.checkpoint_dir / "state-00000001.pt"
     assert all(not p.exists() for p in left) and not (run.path / ".biggan-refined.abcdefgh.tmp").exists()
     assert all(p.read_text() == "the user's" for p in kept)

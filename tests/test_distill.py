@@ -42,7 +42,7 @@ def _outputs(G, z, c) -> torch.Tensor:
 
 
 def test_snapshot_holds_the_generator_in_the_teachers_layout(run: Path):
-    snapshot = run / "network-snapshot-000000.pkl"
+    snapshot = run / "network-snapshot-000000008.pkl"
     data, teacher = nvpickle.load(snapshot), nvpickle.load(TEACHER)
     assert set(data) == {"ema", "refiner"} and data["refiner"]["sigma_init"] == 1.0
     ema, original = data["ema"], teacher["ema"]
@@ -71,7 +71,7 @@ def test_snapshot_holds_the_generator_in_the_teachers_layout(run: Path):
 
 
 def test_run_writes_grids_log_report(run: Path):
-    for name in ("grid-before.png", "grid-000000.png", "grid-after.png", "report.html", "config.json"):
+    for name in ("grid-before.png", "grid-000000008.png", "grid-after.png", "report.html", "config.json"):
         assert (run / name).is_file(), name
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
     extra = json.loads((run / "config.json").read_text())["extra"]
@@ -114,7 +114,7 @@ def test_command_line_overrides_every_preset_value(tmp_path: Path):
     assert (config["lr"], config["fake_lr"], config["betas"], config["ema"]) == (2e-4, 4e-6, [0.5, 0.999], 1.0)
     assert (config["precision"], config["loss"], config["ratio"]) == ("fp32", "dmd", 2)
     assert (config["extra"]["sigma_init"], config["extra"]["dropout"]) == (0.5, 0.0)
-    assert nvpickle.load(out / "network-snapshot-000000.pkl")["refiner"]["sigma_init"] == 0.5
+    assert nvpickle.load(out / "network-snapshot-000000000.pkl")["refiner"]["sigma_init"] == 0.5
 
 
 @pytest.mark.parametrize("args, needle", [

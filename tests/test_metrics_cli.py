@@ -79,7 +79,7 @@ def test_cli_generator(sets, monkeypatch):
     _, b = sets
     loaded = []
     monkeypatch.setattr(cli_metrics, "_load_generator",
-                        lambda src, device: loaded.append(src) or TinyGenerator())
+                        lambda src, device, sigma_init: loaded.append(src) or TinyGenerator())
     result = _run("--generator", "net.pkl", "--ref", str(b), "--metrics", "fid100_full,is50,kid60", "--json")
     assert result.exit_code == 0, result.output
     assert loaded == ["net.pkl"]

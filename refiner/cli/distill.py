@@ -34,7 +34,9 @@ from refiner.presets import PRESETS, Preset, get_preset, presets_help
 _FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=(None, None), ratio=None,  # type: ignore[arg-type]
                            ema=None, loss=None, precision=None, snapshot_every=None)
 
-SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM snapshot names
+# Diff-Instruct / EDM name their snapshots by whole kimg (network-snapshot-KKKKKK.pkl), which repeats when two
+# snapshots are less than 1000 images apart; ours count every image seen (9 digits), so each is kept.
+SNAPSHOT_NAME = "network-snapshot-{nimg:09d}.pkl"
 MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is drawn and held in memory)
 
 
@@ -65,9 +67,9 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
-    snapshot writes a checkpoint and OUT/network-snapshot-KKKKKK.pkl (KKKKKK = kimg): {'ema': the
+    snapshot writes a checkpoint and OUT/network-snapshot-NNNNNNNNN.pkl (NNNNNNNNN = images seen): {'ema': the
     generator's EMA as the teacher file's network class, with its module source} that EDM, Diff-Instruct
-    and SiD code load; plus grid-KKKKKK.png of fixed seeds. At the end: grid-before/after.png,
+    and SiD code load; plus grid-NNNNNNNNN.png of fixed seeds. At the end: grid-before/after.png,
     log.jsonl and report.html. Several GPUs: torchrun --nproc_per_node N -m refiner distill ...
     """
     from gan_adapters.onestep import OneStepGenerator, set_dropout
@@ -109,7 +111,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
                    info={"teacher": teacher_src, "preset": preset.name, "sigma_init": sigma_init,
-                         "processes": dist.world_size()}, echo=echo)
+                         "processes": dist.world_size()}, echo=echo, inputs=(teacher_src,))
     result = job.run(resume=resume, force=force)
     if main:
         click.echo(json.dumps(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,23 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
               help="StyleGAN2-ADA: per-pixel noise during training (default random = what metrics sample).")
 @click.option("--truncation", type=FINITE_FLOAT, default=None,
               help="BigGAN-deep: truncation of the prior and batch-norm statistics (default 1.0).")
+@click.option("--sigma-init", type=FINITE_FLOAT, default=None,
+              help="One-step EDM generator without refiner's metadata (a Diff-Instruct or SiD snapshot): its "
+                   "G(z) = D(σ_init·z; σ_init); Diff-Instruct 1.0, SiD 2.5, DMD2 80.")
 @click.option("--resize-to-teacher", is_flag=True,
               help="Area-downsample the generator's images to the teacher's resolution (e.g. a 128 px "
                    "BigGAN refined by a 64 px teacher).")
 @click.option("--keep-G", "keep_g", is_flag=True, help="Write the refined weights into G_ema only; keep G.")
 @click.option("--in-place", is_flag=True,
-              help="Replace the input pickle once the refined one is written and re-read (keeps FILE.bak).")
+              help="Replace the input (pickle or BigGAN-deep folder) once the refined one is written and "
+                   "re-read; keeps the input as FILE.bak.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: what the file says).")
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, generator_sha256: str | None, teacher_src: str, teacher_sha256: str | None,
-            trainable: str | None, noise_mode: str | None,
-            truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool,
+            trainable: str | None, noise_mode: str | None, truncation: float | None, sigma_init: float | None,
+            resize_to_teacher: bool, keep_g: bool, in_place: bool,
             teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
@@ -64,34 +69,41 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     OUT/biggan-refined (BigGAN-deep) at every snapshot and at the end, before/after grids of the same
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
+    from fileformats import nvpickle
     from gan_adapters.loader import load_generator
-    from gan_adapters.onestep import OneStepGenerator
+    from gan_adapters.onestep import METADATA_KEY, OneStepGenerator
     from gan_adapters.resize import Resized
+    from gan_adapters.stylegan2_adapter import StyleGAN2Generator
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
     out, resume, force = run_options(kwargs)
     family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
-                                        ("truncation", truncation)) if v is not None}
+                                        ("truncation", truncation), ("sigma_init", sigma_init)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
                                  keep_G=keep_g, resize_to_teacher=resize_to_teacher, **family_options)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     backup = Path(f"{generator_src}.bak")
     if in_place:
-        if not os.path.isfile(generator_src):
-            raise UserError(f"--in-place needs a local generator file; {generator_src} is not one")
+        if "://" in generator_src or not os.path.exists(generator_src):
+            raise UserError(f"--in-place needs a local generator file or folder; {generator_src} is not one")
         if backup.exists():
             raise UserError(f"--in-place would keep the input as {backup}, which already exists; "
                             f"move it away first")
+        check_free_space(Path(generator_src))
     generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
                                **family_options)
     is_folder = os.path.isdir(generator_src)
-    one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}, not in place
-    if (is_folder or one_step) and (keep_g or in_place):
-        raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to "
-                        + ("BigGAN-deep folders" if is_folder else "one-step generators"))
+    one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}
+    if keep_g and not isinstance(generator, StyleGAN2Generator):
+        raise UserError("--keep-G applies to StyleGAN2-ADA pickles (they hold G and G_ema); leave it out")
+    if in_place and one_step:
+        dropped = sorted(set(nvpickle.load(generator_src)) - {"ema", METADATA_KEY})
+        if dropped:
+            raise UserError(f"--in-place would drop {', '.join(dropped)} from {generator_src} (a refined one-step "
+                            f"generator is written as 'ema' and refiner's metadata); take it from --out instead")
     teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
@@ -99,30 +111,58 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     evaluate = make_evaluator(kwargs, device)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, overwrite=True, **({} if is_folder or one_step else {"keep_G": keep_g}))
+        ema.save(path, overwrite=True, **({"keep_G": True} if keep_g else {}))
 
     job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
                    "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
                    metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
-                   echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None))
+                   echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None),
+                   inputs=(generator_src, teacher_src))
     result = job.run(resume=resume, force=force)
     if not main:
         return
     if in_place:
-        replace_input(Path(generator_src), job.output_path, backup, job.ema)
+        ema = job.ema.gen if isinstance(job.ema, Resized) else job.ema
+        replace_input(Path(generator_src), job.output_path, backup, ema, family_options)
         result["in_place"] = generator_src
     click.echo(json.dumps(result))
 
 
-def replace_input(target: Path, refined: Path, backup: Path, reference: torch.nn.Module) -> None:
-    """Re-read the refined file, then move the input to FILE.bak and put the refined file in its place."""
+def replace_input(target: Path, refined: Path, backup: Path, reference: torch.nn.Module,
+                  options: dict[str, Any]) -> None:
+    """Re-read the refined output (with the options it was loaded with) and check it holds `reference`'s
+    weights; then copy the input to `backup` and put the refined file(s) in its place, each copy atomic.
+    If anything fails, the input is as it was and neither a backup nor a temporary copy is left."""
     from gan_adapters.loader import load_generator
 
-    reread = load_generator(refined).state_dict()
+    reread = load_generator(refined, **options).state_dict()
     expected = reference.state_dict()
     if reread.keys() != expected.keys() or not all(torch.equal(reread[k], expected[k].cpu()) for k in expected):
         raise UserError(f"{refined} did not read back as the refined generator; {target} was left unchanged")
-    atomic_copy(target, backup, advice="free space beside it, or run without --in-place")
-    atomic_copy(refined, target, advice="free space beside it, or run without --in-place")
+    check_free_space(target)
+    advice = "run without --in-place and take the refined file from --out"
+    atomic_copy(target, backup, advice=advice)
+    try:
+        pairs = [(refined / p.name, target / p.name) for p in refined.iterdir()] if refined.is_dir() \
+            else [(refined, target)]
+        for src, dst in pairs:
+            atomic_copy(src, dst, advice=advice)
+    except BaseException:
+        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+        raise
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def check_free_space(target: Path) -> None:
+    """--in-place writes a backup of the input and a temporary copy of the refined one beside it: twice the
+    input's size must be free there (checked before training, and again before replacing)."""
+    needed, free = 2 * _size(target), shutil.disk_usage(target.resolve().parent).free
+    if free < needed:
+        raise UserError(f"--in-place needs {needed / 2**20:.1f} MiB free beside {target} (a backup and a "
+                        f"temporary copy), only {free / 2**20:.1f} MiB are: free some space, or leave out "
+                        f"--in-place and take the refined file from --out")

@@ -11,12 +11,14 @@ import numpy as np
 import PIL.Image
 import torch
 
+from fileformats import nvpickle
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
 from fileformats.progress import Progress
-from refiner.cli.options import BATCH, DEVICE, fetch_source, sha256_option
+from gan_adapters.onestep import METADATA_KEY, onestep_from_snapshot
+from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, fetch_source, sha256_option
 from teachers.base import resolve_device
-from teachers.edm_loader import load_teacher
+from teachers.edm_loader import teacher_from_pickle
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 
 GRID_NAME = "grid.png"
@@ -95,9 +97,14 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
               help="Class index for a conditional teacher (default: a random class per seed).")
 @click.option("--batch", default=64, show_default=True, type=BATCH, help="Images per batch.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--sigma-init", type=FINITE_FLOAT, default=None,
+              help="Sample the file in one step as G(z) = D(σ_init·z; σ_init): a one-step generator without "
+                   "refiner's metadata (Diff-Instruct 1.0, SiD 2.5, DMD2 80). refiner's distill snapshots "
+                   "are sampled in one step without it.")
 def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, steps: int, class_idx: int | None,
-            batch: int, device: str) -> None:
-    """Sample images from an EDM teacher; writes an image grid and an .npz of uint8 images.
+            batch: int, device: str, sigma_init: float | None) -> None:
+    """Sample images from an EDM teacher (or a one-step generator); writes an image grid and an .npz of
+    uint8 images.
 
     The .npz holds 'x' (uint8, NHWC, quantised as (x*127.5+128).clamp(0,255)), 'seeds' and, for a
     conditional teacher, 'labels' (class indices). Each image depends only on its seed.
@@ -109,13 +116,21 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
             raise UserError(f"{path} already exists; choose another --out folder "
                             "(files are never overwritten)")
     dev = resolve_device(device)
-    teacher = load_teacher(fetch_source(source, teacher_sha256, "teacher"), device=dev)
-    check_memory(len(seed_list), tuple(teacher.data_shape))
-    if class_idx is not None and teacher.label_dim == 0:
+    data = nvpickle.load(fetch_source(source, teacher_sha256, "teacher"))
+    if sigma_init is not None or isinstance(data, dict) and METADATA_KEY in data:  # one step: D(σ_init·z; σ_init)
+        generator = onestep_from_snapshot(data, str(source), dev,
+                                          **({} if sigma_init is None else {"sigma_init": sigma_init}))
+        teacher, label_dim = None, generator.c_dim
+        shape = generator.data_shape
+    else:
+        teacher = teacher_from_pickle(data, str(source), dev)
+        label_dim, shape = teacher.label_dim, teacher.data_shape
+    check_memory(len(seed_list), tuple(shape))
+    if class_idx is not None and label_dim == 0:
         raise UserError("--class given but the teacher is unconditional; leave out --class")
-    if class_idx is not None and not 0 <= class_idx < teacher.label_dim:
+    if class_idx is not None and not 0 <= class_idx < label_dim:
         raise UserError(f"--class {class_idx} is out of range; "
-                        f"this teacher has classes 0 to {teacher.label_dim - 1}")
+                        f"this teacher has classes 0 to {label_dim - 1}")
     cfg = SamplerConfig(num_steps=steps)
 
     images, classes = [], []
@@ -123,14 +138,16 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
         for start in range(0, len(seed_list), batch):
             chunk = seed_list[start:start + batch]
             noise = SeededNoise(chunk, dev)
-            latents = noise.randn(teacher.data_shape)
+            latents = noise.randn(shape)
             labels = None
-            if teacher.label_dim:
+            if label_dim:
                 idx = torch.full([len(chunk)], class_idx, device=dev) if class_idx is not None \
-                    else noise.randint(teacher.label_dim)
-                labels = one_hot(idx, teacher.label_dim)
+                    else noise.randint(label_dim)
+                labels = one_hot(idx, label_dim)
                 classes.append(idx.cpu().numpy())
-            images.append(to_uint8(edm_sample(teacher, latents, labels, cfg, randn_like=noise.randn_like)))
+            x = edm_sample(teacher, latents, labels, cfg, randn_like=noise.randn_like) if teacher is not None \
+                else generator(latents, labels)
+            images.append(to_uint8(x))
             bar.update(len(chunk))
 
     x = np.concatenate(images)
