@@ -263,8 +263,8 @@ class Adversary(nn.Module):
             logits_real = self._noisy_logits(fake, real, real_labels, draws[0], draws[1])
             logits_fake = self._noisy_logits(fake, x, labels, draws[2], draws[3])
             loss = numel * dmd2_discriminator_gan(logits_real, logits_fake)
-        stats = {"loss_disc": float(loss.detach()), "d_real": float(torch.sigmoid(logits_real).mean()),
-                 "d_fake": float(torch.sigmoid(logits_fake).mean())}
+        stats = {"loss_disc": float(loss.detach()), "d_real": float(torch.sigmoid(logits_real.detach()).mean()),
+                 "d_fake": float(torch.sigmoid(logits_fake.detach()).mean())}
         return self.options.disc_weight * loss, stats
 
     def generator_loss(self, fake: nn.Module, score_loss: torch.Tensor, x: torch.Tensor,
@@ -285,3 +285,16 @@ class Adversary(nn.Module):
                 gan = numel * dmd2_generator_gan(self._noisy_logits(fake, x, labels, draws[0], draws[1]))
             total = score_loss + self.options.gen_weight * gan
         return total, {"loss_gan": float(gan.detach())}
+
+
+GAN_LOSSES: dict[str, GanOptions] = {
+    # tianweiy/DMD2 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh
+    "dmd2": GanOptions("dmd2", gen_weight=3e-3, disc_weight=1e-2, noise_levels=1000),
+    # mingyuanzhou/SiD branch sida, run_sida.sh (--lsg 100 --lsd 1 --lsg_gan 0.01) and sida_training_loop.py
+    "sida": GanOptions("sida", gen_weight=0.01 / 100, disc_weight=1.0, noise_levels=0, start_kimg=100.0),
+}
+
+
+def gan_options(config) -> GanOptions | None:
+    """The discriminator of the run's loss (None for losses without one)."""
+    return GAN_LOSSES.get(config.loss)

@@ -51,7 +51,7 @@ def dmd_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
 GeneratorLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-GENERATOR_LOSSES: dict[str, GeneratorLoss] = {"ikl": ikl_loss, "dmd": dmd_loss}
+GENERATOR_LOSSES: dict[str, GeneratorLoss] = {"ikl": ikl_loss, "dmd": dmd_loss, "dmd2": dmd_loss}
 
 
 def add_noise(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

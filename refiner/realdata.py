@@ -115,3 +115,13 @@ def open_real_data(path: str | os.PathLike, data_shape: tuple[int, ...], classes
     if len(data_shape) != 3:
         raise UserError(f"--data gives images but the teacher's samples have shape {list(data_shape)}")
     return ImageData(open_image_set(path), tuple(data_shape), classes)
+
+
+NEEDS_DATA = ("dmd2", "sida")
+
+
+def require_data(loss: str, data: RealData | None) -> None:
+    """A UserError when loss `loss` trains a discriminator on real samples and none are given."""
+    if loss in NEEDS_DATA and data is None:
+        raise UserError(f"--loss {loss} trains a discriminator on real images: give them with --data (an image "
+                        "folder, a dataset .zip with dataset.json labels, or an .npz of uint8 images)")
