@@ -18,17 +18,16 @@ after the encoder where only the logits are needed (the decoder is not run).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fileformats.errors import UserError
-from refiner.losses import _per_sample, edm_weight
+from refiner.losses import _mean_abs, _per_sample, edm_weight, frozen, get_loss
 from teachers.edm_unets import UNETS
 from teachers.mlp import MLPDenoiser
 from teachers.sampler import karras_schedule
@@ -139,21 +138,6 @@ def make_head(kind: str, fake: nn.Module, seed: int) -> nn.Module:
     return head.to(param.device)
 
 
-@contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """No gradient on the modules' weights inside the block (gradients still flow through them to their
-    inputs); each parameter's requires_grad is restored afterwards."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 # -- GAN losses -------------------------------------------------------------------------------------------
 
 def dmd2_generator_gan(logits_fake: torch.Tensor) -> torch.Tensor:
@@ -190,16 +174,18 @@ def sida_discriminator_gan(logits_real: torch.Tensor, logits_fake: torch.Tensor,
 
 @dataclass(frozen=True)
 class GanOptions:
-    """`kind` 'dmd2' or 'sida'. Weights are in the authors' units (see `Adversary`).
+    """`kind` 'dmd2' or 'sida'; the options of loss `kind` (refiner.losses registry, CLI names with '-'),
+    weights in the authors' units (see `Adversary`):
 
-    gen_weight: DMD2 --gen_cls_loss_weight (ImageNet script 3e-3); SiDA --lsg_gan / --lsg (0.01 / 100).
-    disc_weight: DMD2 --cls_loss_weight (ImageNet script 1e-2); SiDA --lsd (1).
-    noise_levels: DMD2 --diffusion_gan_max_timestep: the head sees x + σε with σ uniform over the lowest
-        `noise_levels` of the 1000 Karras levels (ImageNet script: 1000, all); 0 = clean images at σ_min.
-        SiDA's head sees the noise of the pass it shares (unused).
-    start_kimg: SiDA: the adversarial term joins after this many thousand generator images, from then on
-        mixed 0.5·SiD + 0.5·GAN (sida_training_loop.py: 200 kimg, of which the first 100 update only the
-        fake network: the loop's --fake-warmup). DMD2: 0."""
+    gen_weight (--gan-weight): DMD2 --gen_cls_loss_weight (ImageNet script 3e-3); SiDA --lsg_gan / --lsg
+        (run_sida.sh: 0.01 / 100 = 1e-4; the loop's loss scale 100 is SiDA's --lsg).
+    disc_weight (--disc-weight): DMD2 --cls_loss_weight (ImageNet script 1e-2); SiDA --lsd (1).
+    noise_levels (--gan-levels): DMD2 --diffusion_gan_max_timestep: the head sees x + σε with σ uniform over
+        the lowest `noise_levels` of the 1000 Karras levels (ImageNet script: 1000, all); 0 = clean images at
+        σ_min. SiDA's head sees the noise of the pass it shares.
+    start_kimg (--gan-start-kimg): SiDA: the adversarial term joins after this many thousand generator
+        images, from then on mixed 0.5·SiD + 0.5·GAN (sida_training_loop.py: after 200 kimg, of which the
+        first 100 update only the fake network: the loop's --fake-warmup, set by SiDA's presets). DMD2: 0."""
 
     kind: str
     gen_weight: float
@@ -268,17 +254,17 @@ class Adversary(nn.Module):
         return self.options.disc_weight * loss, stats
 
     def generator_loss(self, fake: nn.Module, score_loss: torch.Tensor, x: torch.Tensor,
-                       labels: torch.Tensor | None, draws: list[torch.Tensor], weight_factor: torch.Tensor | None,
+                       labels: torch.Tensor | None, draws: list[torch.Tensor], d_real: torch.Tensor,
                        kimg: float) -> tuple[torch.Tensor, dict[str, float]]:
         """The generator's total loss from its score loss. DMD2: score + w·C·H·W·softplus(−ℓ(x + σε)) with a
         fresh σ (`draws(count=1)`). SiDA: the logits of the score loss's own pass on x_t (with gradient to x),
-        normalised by SiD's `weight_factor`; before `start_kimg` the score loss alone, then
+        normalised by SiD's sg[mean|x − D_r|]; before `start_kimg` the score loss alone, then
         0.5·score + 0.5·w·C·H·W·GAN."""
         if self.options.kind == "sida" and kimg < self.options.start_kimg:
             return score_loss, {}
         numel = x[0].numel()
         if self.options.kind == "sida":
-            gan = numel * sida_generator_gan(self.head(self.tap.take()), weight_factor)
+            gan = numel * sida_generator_gan(self.head(self.tap.take()), _mean_abs(x - d_real))
             total = 0.5 * score_loss + 0.5 * self.options.gen_weight * gan
         else:
             with frozen(fake, self.head):
@@ -287,14 +273,12 @@ class Adversary(nn.Module):
         return total, {"loss_gan": float(gan.detach())}
 
 
-GAN_LOSSES: dict[str, GanOptions] = {
-    # tianweiy/DMD2 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh
-    "dmd2": GanOptions("dmd2", gen_weight=3e-3, disc_weight=1e-2, noise_levels=1000),
-    # mingyuanzhou/SiD branch sida, run_sida.sh (--lsg 100 --lsd 1 --lsg_gan 0.01) and sida_training_loop.py
-    "sida": GanOptions("sida", gen_weight=0.01 / 100, disc_weight=1.0, noise_levels=0, start_kimg=100.0),
-}
 
-
-def gan_options(config) -> GanOptions | None:
-    """The discriminator of the run's loss (None for losses without one)."""
-    return GAN_LOSSES.get(config.loss)
+def gan_options(loss: str, options: dict[str, Any]) -> GanOptions | None:
+    """The discriminator of loss `loss` with its resolved options (None for a loss without one)."""
+    spec = get_loss(loss)
+    if not spec.needs_discriminator:
+        return None
+    o = spec.resolve(options)
+    return GanOptions(loss, o["gan_weight"], o["disc_weight"], noise_levels=o.get("gan_levels", 0),
+                      start_kimg=o.get("gan_start_kimg", 0.0))

@@ -34,16 +34,16 @@ from refiner import distributed as dist
 from refiner.adversarial import Adversary, gan_options
 from refiner.config import TrainConfig
 from refiner.ema import ema_beta, update_ema
-from refiner.losses import add_noise, denoising_loss, generator_loss
+from refiner.losses import add_noise, denoising_loss, generator_objective, get_loss
 from refiner.realdata import RealData, require_data
 from refiner.rundir import RunDir
-from refiner.sigma import KarrasGridSigma, LogNormalSigma
+from refiner.sigma import make_sampler
 
 
-def make_sigma_sampler(config: TrainConfig):
-    if config.sigma == "lognormal":
-        return LogNormalSigma(config.p_mean, config.p_std)
-    return KarrasGridSigma()
+def make_sigma_sampler(config: TrainConfig, step: str = "generator"):
+    """The σ sampler of the generator step or the fake-score step, from the registry with the config's
+    options (refiner.sigma)."""
+    return make_sampler(config.samplers()[step], config.sampler_options())
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Trainer:
         # Adversarial losses: a discriminator head on the fake network's bottleneck, trained with it.
         require_data(config.loss, real_data)
         self.real_data = real_data
-        options = gan_options(config)
+        options = gan_options(config.loss, config.loss_options)
         self.adversary = None if options is None else Adversary(options, fake, config.seed)
         self.fake_params = [p for m in (fake, self.adversary) if m is not None for p in m.parameters()
                             if p.requires_grad]
@@ -107,7 +107,8 @@ class Trainer:
         self.opt_f = torch.optim.Adam(self.fake_params, lr=config.fake_lr, betas=config.betas)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.sigma_sampler = make_sigma_sampler(config)
-        self.loss_fn = generator_loss(config.loss)
+        self.fake_sigma_sampler = make_sigma_sampler(config, "fake")
+        self.loss_spec = get_loss(config.loss)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.counters = Counters()
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
@@ -131,12 +132,12 @@ class Trainer:
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n].to(self.device)
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _draw(self, sigma_sampler: Callable) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Latents, labels, σ and ε for one global batch (drawn on every rank, sliced per rank)."""
         b = self.config.batch
         z = self.generator.sample_latents(b, self.rng)
         c = self.generator.sample_labels(b, self.rng)
-        sigma = self.sigma_sampler(b, self.rng)
+        sigma = sigma_sampler(b, self.rng)
         noise = torch.randn((b, *self.generator.data_shape), generator=self.rng)
         return self._local(z), self._local(c), self._local(sigma), self._local(noise)
 
@@ -177,7 +178,7 @@ class Trainer:
         return float(norm), finite
 
     def fake_step(self) -> dict[str, float]:
-        z, c, sigma, noise = self._draw()
+        z, c, sigma, noise = self._draw(self.fake_sigma_sampler)
         if self.adversary is not None:
             draws, real, c_real = self._draw_adversarial(2)
         with torch.no_grad(), self._autocast():
@@ -201,21 +202,18 @@ class Trainer:
         return {**stats, "grad_norm_fake": norm}
 
     def generator_step(self) -> dict[str, float]:
-        z, c, sigma, noise = self._draw()
+        z, c, sigma, noise = self._draw(self.sigma_sampler)
         self.fake.eval()
         with self._autocast():
             x = self.generator(z, c).float()
-            x_t = add_noise(x.detach(), sigma, noise)
-            with torch.no_grad():
-                d_real = self.teacher(x_t, sigma, c).float()
-                d_fake = self.fake(x_t, sigma, c).float()
-        loss = self.loss_fn(x, d_real, d_fake, sigma)
+            parts: dict[str, torch.Tensor] = {}
+            loss = generator_objective(self.loss_spec, x, sigma, noise, self.teacher, self.fake, c, parts=parts,
+                                       **self.config.loss_options)
         gan_stats = {}
         if self.adversary is not None:
             draws = self._draw_adversarial(1)[0]
-            weight_factor = (x.detach() - d_real).abs().flatten(1).mean(1).clamp_min(1e-5)  # SiD's normaliser
             with self._autocast():
-                loss, gan_stats = self.adversary.generator_loss(self.fake, loss, x, c, draws, weight_factor,
+                loss, gan_stats = self.adversary.generator_loss(self.fake, loss, x, c, draws, parts["d_real"],
                                                                 self.counters.nimg / 1000)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])

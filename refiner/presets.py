@@ -17,6 +17,7 @@ import difflib
 import math
 import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 from fileformats.errors import UserError
 from refiner.config import TrainConfig
@@ -47,10 +48,14 @@ class Preset:
         """Generator steps that show `kimg` thousand images at this (or the given) batch size."""
         return max(0, math.ceil(kimg * 1000 / (batch or self.batch)))
 
+    def train_values(self, batch: int | None = None) -> dict[str, Any]:
+        """The TrainConfig fields this recipe sets, its durations in steps at this (or the given) batch."""
+        return dict(steps=self.steps(self.kimg, batch), batch=self.batch, lr=self.lr, fake_lr=self.fake_lr,
+                    betas=self.betas, ratio=self.ratio, ema=self.ema, loss=self.loss, precision=self.precision,
+                    snapshot_every=self.steps(self.snapshot_kimg, batch))
+
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps(self.kimg), batch=self.batch, lr=self.lr, fake_lr=self.fake_lr,
-                           betas=self.betas, ratio=self.ratio, ema=self.ema, loss=self.loss,
-                           precision=self.precision, snapshot_every=self.steps(self.snapshot_kimg))
+        return TrainConfig(**self.train_values())
 
     def describe(self) -> str:
         dropout = "teacher's" if self.dropout is None else f"{self.dropout:g}"
@@ -63,6 +68,9 @@ class Preset:
 _DI_README = ("Diff-Instruct README (pkulwj1994/diff_instruct): torchrun di_train.py --arch ddpmpp --batch 128 "
               "--lr 1e-5 --glr 1e-5 --init_sigma 1.0 --fp16 0 --ls 1.0 --sgls 1.0 --tick 10 --snap 50; Adam "
               "(0, 0.999) hard-coded; code defaults: ema 0.5 Mimg, dropout 0.13, duration 200 Mimg")
+
+_SID_SCRIPT = ("SiD run_sid.sh (mingyuanzhou/SiD; Adam (0, 0.999), the loss's defaults: alpha 1.2, generator "
+               "sigma t ~ U[0, 0.8] on the Karras schedule, fake-score ln sigma ~ N(-1.2, 1.2^2), loss scale 100)")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cifar10-uncond", _DI_README + " (--cond 0 --edm_model cifar10-uncond)",
@@ -78,6 +86,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "replaced by Diff-Instruct's",
            batch=8192, lr=4e-6, fake_lr=4e-6, betas=(0.0, 0.999), ema=2000.0, precision="fp16", sigma_init=2.5,
            dropout=0.10, kimg=100_000, snapshot_kimg=1000, shape=(64, 1000)),
+    Preset("cifar10-uncond-sid", _SID_SCRIPT + " cifar10-uncond: --alpha 1.2 --tmax 800 --init_sigma 2.5 --batch 256 "
+           "--lr 1e-5 --glr 1e-5 --fp16 0 --ls 1 --lsg 100 --duration 500 --tick 10 --snap 50; sid_train.py "
+           "defaults: --ema 0.5 (Mimg), --dropout 0.13, --augment 0.12 (not reproduced)",
+           batch=256, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=2.5,
+           dropout=0.13, kimg=500_000, snapshot_kimg=500, loss="sid", shape=(32, 0)),
+    Preset("cifar10-cond-sid", _SID_SCRIPT + " cifar10-cond: the same with --cond 1 --duration 800",
+           batch=256, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=2.5,
+           dropout=0.13, kimg=800_000, snapshot_kimg=500, loss="sid", shape=(32, 10)),
+    Preset("imagenet64-cond-sid", _SID_SCRIPT + " imagenet64-cond: --alpha 1.2 --cond 1 --tmax 800 --init_sigma 2.5 "
+           "--batch 8192 --arch adm --lr 4e-6 --glr 4e-6 --fp16 1 --ls 1 --lsg 100 --dropout 0.1 --augment 0 "
+           "--ema 2 --duration 1000 --tick 20 --snap 50 (Adam eps 1e-6 under fp16: not reproduced, ours 1e-8)",
+           batch=8192, lr=4e-6, fake_lr=4e-6, betas=(0.0, 0.999), ema=2000.0, precision="fp16", sigma_init=2.5,
+           dropout=0.10, kimg=1_000_000, snapshot_kimg=1000, loss="sid", shape=(64, 1000)),
 )}
 
 DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values in bf16 (on CUDA), "

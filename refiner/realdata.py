@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fileformats.errors import UserError
 from metrics.images import ImageSet, open_image_set
+from refiner.losses import get_loss
 
 
 class RealData(Protocol):
@@ -117,11 +118,8 @@ def open_real_data(path: str | os.PathLike, data_shape: tuple[int, ...], classes
     return ImageData(open_image_set(path), tuple(data_shape), classes)
 
 
-NEEDS_DATA = ("dmd2", "sida")
-
-
 def require_data(loss: str, data: RealData | None) -> None:
     """A UserError when loss `loss` trains a discriminator on real samples and none are given."""
-    if loss in NEEDS_DATA and data is None:
+    if get_loss(loss).needs_data and data is None:
         raise UserError(f"--loss {loss} trains a discriminator on real images: give them with --data (an image "
                         "folder, a dataset .zip with dataset.json labels, or an .npz of uint8 images)")

@@ -15,12 +15,12 @@ from refiner.adversarial import (
     DMD2Head,
     dmd2_discriminator_gan,
     dmd2_generator_gan,
-    frozen,
     make_head,
     sida_discriminator_gan,
     sida_generator_gan,
 )
 from refiner.jobs import trainable_copy
+from refiner.losses import frozen
 from teachers.edm_loader import EDMTeacher
 from teachers.edm_precond import EDMPrecond
 from teachers.mlp import MLPDenoiser

@@ -92,6 +92,6 @@ def test_sigma_samplers():
     rho = 7.0
     mid = (80 ** (1 / rho) + 9 / 17 * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
     assert math.isclose(float(grid[9]), mid, rel_tol=1e-12)
-    draws = KarrasGridSigma(num=1000, min_percent=0.02, max_percent=0.98)(10_000, g)
+    draws = KarrasGridSigma(levels=1000, min_percent=0.02, max_percent=0.98)(10_000, g)
     full = karras_schedule(1000).float()
     assert set(draws.tolist()) <= set(full[19:980].tolist())

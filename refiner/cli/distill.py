@@ -17,7 +17,6 @@ import torch
 from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
-    TRAINING_KEYS,
     config_from_options,
     make_evaluator,
     metric_options,
@@ -25,11 +24,11 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.config import TrainConfig
-from refiner.presets import PRESETS, Preset, get_preset, presets_help
+from refiner.losses import get_loss
+from refiner.presets import DEFAULT, PRESETS, Preset, get_preset, presets_help
 
-# Options whose default comes from the preset: None here means "not given on the command line".
-_FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=(None, None), ratio=None,  # type: ignore[arg-type]
-                           ema=None, loss=None, precision=None, snapshot_every=None)
+# The defaults that --help shows: the default preset's (a --preset and the loss's defaults replace them).
+_HELP_DEFAULTS = TrainConfig(**{**DEFAULT.train_values(), "steps": None, "snapshot_every": None})  # type: ignore[arg-type]
 
 SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM snapshot names
 
@@ -41,7 +40,8 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
               help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "
                    "CIFAR-10 values in bf16.")
 @click.option("--sigma-init", type=float, default=None,
-              help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [preset].")
+              help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [the loss's: 2.5 for sid, sim, uni; else "
+                   "the preset's].")
 @click.option("--dropout", type=float, default=None,
               help="Dropout of the generator and the fake-score network while they train [preset].")
 @click.option("--kimg", type=float, default=None,
@@ -53,7 +53,7 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
 @metric_options
-@training_options(_FROM_PRESET)
+@training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, preset_name: str | None, sigma_init: float | None, dropout: float | None,
             kimg: float | None, snapshot_kimg: float | None, grid_seeds: int, teacher_dtype: str | None,
             metrics_at_snapshots: bool, **kwargs: Any) -> None:
@@ -72,12 +72,13 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
 
     preset = get_preset(preset_name)
     out, resume, force = run_options(kwargs)
-    sigma_init = preset.sigma_init if sigma_init is None else sigma_init
     dropout = preset.dropout if dropout is None else dropout
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
-                            sigma_init=sigma_init, dropout=dropout, teacher_dtype=teacher_dtype)
+                            dropout=dropout, teacher_dtype=teacher_dtype)
+    sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
+    config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
@@ -111,8 +112,9 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
 
 def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: float | None, snapshot_kimg: float | None,
                    **extra: Any) -> TrainConfig:
-    """The run's TrainConfig: the options given, else the preset's values. Durations given in kimg become
-    steps at the batch size used; --steps / --snapshot-every exclude --kimg / --snapshot-kimg."""
+    """The run's TrainConfig: defaults → the preset → the loss's defaults → the options given. Durations
+    given in kimg become steps at the batch size used; --steps / --snapshot-every exclude --kimg /
+    --snapshot-kimg."""
     for steps_option, kimg_option, value in (("steps", "kimg", kimg), ("snapshot_every", "snapshot_kimg",
                                                                         snapshot_kimg)):
         if kwargs[steps_option] is not None and value is not None:
@@ -120,17 +122,22 @@ def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: float | None, s
                             "both set the same length; give one of them")
         if value is not None and value < 0:
             raise UserError(f"--{kimg_option.replace('_', '-')} must be >= 0 (got {value:g})")
-    defaults = recipe.train_config()
     batch = recipe.batch if kwargs["batch"] is None else kwargs["batch"]
     if batch < 1:
         raise UserError(f"--batch must be >= 1 (got {batch})")
-    derived = {"steps": recipe.steps(recipe.kimg if kimg is None else kimg, batch),
-               "snapshot_every": recipe.steps(recipe.snapshot_kimg if snapshot_kimg is None else snapshot_kimg,
-                                              batch)}
-    for key in TRAINING_KEYS:
-        if kwargs[key] is None:
-            kwargs[key] = derived[key] if key in derived else getattr(defaults, key)
-    for i, key in enumerate(("beta1", "beta2")):
-        if kwargs[key] is None:
-            kwargs[key] = defaults.betas[i]
-    return config_from_options(defaults, kwargs, **extra)
+    if kimg is not None:
+        kwargs["steps"] = recipe.steps(kimg, batch)
+    if snapshot_kimg is not None:
+        kwargs["snapshot_every"] = recipe.steps(snapshot_kimg, batch)
+    return config_from_options(TrainConfig(), kwargs, recipe.train_values(batch), **extra)
+
+
+def resolve_sigma_init(given: float | None, recipe: Preset, loss: str) -> tuple[float, str]:
+    """σ_init of the generator and where it came from: --sigma-init, else the loss's (SiD-family losses: 2.5),
+    else the preset's."""
+    if given is not None:
+        return given, "user"
+    own = get_loss(loss).sigma_init
+    if own is not None:
+        return own, f"loss {loss}"
+    return recipe.sigma_init, "preset"
