@@ -25,6 +25,7 @@ from metrics.report import write_report
 from refiner import distributed as dist
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
+from refiner.realdata import RealData
 from refiner.rundir import RunDir
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -50,6 +51,7 @@ class ImageJob:
     title: str = "Diff-Instruct refinement"
     info: dict[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = print
+    real_data: RealData | None = None  # real images for the adversarial losses (--data)
 
     kimg: int = field(default=0, init=False)  # of the latest snapshot
 
@@ -62,7 +64,7 @@ class ImageJob:
         run = RunDir(self.out)
         checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force))
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
-                          on_snapshot=(self._snapshot,), echo=self.echo)
+                          on_snapshot=(self._snapshot,), echo=self.echo, real_data=self.real_data)
         main = dist.rank() == 0
         before = self._before(run, trainer.ema) if main else None
         if checkpoint is not None:

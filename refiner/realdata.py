@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fileformats.errors import UserError
 from metrics.images import ImageSet, open_image_set
-from refiner.losses import get_loss
+from refiner.losses import GENERATOR_LOSSES, get_loss
 
 
 class RealData(Protocol):
@@ -118,8 +118,18 @@ def open_real_data(path: str | os.PathLike, data_shape: tuple[int, ...], classes
     return ImageData(open_image_set(path), tuple(data_shape), classes)
 
 
-def require_data(loss: str, data: RealData | None) -> None:
-    """A UserError when loss `loss` trains a discriminator on real samples and none are given."""
+def require_data(loss: str, data: object | None) -> None:
+    """A UserError when loss `loss` trains a discriminator on real samples and none are given (`data`: the
+    --data path or the opened data)."""
     if get_loss(loss).needs_data and data is None:
         raise UserError(f"--loss {loss} trains a discriminator on real images: give them with --data (an image "
                         "folder, a dataset .zip with dataset.json labels, or an .npz of uint8 images)")
+
+
+def check_data_option(loss: str, path: str | None) -> None:
+    """--data must be given exactly when the loss reads real images."""
+    require_data(loss, path)
+    if path is not None and not get_loss(loss).needs_data:
+        readers = [name for name, s in GENERATOR_LOSSES.items() if s.needs_data]
+        raise UserError(f"--data is read by the adversarial losses ({', '.join(readers)}) only and this run uses "
+                        f"--loss {loss}; drop --data or choose one of them")

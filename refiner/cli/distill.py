@@ -18,6 +18,7 @@ from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     config_from_options,
+    data_option,
     make_evaluator,
     metric_options,
     run_options,
@@ -26,6 +27,7 @@ from refiner.cli.options import (
 from refiner.config import TrainConfig
 from refiner.losses import get_loss
 from refiner.presets import DEFAULT, PRESETS, Preset, get_preset, presets_help
+from refiner.realdata import check_data_option, open_real_data
 
 # The defaults that --help shows: the default preset's (a --preset and the loss's defaults replace them).
 _HELP_DEFAULTS = TrainConfig(**{**DEFAULT.train_values(), "steps": None, "snapshot_every": None})  # type: ignore[arg-type]
@@ -52,11 +54,12 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
               help="Images in the grids of fixed seeds.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
+@data_option
 @metric_options
 @training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, preset_name: str | None, sigma_init: float | None, dropout: float | None,
             kimg: float | None, snapshot_kimg: float | None, grid_seeds: int, teacher_dtype: str | None,
-            metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -76,7 +79,8 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
-                            dropout=dropout, teacher_dtype=teacher_dtype)
+                            dropout=dropout, teacher_dtype=teacher_dtype, data=data_src)
+    check_data_option(config.loss, data_src)
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
     config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
@@ -88,6 +92,7 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
         echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "
              f"{teacher.label_dim} classes")
+    real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
     fake = trainable_copy(teacher)
     if dropout is not None:
@@ -104,7 +109,7 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
                    info={"teacher": teacher_src, "preset": preset.name, "sigma_init": sigma_init,
-                         "processes": dist.world_size()}, echo=echo)
+                         "processes": dist.world_size()}, echo=echo, real_data=real_data)
     result = job.run(resume=resume, force=force)
     if main:
         click.echo(json.dumps(result))

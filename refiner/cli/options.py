@@ -188,6 +188,14 @@ def run_options(kwargs: dict[str, Any]) -> tuple[str, bool, bool]:
 
 
 
+def data_option(f: Callable) -> Callable:
+    """--data: real images for the adversarial losses (what `refiner metrics` reads)."""
+    return click.option("--data", "data_src", default=None, metavar="PATH",
+                        help="Real images for the adversarial losses (dmd2, sida): an image folder, a dataset .zip "
+                             "with dataset.json labels (conditional teachers) or an .npz of uint8 images; "
+                             "area-downsampled to the teacher's resolution.")(f)
+
+
 def metric_options(f: Callable) -> Callable:
     """--metrics/--ref/--detector/--frontend: metrics before the first step and after the last."""
     options = [

@@ -16,12 +16,14 @@ from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     config_from_options,
+    data_option,
     make_evaluator,
     metric_options,
     run_options,
     training_options,
 )
 from refiner.config import TrainConfig
+from refiner.realdata import check_data_option, open_real_data
 
 REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
                               log_every=10)
@@ -47,11 +49,12 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
               help="Replace the input pickle once the refined one is written and re-read (keeps FILE.bak).")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: what the file says).")
+@data_option
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, teacher_src: str, trainable: str | None, noise_mode: str | None,
             truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            teacher_dtype: str | None, metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
     Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
@@ -68,7 +71,8 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
                                         ("truncation", truncation)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
-                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, **family_options)
+                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, data=data_src, **family_options)
+    check_data_option(config.loss, data_src)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     backup = Path(f"{generator_src}.bak")
@@ -86,6 +90,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
+    real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     evaluate = make_evaluator(kwargs, device)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
@@ -96,7 +101,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
                    metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
-                   echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None))
+                   echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None), real_data=real_data)
     result = job.run(resume=resume, force=force)
     if not main:
         return
