@@ -99,6 +99,18 @@ class ImageData:
         return x, None if self.labels is None else self.labels[indices]
 
 
+class TensorData:
+    """Images already in memory in the model's convention (float NCHW in [-1, 1]) with one-hot labels or None."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.images, self.labels = images, labels
+
+    def draw(self, n: int, generator: torch.Generator, part: slice = slice(None)
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        indices = torch.randint(len(self.images), (n,), generator=generator)[part]
+        return self.images[indices], None if self.labels is None else self.labels[indices]
+
+
 class TargetData:
     """The toy's real data: samples of the target distribution itself (an exact teacher with `.sample`)."""
 

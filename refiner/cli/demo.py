@@ -45,10 +45,14 @@ def _defaults_help() -> str:
                    "600 steps in 212 s with one thread; two threads are about 1.4x faster on an idle two-core "
                    "machine, and many times slower when another program holds a core).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
+@click.option("--data", "data_src", default=None, metavar="PATH",
+              help="Real images for the adversarial losses (dmd2, sida), as for `refiner distill --data`. "
+                   "Default: Fashion-MNIST's training set (found or downloaded like the noise floor's test set).")
 @loss_and_sigma_options
 def command(job: str, out: str, force: bool, resume: bool, steps: int | None, batch: int | None,
             lr: float | None, fake_lr: float | None, seed: int, device: str, samples: int, reference: str,
-            assets_path: str | None, threads: int, as_json: bool, **loss_and_sigma: Any) -> None:
+            assets_path: str | None, threads: int, as_json: bool, data_src: str | None, **loss_and_sigma: Any
+            ) -> None:
     """Refine a small Fashion-MNIST GAN with an EDM teacher on the CPU, in minutes, and report by how much.
 
     Loads the committed assets (a small EDM teacher, an under-trained StyleGAN2, a Fashion-MNIST
@@ -67,5 +71,5 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
              **{k: v for k, v in loss_and_sigma.items() if k in TRAINING_KEYS}}
     config = resolve_config(JOBS[job], given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,
-                      assets_path=assets_path, force=force, resume=resume)
+                      assets_path=assets_path, force=force, resume=resume, data=data_src)
     click.echo(json.dumps(result.to_json()) if as_json else result.table())

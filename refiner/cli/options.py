@@ -17,6 +17,14 @@ LOSS_OPTION_HELP = {
     "huber_c": "SIM's pseudo-Huber constant per element: c = huber-c·√dim [loss sim: 0.00054].",
     "divergence": "Uni-Instruct's f-divergence: rkl, fkl, js (fkl/js need a discriminator's density ratio) "
                   "[loss uni: rkl].",
+    "gan_weight": "Weight of the generator's adversarial term, in the authors' units [loss dmd2: 3e-3 (DMD2 "
+                  "--gen_cls_loss_weight); loss sida: 1e-4 (SiDA --lsg_gan 0.01 / --lsg 100)].",
+    "disc_weight": "Weight of the discriminator's loss next to the fake-score loss [loss dmd2: 1e-2 (DMD2 "
+                   "--cls_loss_weight); loss sida: 1 (SiDA --lsd)].",
+    "gan_levels": "DMD2's diffusion GAN: the head sees x + σε, σ uniform over the lowest N of 1000 Karras "
+                  "levels; 0 = clean images [loss dmd2: 1000].",
+    "gan_start_kimg": "SiDA: generator kimg (after --fake-warmup) before the adversarial term joins, mixed "
+                      "0.5·SiD + 0.5·GAN from then on [loss sida: 100].",
 }
 SAMPLER_OPTION_HELP = {
     "p_mean": "Mean of ln σ (lognormal) [-1.2]. Higher weighs coarse structure more: the demo's refinement "
