@@ -105,7 +105,7 @@ def sim_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
         D(θ) = E_{σ, x_t ~ q_θ,σ} w(σ) d(y(x_t)),   d(y) = √(‖y‖² + c²) − c,   c = huber_c·√dim.
 
-    Derivation followed (the score-gradient identity, SIM Thm 3.1 in this notation): differentiating
+    Derivation followed (SIM's score-gradient theorem, §3.2, written in denoiser units): differentiating
     E_{q_θ} d(s_p − s_qθ) in θ, the term through s_qθ is rewritten with the denoising identity
     s_qθ(x_t) = E[(x − x_t)/σ² | x_t]; what remains is the gradient of the tractable surrogate
 
@@ -147,7 +147,7 @@ def uni_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
     r comes from a density-ratio estimate (`log_ratio` = log r per sample, e.g. the logit of a discriminator
     on x_t); without one r = 1, where every f gives the same weight and the loss is the Fisher (SiD/SIM-L2)
-    member. Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
+    member. The weight is stopped: the gradient through r itself is not taken here. Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
     difference, not SiD's α form), SiD's per-sample normalisation and σ distributions, σ_init 2.5; the
     divergence defaults to reverse KL because it needs no ratio. `fkl` and `js` need the discriminator head."""
     w = _per_sample(uni_weight(log_ratio, divergence, x.shape[0]).to(x.device), x)
