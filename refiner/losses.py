@@ -87,7 +87,10 @@ def sid_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
     Defaults (run_sid.sh, sid_train.py): generator σ from t ~ U[0, t_max/1000] on the Karras ρ=7 schedule
     with t_max = 800; fake-score σ from EDM's ln σ ~ N(−1.2, 1.2²); generator loss scale 100 (`--lsg`);
     σ_init 2.5; Adam (0, 0.999) for both networks; samples whose x, D_r or D_f hold NaN are dropped
-    (the sum is still divided by the full batch)."""
+    (the sum is still divided by the full batch). Network modes (sid_training_loop.py), as the loop has them:
+    generator step G train, fake score eval without weight gradients, teacher eval; fake step G eval,
+    fake score train. Not reproduced: SiD's nan_to_num on the weight gradients (the loop skips a step whose
+    gradient is not finite instead), Adam eps 1e-6 under fp16."""
     a = d_real - d_fake
     return _batch_sum(a * ((d_real - x) - alpha * a) / _mean_abs(x - d_real))
 
