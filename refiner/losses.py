@@ -150,7 +150,8 @@ def uni_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
     r comes from a density-ratio estimate (`log_ratio` = log r per sample, e.g. the logit of a discriminator
     on x_t); without one r = 1, where every f gives the same weight and the loss is the Fisher (SiD/SIM-L2)
-    member. The weight is stopped: the gradient through r itself is not taken here. Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
+    member. The weight is stopped: the gradient through r itself is not taken here.
+    Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
     difference, not SiD's α form), SiD's per-sample normalisation and σ distributions, σ_init 2.5; the
     divergence defaults to reverse KL because it needs no ratio. `fkl` and `js` need the discriminator head."""
     w = _per_sample(uni_weight(log_ratio, divergence, x.shape[0]).to(x.device), x)
@@ -193,6 +194,15 @@ class GeneratorLoss:
         return resolved
 
 
+def _check_uni(o: dict[str, Any]) -> str | None:
+    if o["divergence"] not in UNI_DIVERGENCES:
+        return f"--divergence must be one of {', '.join(UNI_DIVERGENCES)} (got {o['divergence']!r})"
+    if o["divergence"] != "rkl" and o.get("log_ratio") is None:
+        return (f"--divergence {o['divergence']} weighs samples by the density ratio p/q, which needs a "
+                "discriminator head (not in this build); use --divergence rkl")
+    return None
+
+
 _EDM_LOGNORMAL = {"p_mean": -1.2, "p_std": 1.2}
 _SID_SIGMA = {"sigma": "karras-t", "t_max": 800.0, "fake_sigma": "lognormal", **_EDM_LOGNORMAL}
 _SAME = {"fake_sigma": "same"}
@@ -218,8 +228,7 @@ GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
                   "arXiv 2505.20755 (f-divergence expansion; no official code found)",
                   input_grad=True, drop_nonfinite=True, options={"divergence": "rkl"}, tensor_options=("log_ratio",),
                   defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
-                  check=lambda o: None if o["divergence"] in UNI_DIVERGENCES
-                  else f"--divergence must be one of {', '.join(UNI_DIVERGENCES)} (got {o['divergence']!r})"),
+                  check=_check_uni),
 )}
 
 

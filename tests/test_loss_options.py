@@ -37,7 +37,9 @@ def test_every_training_command_offers_the_losses_and_refuses_what_they_do_not_u
                           (["--alpha", "1.0"], ["--alpha", "loss sid", "--loss ikl"]),
                           (["--loss", "sid", "--huber-c", "0.1"], ["--huber-c", "loss sim"]),
                           (["--sigma", "karras", "--p-mean", "0"], ["--p-mean", "lognormal", "--sigma karras"]),
-                          (["--loss", "sid", "--min-percent", "0.1"], ["--min-percent", "karras"])]:
+                          (["--loss", "sid", "--min-percent", "0.1"], ["--min-percent", "karras"]),
+                          (["--loss", "uni", "--divergence", "fkl"], ["--divergence fkl", "discriminator"]),
+                          (["--loss", "sid", "--alpha", "1", "--sigma", "karras", "--t-max", "500"], ["--t-max"])]:
         result = runner.invoke(cli, [*COMMANDS[command], "--out", str(out), *args])
         assert result.exit_code == 2, (command, args, result.output)
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
