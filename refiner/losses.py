@@ -87,7 +87,10 @@ def sid_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
     Defaults (run_sid.sh, sid_train.py): generator σ from t ~ U[0, t_max/1000] on the Karras ρ=7 schedule
     with t_max = 800; fake-score σ from EDM's ln σ ~ N(−1.2, 1.2²); generator loss scale 100 (`--lsg`);
     σ_init 2.5; Adam (0, 0.999) for both networks; samples whose x, D_r or D_f hold NaN are dropped
-    (the sum is still divided by the full batch)."""
+    (the sum is still divided by the full batch). Network modes (sid_training_loop.py), as the loop has them:
+    generator step G train, fake score eval without weight gradients, teacher eval; fake step G eval,
+    fake score train. Not reproduced: SiD's nan_to_num on the weight gradients (the loop skips a step whose
+    gradient is not finite instead), Adam eps 1e-6 under fp16."""
     a = d_real - d_fake
     return _batch_sum(a * ((d_real - x) - alpha * a) / _mean_abs(x - d_real))
 
@@ -105,7 +108,7 @@ def sim_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
         D(θ) = E_{σ, x_t ~ q_θ,σ} w(σ) d(y(x_t)),   d(y) = √(‖y‖² + c²) − c,   c = huber_c·√dim.
 
-    Derivation followed (the score-gradient identity, SIM Thm 3.1 in this notation): differentiating
+    Derivation followed (SIM's score-gradient theorem, §3.2, written in denoiser units): differentiating
     E_{q_θ} d(s_p − s_qθ) in θ, the term through s_qθ is rewritten with the denoising identity
     s_qθ(x_t) = E[(x − x_t)/σ² | x_t]; what remains is the gradient of the tractable surrogate
 
@@ -147,7 +150,8 @@ def uni_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
     r comes from a density-ratio estimate (`log_ratio` = log r per sample, e.g. the logit of a discriminator
     on x_t); without one r = 1, where every f gives the same weight and the loss is the Fisher (SiD/SIM-L2)
-    member. Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
+    member. The weight is stopped: the gradient through r itself is not taken here.
+    Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
     difference, not SiD's α form), SiD's per-sample normalisation and σ distributions, σ_init 2.5; the
     divergence defaults to reverse KL because it needs no ratio. `fkl` and `js` need the discriminator head."""
     w = _per_sample(uni_weight(log_ratio, divergence, x.shape[0]).to(x.device), x)
@@ -189,6 +193,15 @@ class GeneratorLoss:
         if message:
             raise ValueError(message)
         return resolved
+
+
+def _check_uni(o: dict[str, Any]) -> str | None:
+    if o["divergence"] not in UNI_DIVERGENCES:
+        return f"--divergence must be one of {', '.join(UNI_DIVERGENCES)} (got {o['divergence']!r})"
+    if o["divergence"] != "rkl" and o.get("log_ratio") is None:
+        return (f"--divergence {o['divergence']} weighs samples by the density ratio p/q, which needs a "
+                "discriminator head (not in this build); use --divergence rkl")
+    return None
 
 
 _EDM_LOGNORMAL = {"p_mean": -1.2, "p_std": 1.2}
@@ -233,8 +246,7 @@ GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
                   "arXiv 2505.20755 (f-divergence expansion; no official code found)",
                   input_grad=True, drop_nonfinite=True, options={"divergence": "rkl"}, tensor_options=("log_ratio",),
                   defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
-                  check=lambda o: None if o["divergence"] in UNI_DIVERGENCES
-                  else f"--divergence must be one of {', '.join(UNI_DIVERGENCES)} (got {o['divergence']!r})"),
+                  check=_check_uni),
 )}
 
 
