@@ -225,6 +225,11 @@ GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
                   input_grad=True, drop_nonfinite=True, options={"huber_c": 0.00054},
                   defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
                   check=lambda o: None if o["huber_c"] > 0 else f"--huber-c must be > 0 (got {o['huber_c']})"),
+    GeneratorLoss("uni", uni_loss, "Uni-Instruct, score part (Wang et al. 2025)",
+                  "arXiv 2505.20755 (f-divergence expansion; no official code found)",
+                  input_grad=True, drop_nonfinite=True, options={"divergence": "rkl"}, tensor_options=("log_ratio",),
+                  defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
+                  check=_check_uni),
     GeneratorLoss("dmd2", dmd_loss, "DMD2: dmd plus a GAN head on the fake network's bottleneck (Yin et al. 2024)",
                   "tianweiy/DMD2 main/edm/edm_guidance.py, train_edm.py, experiments/imagenet/*.sh",
                   needs_data=True, needs_discriminator=True,
@@ -242,11 +247,6 @@ GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
                   discriminator_options=("gan_weight", "disc_weight", "gan_start_kimg"),
                   defaults={**_SID_SIGMA, "loss_scale": 100.0}, sigma_init=2.5,
                   check=lambda o: _check_discriminator(o)),
-    GeneratorLoss("uni", uni_loss, "Uni-Instruct, score part (Wang et al. 2025)",
-                  "arXiv 2505.20755 (f-divergence expansion; no official code found)",
-                  input_grad=True, drop_nonfinite=True, options={"divergence": "rkl"}, tensor_options=("log_ratio",),
-                  defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
-                  check=_check_uni),
 )}
 
 

@@ -233,7 +233,7 @@ def test_sid_drops_non_finite_samples_and_divides_by_the_whole_batch():
 
 
 def test_loss_registry_declarations_and_errors():
-    assert list(GENERATOR_LOSSES) == ["ikl", "dmd", "sid", "sim", "uni"]
+    assert list(GENERATOR_LOSSES) == ["ikl", "dmd", "sid", "sim", "uni", "dmd2", "sida"]
     sid = get_loss("sid")
     assert sid.input_grad and sid.drop_nonfinite and not sid.needs_data and sid.options == {"alpha": 1.2}
     assert (sid.defaults["sigma"], sid.defaults["t_max"], sid.defaults["fake_sigma"], sid.sigma_init) == \
