@@ -152,3 +152,62 @@ def test_sida_gan_losses_by_hand():
     bce_fake = (_softplus(0.3) + _softplus(0.0) + _softplus(-0.7) + _softplus(2.0)) / 4
     expected = 4.0 * (bce_real + bce_fake) / 2
     assert sida_discriminator_gan(real, fake, weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _adversary(kind: str, **options) -> tuple:
+    from refiner.adversarial import Adversary, gan_options
+
+    fake = MLPDenoiser(dim=2)
+    return Adversary(gan_options(kind, options), fake, seed=0), fake
+
+
+def test_sida_discriminator_sees_real_images_at_the_fake_passs_noise():
+    adversary, fake = _adversary("sida", disc_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, real = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    sigma, noise = torch.tensor([0.1, 0.5, 1.0, 3.0]), torch.randn(4, 2, generator=g)
+    fake(x + sigma[:, None] * noise, sigma)  # the fake step's denoising pass
+    loss, stats = adversary.discriminator_loss(fake, x, None, real, None, sigma, noise, [], sigma_data=0.5)
+    # by hand: channel means of the last hidden layer on both noisy batches, BCE weighted by mean λ(σ)
+    hidden = lambda v: fake.net[:-1](torch.cat([v / (sigma[:, None] ** 2 + 0.25).sqrt(),  # noqa: E731
+                                                _noise_embedding(fake, sigma)], 1)).mean(1, keepdim=True)
+    lam = ((sigma**2 + 0.25) / (sigma * 0.5) ** 2).mean()
+    bce = (torch.nn.functional.softplus(-hidden(real + sigma[:, None] * noise)).mean()
+           + torch.nn.functional.softplus(hidden(x + sigma[:, None] * noise)).mean()) / 2
+    assert loss.item() == pytest.approx(0.5 * (lam * bce).item(), rel=1e-5)
+    assert stats["loss_disc"] == pytest.approx((lam * bce).item(), rel=1e-5)
+
+
+def _noise_embedding(fake: MLPDenoiser, sigma: torch.Tensor) -> torch.Tensor:
+    angles = (sigma[:, None].log() / 4) * fake.freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def test_sida_generator_mix_starts_after_gan_start_kimg():
+    adversary, fake = _adversary("sida", gan_weight=0.1, gan_start_kimg=2.0)
+    x = torch.randn(3, 2, requires_grad=True)
+    d_real = x.detach() + torch.tensor([[0.5, -0.5], [1.0, 1.0], [0.2, 0.0]])  # mean|x − D_r| = 0.5, 1, 0.1
+    score = (x**2).sum()
+    before, stats = adversary.generator_loss(fake, score, x, None, [], d_real, kimg=1.9)
+    assert before is score and stats == {}
+    fake(x, torch.full((3,), 0.3))  # the score loss's pass on x_t (here x_t = x)
+    after, stats = adversary.generator_loss(fake, score, x, None, [], d_real, kimg=2.0)
+    logits = fake.net[:-1](torch.cat([x.detach() / (0.09 + 0.25) ** 0.5,
+                                      _noise_embedding(fake, torch.full((3,), 0.3))], 1)).mean(1)
+    gan = 2 * torch.nn.functional.softplus(-logits.clamp(-10, 10)).mean() * (1 / 0.5 + 1 + 1 / 0.1) / 3  # C·H·W = 2
+    assert after.item() == pytest.approx(0.5 * score.item() + 0.5 * 0.1 * gan.item(), rel=1e-5)
+    assert stats["loss_gan"] == pytest.approx(gan.item(), rel=1e-5)
+
+
+def test_dmd2_terms_are_scaled_by_the_elements_per_sample():
+    adversary, fake = _adversary("dmd2", gan_weight=0.5, disc_weight=0.25, gan_levels=0)  # clean, at σ_min
+    x, real = torch.randn(3, 2), torch.randn(3, 2)
+    draws = [torch.zeros(3, dtype=torch.long), torch.zeros(3, 2)] * 2
+    loss, _ = adversary.discriminator_loss(fake, x, None, real, None, torch.ones(3), torch.zeros(3, 2), draws, 0.5)
+    tap = BottleneckTap(fake)
+    sigma_min = torch.full((3,), 0.002)
+    lr, lf = (adversary.head(tap.encode(fake, v, sigma_min, None)) for v in (real, x))
+    assert loss.item() == pytest.approx(0.25 * 2 * dmd2_discriminator_gan(lr, lf).item(), rel=1e-5)
+    score = torch.tensor(1.5)
+    total, _ = adversary.generator_loss(fake, score, x, None, draws[:2], x, kimg=0.0)
+    assert total.item() == pytest.approx(1.5 + 0.5 * 2 * dmd2_generator_gan(lf).item(), rel=1e-5)
