@@ -4,6 +4,9 @@ One iteration = `ratio` fake-score steps, then one generator step:
 1. fake step:  x = sg[G(z, c)], σ ~ p(σ), x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
 2. generator step:  x = G(z', c'), x_t = x + σ'ε';  D_r = teacher(x_t), D_f = fake(x_t) without gradients;
    L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses).
+The adversarial losses (dmd2, sida) add a discriminator on the fake network's bottleneck (refiner.adversarial):
+its loss on real images (`real_data`) and generated ones joins the fake step's loss, its generator term the
+generator step's; its head trains with the fake network's optimiser and is part of the checkpoints.
 
 The loop only sees the `Generator` and `Denoiser` interfaces. It owns mixed precision, gradient hygiene
 (a non-finite gradient never reaches the weights: the step is skipped and counted), the EMA, atomic
