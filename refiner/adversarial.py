@@ -115,22 +115,23 @@ HEADS = ("dmd2", "sida")
 
 
 def make_head(kind: str, fake: nn.Module, seed: int) -> nn.Module:
-    """The head for `fake`'s bottleneck; its shape is read from one encoder-only pass of one sample, its
-    initial weights (PyTorch's defaults, as DMD2) drawn from `seed` without touching the global RNG."""
+    """The head for `fake`'s bottleneck; its shape is read from one encoder-only pass of one sample (in eval
+    mode: no dropout draws), its initial weights (PyTorch's defaults, as DMD2) drawn from `seed`; the global
+    random state is left as it was."""
     if kind == "sida":
         return ChannelMeanHead()
     if kind != "dmd2":
         raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
-    tap = BottleneckTap(fake)
+    tap, training = BottleneckTap(fake), fake.training
     try:
         param = next(fake.parameters())
-        shape = fake.data_shape
         labels = torch.zeros(1, fake.label_dim, device=param.device) if getattr(fake, "label_dim", 0) else None
         with torch.no_grad():
-            features = tap.encode(fake, torch.zeros(1, *shape, device=param.device),
+            features = tap.encode(fake.eval(), torch.zeros(1, *fake.data_shape, device=param.device),
                                   torch.ones(1, device=param.device), labels)
     finally:
         tap.handle.remove()
+        fake.train(training)
     size = features.shape[-1] if features.ndim == 4 else 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -229,7 +230,7 @@ class Adversary(nn.Module):
         """DMD2 `compute_cls_logits`: x + σε at σ = grid[index] (clean at σ_min without diffusion GAN)."""
         sigma = self.grid.to(x.device)[index.to(x.device)]
         if self.options.noise_levels:
-            x = x + sigma.reshape(-1, *([1] * (x.ndim - 1))) * noise
+            x = x + _per_sample(sigma, x) * noise
         return self.head(self.tap.encode(fake, x, sigma, labels))
 
     def discriminator_loss(self, fake: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
@@ -260,18 +261,18 @@ class Adversary(nn.Module):
         fresh σ (`draws(count=1)`). SiDA: the logits of the score loss's own pass on x_t (with gradient to x),
         normalised by SiD's sg[mean|x − D_r|]; before `start_kimg` the score loss alone, then
         0.5·score + 0.5·w·C·H·W·GAN."""
-        if self.options.kind == "sida" and kimg < self.options.start_kimg:
-            return score_loss, {}
         numel = x[0].numel()
         if self.options.kind == "sida":
-            gan = numel * sida_generator_gan(self.head(self.tap.take()), _mean_abs(x - d_real))
+            logits = self.head(self.tap.take())
+            if kimg < self.options.start_kimg:
+                return score_loss, {}
+            gan = numel * sida_generator_gan(logits, _mean_abs(x - d_real))
             total = 0.5 * score_loss + 0.5 * self.options.gen_weight * gan
         else:
             with frozen(fake, self.head):
                 gan = numel * dmd2_generator_gan(self._noisy_logits(fake, x, labels, draws[0], draws[1]))
             total = score_loss + self.options.gen_weight * gan
         return total, {"loss_gan": float(gan.detach())}
-
 
 
 def gan_options(loss: str, options: dict[str, Any]) -> GanOptions | None:

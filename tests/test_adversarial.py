@@ -188,6 +188,7 @@ def test_sida_generator_mix_starts_after_gan_start_kimg():
     x = torch.randn(3, 2, requires_grad=True)
     d_real = x.detach() + torch.tensor([[0.5, -0.5], [1.0, 1.0], [0.2, 0.0]])  # mean|x − D_r| = 0.5, 1, 0.1
     score = (x**2).sum()
+    fake(x, torch.full((3,), 0.3))  # the score loss's pass on x_t (here x_t = x)
     before, stats = adversary.generator_loss(fake, score, x, None, [], d_real, kimg=1.9)
     assert before is score and stats == {}
     fake(x, torch.full((3,), 0.3))  # the score loss's pass on x_t (here x_t = x)
