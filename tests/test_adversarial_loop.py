@@ -142,3 +142,26 @@ def test_distill_with_dmd2_trains_the_head_and_keeps_nvidias_layout(tmp_path):
     assert set(snapshot) == {"ema", "refiner"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite([r["loss_disc"], r["loss_gan"], r["loss_gen"]]).all() for r in log)
+
+
+def test_refine_with_sida_keeps_the_rest_of_the_stylegan2_pickle(tmp_path):
+    from tests.helpers import write_edm_teacher
+
+    sg2 = DATA / "sg2ada-small-uncond.pkl"
+    teacher = write_edm_teacher(tmp_path / "edm32.pkl")  # 32x32, unconditional, like the GAN
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["refine", "--generator", str(sg2), "--teacher", str(teacher), "--out", str(out),
+                                      "--loss", "sida", "--gan-start-kimg", "0", "--data", str(data), "--steps", "2",
+                                      "--batch", "2", "--lr", "1e-3", "--device", "cpu", "--log-every", "1"])
+    assert result.exit_code == 0, result.output
+    before, after = nvpickle.load(sg2), nvpickle.load(out / "network-refined.pkl")
+    changed = [k for k, v in before["G_ema"].state_dict().items() if not torch.equal(v, after["G_ema"].state_dict()[k])]
+    assert changed
+    a, b = before["D"].state_dict(), after["D"].state_dict()  # G takes the refined weights too (no --keep-G)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert after["training_set_kwargs"] == before["training_set_kwargs"]
+    assert nvpickle.globals_in(out / "network-refined.pkl") == nvpickle.globals_in(sg2)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("loss_gan" in r and np.isfinite(r["loss_gan"]) for r in log)
