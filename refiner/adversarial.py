@@ -14,6 +14,13 @@ after the encoder where only the logits are needed (the decoder is not run).
   The head is trained with the fake-score network (DMD2's guidance optimiser holds both).
 - SiDA (Zhou et al. 2025, mingyuanzhou/SiD branch `sida`, sida_training/sida_networks.py): no parameters:
   the logits are the bottleneck's mean over channels, one per position ([N, 1, h, w]).
+
+Where the loop differs from the authors' code: the generator's labels come from its own prior (uniform
+classes), the real images keep theirs (SiDA conditions the generator on the real batch's labels; DMD2 does
+as here); DMD2's fake-score σ is drawn from the continuous Karras schedule over its whole range (DMD2: its
+1000 grid levels), its AdamW weight decay 0.01 and learning-rate warm-up are not reproduced; SiDA's
+per-sample NaN filter in the discriminator loss and its clipping of the fake network's gradients by value
+are replaced by the loop's skipping of non-finite steps and --grad-clip.
 """
 
 from __future__ import annotations
