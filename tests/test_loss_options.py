@@ -118,3 +118,23 @@ def test_snapshots_of_every_loss_load_in_nvidias_layout(loss: str, tmp_path: Pat
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == loss and config["extra"]["sigma_init"] == sigma_init
     assert all(torch.isfinite(torch.tensor(r["loss_gen"])) for r in RunDir(out).read_log())
+
+
+def test_sid_presets_follow_run_sid_sh():
+    from refiner.cli.distill import distill_config, resolve_sigma_init
+    from refiner.cli.options import TRAINING_KEYS
+    from refiner.presets import get_preset
+
+    expected = {"cifar10-uncond-sid": (256, 1e-5, 500.0, "fp32", 500_000), "cifar10-cond-sid": (256, 1e-5, 500.0,
+                                                                                                "fp32", 800_000),
+                "imagenet64-cond-sid": (8192, 4e-6, 2000.0, "fp16", 1_000_000)}
+    for name, (batch, lr, ema, precision, kimg) in expected.items():
+        preset = get_preset(name)
+        config = distill_config(preset, {k: None for k in TRAINING_KEYS}, None, None)
+        assert (config.loss, config.batch, config.lr, config.fake_lr, config.betas, config.ema, config.precision) == \
+            ("sid", batch, lr, lr, (0.0, 0.999), ema, precision), name
+        assert config.steps == -(-kimg * 1000 // batch), name
+        assert (config.loss_options, config.loss_scale, config.sigma, config.t_max, config.fake_sigma,
+                config.p_mean, config.p_std) == ({"alpha": 1.2}, 100.0, "karras-t", 800.0, "lognormal", -1.2, 1.2)
+        assert resolve_sigma_init(None, preset, config.loss) == (2.5, "loss sid")
+        assert "run_sid.sh" in preset.source
