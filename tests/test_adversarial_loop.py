@@ -165,3 +165,27 @@ def test_refine_with_sida_keeps_the_rest_of_the_stylegan2_pickle(tmp_path):
     assert nvpickle.globals_in(out / "network-refined.pkl") == nvpickle.globals_in(sg2)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all("loss_gan" in r and np.isfinite(r["loss_gan"]) for r in log)
+
+
+@pytest.mark.parametrize("name, expected", [
+    # tianweiy/DMD2 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh
+    ("imagenet64-cond-dmd2", dict(loss="dmd2", batch=7 * 40, lr=2e-6, fake_lr=2e-6, ratio=5, grad_clip=10.0,
+                                  betas=(0.9, 0.999), ema=0.0, precision="bf16", fake_warmup=0, steps=40_000,
+                                  loss_options={"gan_weight": 3e-3, "disc_weight": 1e-2, "gan_levels": 1000})),
+    # mingyuanzhou/SiD branch sida, run_sida.sh cifar10-uncond and sida_training_loop.py (100 kimg warm-up)
+    ("cifar10-uncond-sida", dict(loss="sida", batch=256, lr=1e-5, fake_lr=1e-5, ratio=1, betas=(0.0, 0.999),
+                                 ema=500.0, precision="fp32", fake_warmup=391, loss_scale=100.0,
+                                 loss_options={"alpha": 1.0, "gan_weight": 1e-4, "disc_weight": 1.0,
+                                               "gan_start_kimg": 100.0})),
+    ("imagenet64-cond-sida", dict(loss="sida", batch=8192, lr=4e-6, fake_lr=4e-6, ema=2000.0, precision="fp16",
+                                  fake_warmup=13)),
+])
+def test_adversarial_presets_follow_the_authors_scripts(name, expected):
+    from refiner.cli.distill import distill_config, resolve_sigma_init
+    from refiner.cli.options import TRAINING_KEYS
+    from refiner.presets import get_preset
+
+    preset = get_preset(name)
+    config = distill_config(preset, dict.fromkeys(TRAINING_KEYS), None, None)
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert resolve_sigma_init(None, preset, config.loss)[0] == (80.0 if "dmd2" in name else 2.5)
