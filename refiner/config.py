@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fileformats.errors import UserError
-from refiner.losses import GENERATOR_LOSSES
-from refiner.sigma import SIGMA_SAMPLERS
+from refiner.losses import GENERATOR_LOSSES, get_loss
+from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -30,9 +30,19 @@ class TrainConfig:
     ema: float = 500.0  # EMA half-life in kimg (0 disables the ramp-up and EMA: ema = generator)
     ema_rampup: float | None = 0.05
     loss: str = "ikl"
-    sigma: str = "lognormal"
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    loss_options: dict[str, Any] = field(default_factory=dict)  # the loss's own options (refiner.losses)
+    sigma: str = "lognormal"  # σ of the generator step (refiner.sigma.SIGMA_SAMPLERS)
+    fake_sigma: str = SAME  # σ of the fake-score step: "same" as the generator step, or a sampler name
+    # Options of the samplers (None: the sampler's default; an option neither sampler reads must be None).
+    p_mean: float | None = None
+    p_std: float | None = None
+    levels: int | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    min_percent: float | None = None
+    max_percent: float | None = None
+    t_max: float | None = None
     loss_scale: float = 1.0  # generator loss multiplier (official --ls)
     fake_loss_scale: float = 1.0  # fake loss multiplier (official --sgls)
     grad_clip: float | None = None  # clip each network's gradient norm (DMD2 uses 10)
@@ -42,15 +52,25 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # job-specific options, recorded in config.json
+    sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
-    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device")
+    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources")
+
+    def samplers(self) -> dict[str, str]:
+        """The sampler of each step: {"generator": name, "fake": name}."""
+        return {"generator": self.sigma, "fake": self.sigma if self.fake_sigma == SAME else self.fake_sigma}
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The sampler options that are set (not None)."""
+        return {k: getattr(self, k) for k in ALL_SAMPLER_OPTIONS if getattr(self, k) is not None}
 
     def validate(self) -> TrainConfig:
         numbers = {"--lr": self.lr, "--fake-lr": self.fake_lr, "--ema": self.ema, "--p-mean": self.p_mean,
                    "--p-std": self.p_std, "loss_scale": self.loss_scale, "fake_loss_scale": self.fake_loss_scale}
         checks = [
-            *((math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in numbers.items()),
+            *((math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in numbers.items()
+              if v is not None),  # None: an option of a σ sampler this run does not use
             (self.steps >= 0, f"--steps must be >= 0 (got {self.steps})"),
             (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
             (0 < self.lr <= 1, f"--lr must be in (0, 1] (got {self.lr}): Adam moves each weight by about lr per step"),
@@ -64,6 +84,8 @@ class TrainConfig:
             (self.fake_warmup >= 0, f"--fake-warmup must be >= 0 (got {self.fake_warmup})"),
             (self.loss in GENERATOR_LOSSES, f"--loss must be one of {sorted(GENERATOR_LOSSES)}"),
             (self.sigma in SIGMA_SAMPLERS, f"--sigma must be one of {sorted(SIGMA_SAMPLERS)}"),
+            (self.fake_sigma == SAME or self.fake_sigma in SIGMA_SAMPLERS,
+             f"--fake-sigma must be {SAME} or one of {sorted(SIGMA_SAMPLERS)}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda (got {self.device!r})"),
@@ -72,7 +94,21 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._validate_loss_and_sigma()
         return self
+
+    def _validate_loss_and_sigma(self) -> None:
+        try:
+            get_loss(self.loss).resolve(self.loss_options)
+            used = {o for s in self.samplers().values() for o in sampler_options(s)}
+            for name in set(self.samplers().values()):
+                check_sampler(name, {k: v for k, v in self.sampler_options().items() if k in sampler_options(name)})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        unused = sorted(set(self.sampler_options()) - used)
+        if unused:
+            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in unused)} not read by "
+                            f"--sigma {self.sigma} / --fake-sigma {self.fake_sigma}")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -36,6 +36,8 @@ from metrics.classifier import DomainClassifier, domain_scores, embed
 from metrics.evaluate import generated_batches
 from metrics.images import quantize, save_image_grid
 from refiner.config import TrainConfig
+from refiner.losses import get_loss
+from refiner.realdata import RealData, TensorData, check_data_option, open_real_data
 from teachers.edm_loader import EDMTeacher, network_record
 from teachers.edm_precond import EDMPrecond
 
@@ -226,11 +228,27 @@ class DemoResult:
         return "\n".join(lines)
 
 
+def demo_real_data(loss: str, data: str | None, teacher: nn.Module) -> RealData | None:
+    """Real images for the adversarial losses: --data, else the demo's own data, Fashion-MNIST's training set
+    (padded to 32 px like the teacher's); None for the other losses."""
+    if data is not None:
+        check_data_option(loss, data)
+        return open_real_data(data, teacher.data_shape, teacher.label_dim)
+    if not get_loss(loss).needs_data:
+        return None
+    from refiner.datasets import load_split, to_images
+
+    images, labels = load_split("train")
+    one_hot = torch.eye(teacher.label_dim)[torch.from_numpy(labels)] if teacher.label_dim else None
+    return TensorData(to_images(images), one_hot)
+
+
 def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainConfig | None = None,
              samples: int = 2000, reference: str = "test", assets_path: str | Path | None = None,
              force: bool = False, resume: bool = False, metrics_at_snapshots: bool = False,
-             echo: Callable[[str], None] = echo_err) -> DemoResult:
-    """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers."""
+             echo: Callable[[str], None] = echo_err, data: str | None = None) -> DemoResult:
+    """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers. `data`: real
+    images for the adversarial losses (default: Fashion-MNIST's training set)."""
     from refiner.jobs import ImageJob, trainable_copy
     from teachers.base import resolve_device
 
@@ -254,6 +272,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
         sigma_init = assets.manifest["distill"]["sigma_init"]
         generator = OneStepGenerator.from_teacher(teacher, sigma_init=sigma_init, name="demo teacher")
     fake = trainable_copy(teacher)
+    real_data = demo_real_data(config.loss, data, teacher)
     info = {"job": job, "data": "Fashion-MNIST, 32x32 (28 px padded), one channel",
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",
             "noise floor FD (real test images)": f"{floor_scores['fd']:.4f} ({floor_source})",
@@ -264,7 +283,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
                          output_name="generator-refined.pt" if refine else "generator-onestep.pkl",
                          evaluate=make_evaluator(assets, samples, reference),
                          metrics_at_snapshots=metrics_at_snapshots,
-                         title=f"refiner demo ({job}): Fashion-MNIST", info=info, echo=echo)
+                         title=f"refiner demo ({job}): Fashion-MNIST", info=info, echo=echo, real_data=real_data)
     result = image_job.run(resume=resume, force=force)
     save_image_grid(assets.teacher_samples[:64], out / "grid-teacher.png")
     panels = {"before": out / "grid-before.png", "after": out / "grid-after.png",

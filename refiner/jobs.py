@@ -26,6 +26,7 @@ from metrics.report import write_report
 from refiner import distributed as dist
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
+from refiner.realdata import RealData
 from refiner.rundir import RunDir
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -52,6 +53,7 @@ class ImageJob:
     info: dict[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = print
     inputs: tuple[str, ...] = ()  # the command's input files: starting over in `out` must not delete them
+    real_data: RealData | None = None  # real images for the adversarial losses (--data)
 
     nimg: int = field(default=0, init=False)  # images seen at the latest snapshot
 
@@ -72,7 +74,7 @@ class ImageJob:
 
     def _run(self, run: RunDir, checkpoint: Path | None) -> dict[str, Any]:
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
-                          on_snapshot=(self._snapshot,), echo=self.echo)
+                          on_snapshot=(self._snapshot,), echo=self.echo, real_data=self.real_data)
         main = dist.rank() == 0
         before = self._before(run, trainer.ema) if main else None
         if checkpoint is not None:

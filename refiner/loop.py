@@ -4,6 +4,9 @@ One iteration = `ratio` fake-score steps, then one generator step:
 1. fake step:  x = sg[G(z, c)], σ ~ p(σ), x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
 2. generator step:  x = G(z', c'), x_t = x + σ'ε';  D_r = teacher(x_t), D_f = fake(x_t) without gradients;
    L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses).
+The adversarial losses (dmd2, sida) add a discriminator on the fake network's bottleneck (refiner.adversarial):
+its loss on real images (`real_data`) and generated ones joins the fake step's loss, its generator term the
+generator step's; its head trains with the fake network's optimiser and is part of the checkpoints.
 
 The loop only sees the `Generator` and `Denoiser` interfaces. It owns mixed precision, gradient hygiene
 (a non-finite gradient never reaches the weights: the step is skipped and counted), the EMA, atomic
@@ -36,17 +39,19 @@ from fileformats.errors import UserError
 from fileformats.progress import Progress
 from gan_adapters.base import derived_seed
 from refiner import distributed as dist
+from refiner.adversarial import Adversary, gan_options
 from refiner.config import TrainConfig
 from refiner.ema import ema_beta, update_ema
-from refiner.losses import add_noise, denoising_loss, generator_loss
+from refiner.losses import add_noise, denoising_loss, generator_objective, get_loss
+from refiner.realdata import RealData, require_data
 from refiner.rundir import RunDir
-from refiner.sigma import KarrasGridSigma, LogNormalSigma
+from refiner.sigma import make_sampler
 
 
-def make_sigma_sampler(config: TrainConfig):
-    if config.sigma == "lognormal":
-        return LogNormalSigma(config.p_mean, config.p_std)
-    return KarrasGridSigma()
+def make_sigma_sampler(config: TrainConfig, step: str = "generator"):
+    """The σ sampler of the generator step or the fake-score step, from the registry with the config's
+    options (refiner.sigma)."""
+    return make_sampler(config.samplers()[step], config.sampler_options())
 
 
 @dataclass
@@ -92,7 +97,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, generator: nn.Module, teacher: Callable, fake: nn.Module,
                  run: RunDir, device: torch.device, on_snapshot: tuple[Callable[[Trainer], None], ...] = (),
-                 echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), real_data: RealData | None = None):
         self.config = config.validate()
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.batch % self.world:
@@ -101,15 +106,22 @@ class Trainer:
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
         self.ema = copy.deepcopy(generator).requires_grad_(False).eval()
+        # Adversarial losses: a discriminator head on the fake network's bottleneck, trained with it.
+        require_data(config.loss, real_data)
+        self.real_data = real_data
+        options = gan_options(config.loss, config.loss_options)
+        self.adversary = None if options is None else Adversary(options, fake, config.seed)
+        self.fake_params = [p for m in (fake, self.adversary) if m is not None for p in m.parameters()
+                            if p.requires_grad]
         self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad],
                                       lr=config.lr, betas=config.betas)
-        self.opt_f = torch.optim.Adam([p for p in fake.parameters() if p.requires_grad],
-                                      lr=config.fake_lr, betas=config.betas)
+        self.opt_f = torch.optim.Adam(self.fake_params, lr=config.fake_lr, betas=config.betas)
         self.rng = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(derived_seed(config.seed, f"global/{self.rank}"))  # CPU and every CUDA device
         self.teacher_id = getattr(teacher, "identity", None)  # recorded in checkpoints, checked on resume
         self.sigma_sampler = make_sigma_sampler(config)
-        self.loss_fn = generator_loss(config.loss)
+        self.fake_sigma_sampler = make_sigma_sampler(config, "fake")
+        self.loss_spec = get_loss(config.loss)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.counters = Counters()
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
@@ -124,6 +136,8 @@ class Trainer:
         dist.broadcast_module(generator)
         dist.broadcast_module(fake)
         dist.broadcast_module(self.ema)
+        if self.adversary is not None:
+            dist.broadcast_module(self.adversary)
 
     # -- randomness: global draws, local slices --------------------------------------------------------
     def _local(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,14 +146,24 @@ class Trainer:
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n].to(self.device)
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _draw(self, sigma_sampler: Callable) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Latents, labels, σ and ε for one global batch (drawn on every rank, sliced per rank)."""
         b = self.config.batch
         z = self.generator.sample_latents(b, self.rng)
         c = self.generator.sample_labels(b, self.rng)
-        sigma = self.sigma_sampler(b, self.rng)
+        sigma = sigma_sampler(b, self.rng)
         noise = torch.randn((b, *self.generator.data_shape), generator=self.rng)
         return self._local(z), self._local(c), self._local(sigma), self._local(noise)
+
+    def _draw_adversarial(self, passes: int) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The discriminator's draws for `passes` head passes, and (for the fake step, passes = 2) real data."""
+        b = self.config.batch
+        draws = [self._local(t) for t in self.adversary.draws(b, self.generator.data_shape, self.rng, passes)]
+        if passes < 2:
+            return draws, None, None
+        n = b // self.world
+        real, labels = self.real_data.draw(b, self.rng, slice(self.rank * n, (self.rank + 1) * n))
+        return draws, real.to(self.device), None if labels is None else labels.to(self.device)
 
     def _autocast(self):
         if self.device.type != "cuda" or self.config.precision == "fp32":
@@ -168,7 +192,9 @@ class Trainer:
         return float(norm), finite
 
     def fake_step(self) -> dict[str, float]:
-        z, c, sigma, noise = self._draw()
+        z, c, sigma, noise = self._draw(self.fake_sigma_sampler)
+        if self.adversary is not None:
+            draws, real, c_real = self._draw_adversarial(2)
         with torch.no_grad(), self._autocast():
             self.generator.eval()
             x = self.generator(z, c).float()
@@ -177,22 +203,32 @@ class Trainer:
         with self._autocast():
             denoised = self.fake(add_noise(x, sigma, noise), sigma, c).float()
         loss = denoising_loss(denoised, x, sigma, self.sigma_data)
-        params = [p for p in self.fake.parameters() if p.requires_grad]
-        norm, ok = self._apply(loss, params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
+        stats = {"loss_fake": float(loss.detach())}
+        if self.adversary is not None:
+            with self._autocast():
+                loss_disc, disc_stats = self.adversary.discriminator_loss(
+                    self.fake, x, c, real, c_real, sigma, noise, draws, self.sigma_data)
+            loss = loss + loss_disc
+            stats.update(disc_stats)
+        norm, ok = self._apply(loss, self.fake_params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
         self.counters.fake_steps += 1
         self.counters.skipped_fake += not ok
-        return {"loss_fake": float(loss.detach()), "grad_norm_fake": norm}
+        return {**stats, "grad_norm_fake": norm}
 
     def generator_step(self) -> dict[str, float]:
-        z, c, sigma, noise = self._draw()
+        z, c, sigma, noise = self._draw(self.sigma_sampler)
         self.fake.eval()
         with self._autocast():
             x = self.generator(z, c).float()
-            x_t = add_noise(x.detach(), sigma, noise)
-            with torch.no_grad():
-                d_real = self.teacher(x_t, sigma, c).float()
-                d_fake = self.fake(x_t, sigma, c).float()
-        loss = self.loss_fn(x, d_real, d_fake, sigma)
+            parts: dict[str, torch.Tensor] = {}
+            loss = generator_objective(self.loss_spec, x, sigma, noise, self.teacher, self.fake, c, parts=parts,
+                                       **self.config.loss_options)
+        gan_stats = {}
+        if self.adversary is not None:
+            draws = self._draw_adversarial(1)[0]
+            with self._autocast():
+                loss, gan_stats = self.adversary.generator_loss(self.fake, loss, x, c, draws, parts["d_real"],
+                                                                self.counters.nimg / 1000)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])
         if not ok:
@@ -208,7 +244,7 @@ class Trainer:
             update_ema(self.ema, self.generator, 0.0)
         self.counters.nimg += self.config.batch  # after the EMA: its β uses the count before this batch (EDM)
         self.counters.step += 1
-        return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, "sigma_mean": float(sigma.mean()),
+        return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, **gan_stats, "sigma_mean": float(sigma.mean()),
                 "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
 
     def _stop_if_diverged(self, applied: bool, loss: float) -> None:
@@ -243,6 +279,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_f": self.opt_f.state_dict(),
+            **({} if self.adversary is None else {"adversary": self.adversary.state_dict()}),
             "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
             "rng": {"loop": self.rng.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -254,6 +291,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_f.load_state_dict(state["opt_f"])
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
         for name, scaler in self.scalers.items():
             scaler.load_state_dict(state["scalers"][name])
         self.counters = Counters(**state["counters"])

@@ -21,6 +21,7 @@ from gan_adapters.mlp import MLPGenerator
 from metrics.energy import energy_distance, modes_covered
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
+from refiner.realdata import TargetData
 from refiner.rundir import RunDir
 from teachers.analytic import GaussianMixtureDenoiser, grid, ring
 from teachers.base import resolve_device
@@ -91,7 +92,8 @@ def _train_toy(config: TrainConfig, run: RunDir, checkpoint: Path | None, teache
     torch.manual_seed(config.seed)
     generator = MLPGenerator(dim=2, z_dim=2).to(device)
     fake = MLPDenoiser(dim=2, sigma_data=teacher.sigma_data).to(device)
-    trainer = Trainer(config, generator, teacher.to(device), fake, run, device, on_snapshot=on_snapshot)
+    trainer = Trainer(config, generator, teacher.to(device), fake, run, device, on_snapshot=on_snapshot,
+                      real_data=TargetData(teacher))
     before = generate(trainer.ema, samples, seed=config.seed + 1)  # the untrained generator
     if checkpoint is not None:
         trainer.resume(checkpoint)

@@ -115,7 +115,7 @@ def test_distill_cli_on_cuda(tmp_path: Path, precision: str):
     assert all(r["peak_cuda_mb"] > 0 and math.isfinite(r["loss_fake"]) and math.isfinite(r["loss_gen"]) for r in log)
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == precision
-    G = load_generator(out / "network-snapshot-000000.pkl")  # written from the run, read on the CPU
+    G = load_generator(out / "network-snapshot-000000064.pkl")  # written from the run (4 x 16 images), read on the CPU
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():
         images = G.eval()(G.sample_latents(4, rng), G.sample_labels(4, rng))

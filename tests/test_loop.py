@@ -117,10 +117,11 @@ def test_bad_options_exit_2_with_one_line_and_touch_nothing(tmp_path: Path):
 
 def test_noise_level_options_reach_the_config(tmp_path: Path):
     out = tmp_path / "run"
-    result = _toy(CliRunner(), "--out", str(out), "--sigma", "karras", "--p-mean", "0", "--p-std", "0.8")
+    result = _toy(CliRunner(), "--out", str(out), "--sigma", "lognormal", "--p-mean", "0", "--p-std", "0.8")
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert (config["sigma"], config["p_mean"], config["p_std"]) == ("karras", 0.0, 0.8)
+    assert (config["sigma"], config["p_mean"], config["p_std"]) == ("lognormal", 0.0, 0.8)
+    assert config["sources"]["p_mean"] == "user" and config["levels"] is None
     result = _toy(CliRunner(), "--out", str(tmp_path / "other"), "--sigma", "uniform")
     assert result.exit_code == 2 and "--sigma" in result.output and not (tmp_path / "other").exists()
 

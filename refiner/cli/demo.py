@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 
 import click
 
-from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED
+from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED, TRAINING_KEYS, loss_and_sigma_options, resolve_config
 from refiner.demo import JOBS, REFERENCES
 
 
 def _defaults_help() -> str:
+    def sigma(c) -> str:
+        options = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.sampler_options().items())
+        return f"σ {c.sigma}" + (f" ({options})" if options else "")
+
     return "; ".join(f"{job}: {c.steps} steps, batch {c.batch}, lr {c.lr:g}, fake-lr {c.fake_lr:g}, "
-                     f"loss {c.loss}, ln σ ~ N({c.p_mean:g}, {c.p_std:g}²), {c.fake_warmup} fake warm-up steps"
-                     for job, c in JOBS.items())
+                     f"loss {c.loss}, {sigma(c)}, {c.fake_warmup} fake warm-up steps" for job, c in JOBS.items())
 
 
 @click.command("demo", epilog=f"Defaults per job: {_defaults_help()}.")
@@ -43,9 +45,14 @@ def _defaults_help() -> str:
                    "600 steps in 212 s with one thread; two threads are about 1.4x faster on an idle two-core "
                    "machine, and many times slower when another program holds a core).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
+@click.option("--data", "data_src", default=None, metavar="PATH",
+              help="Real images for the adversarial losses (dmd2, sida), as for `refiner distill --data`. "
+                   "Default: Fashion-MNIST's training set (found or downloaded like the noise floor's test set).")
+@loss_and_sigma_options
 def command(job: str, out: str, force: bool, resume: bool, steps: int | None, batch: int | None,
             lr: float | None, fake_lr: float | None, seed: int, device: str, samples: int, reference: str,
-            assets_path: str | None, threads: int, as_json: bool) -> None:
+            assets_path: str | None, threads: int, as_json: bool, data_src: str | None, **loss_and_sigma: Any
+            ) -> None:
     """Refine a small Fashion-MNIST GAN with an EDM teacher on the CPU, in minutes, and report by how much.
 
     Loads the committed assets (a small EDM teacher, an under-trained StyleGAN2, a Fashion-MNIST
@@ -60,9 +67,9 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
 
     torch.set_num_threads(threads)
 
-    given: dict[str, Any] = {k: v for k, v in (("steps", steps), ("batch", batch), ("lr", lr),
-                                               ("fake_lr", fake_lr)) if v is not None}
-    config = replace(JOBS[job], seed=seed, device=device, **given)
+    given = {"steps": steps, "batch": batch, "lr": lr, "fake_lr": fake_lr, "seed": seed, "device": device,
+             **{k: v for k, v in loss_and_sigma.items() if k in TRAINING_KEYS}}
+    config = resolve_config(JOBS[job], given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,
-                      assets_path=assets_path, force=force, resume=resume)
+                      assets_path=assets_path, force=force, resume=resume, data=data_src)
     click.echo(json.dumps(result.to_json()) if as_json else result.table())

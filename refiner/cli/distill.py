@@ -18,8 +18,8 @@ from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
-    TRAINING_KEYS,
     config_from_options,
+    data_option,
     fetch_source,
     make_evaluator,
     metric_options,
@@ -28,11 +28,12 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.config import TrainConfig
-from refiner.presets import PRESETS, Preset, get_preset, presets_help
+from refiner.losses import get_loss
+from refiner.presets import DEFAULT, PRESETS, Preset, get_preset, presets_help
+from refiner.realdata import check_data_option, open_real_data
 
-# Options whose default comes from the preset: None here means "not given on the command line".
-_FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=(None, None), ratio=None,  # type: ignore[arg-type]
-                           ema=None, loss=None, precision=None, snapshot_every=None)
+# The defaults that --help shows: the default preset's (a --preset and the loss's defaults replace them).
+_HELP_DEFAULTS = TrainConfig(**{**DEFAULT.train_values(), "steps": None, "snapshot_every": None})  # type: ignore[arg-type]
 
 # Diff-Instruct / EDM name their snapshots by whole kimg (network-snapshot-KKKKKK.pkl), which repeats when two
 # snapshots are less than 1000 images apart; ours count every image seen (9 digits), so each is kept.
@@ -48,7 +49,8 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
               help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "
                    "CIFAR-10 values in bf16.")
 @click.option("--sigma-init", type=FINITE_FLOAT, default=None,
-              help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [preset].")
+              help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [the loss's: 2.5 for sid, sim, uni; else "
+                   "the preset's].")
 @click.option("--dropout", type=FINITE_FLOAT, default=None,
               help="Dropout of the generator and the fake-score network while they train [preset].")
 @click.option("--kimg", type=FINITE_FLOAT, default=None,
@@ -59,11 +61,12 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
               help="Images in the grids of fixed seeds.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
+@data_option
 @metric_options
-@training_options(_FROM_PRESET)
+@training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | None, sigma_init: float | None,
             dropout: float | None, kimg: float | None, snapshot_kimg: float | None, grid_seeds: int,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            teacher_dtype: str | None, metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -79,12 +82,14 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
 
     preset = get_preset(preset_name)
     out, resume, force = run_options(kwargs)
-    sigma_init = preset.sigma_init if sigma_init is None else sigma_init
     dropout = preset.dropout if dropout is None else dropout
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
-                            sigma_init=sigma_init, dropout=dropout, teacher_dtype=teacher_dtype)
+                            dropout=dropout, teacher_dtype=teacher_dtype, data=data_src)
+    check_data_option(config.loss, data_src)
+    sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
+    config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
@@ -95,6 +100,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
         echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "
              f"{teacher.label_dim} classes")
+    real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
     fake = trainable_copy(teacher)
     if dropout is not None:
@@ -111,7 +117,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
                    info={"teacher": teacher_src, "preset": preset.name, "sigma_init": sigma_init,
-                         "processes": dist.world_size()}, echo=echo, inputs=(teacher_src,))
+                         "processes": dist.world_size()}, echo=echo, inputs=(teacher_src,), real_data=real_data)
     result = job.run(resume=resume, force=force)
     if main:
         click.echo(json.dumps(result))
@@ -119,8 +125,9 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
 
 def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: float | None, snapshot_kimg: float | None,
                    **extra: Any) -> TrainConfig:
-    """The run's TrainConfig: the options given, else the preset's values. Durations given in kimg become
-    steps at the batch size used; --steps / --snapshot-every exclude --kimg / --snapshot-kimg."""
+    """The run's TrainConfig: defaults → the preset → the loss's defaults → the options given. Durations
+    given in kimg become steps at the batch size used; --steps / --snapshot-every exclude --kimg /
+    --snapshot-kimg."""
     for steps_option, kimg_option, value in (("steps", "kimg", kimg), ("snapshot_every", "snapshot_kimg",
                                                                         snapshot_kimg)):
         if kwargs[steps_option] is not None and value is not None:
@@ -128,17 +135,22 @@ def distill_config(recipe: Preset, kwargs: dict[str, Any], kimg: float | None, s
                             "both set the same length; give one of them")
         if value is not None and value < 0:
             raise UserError(f"--{kimg_option.replace('_', '-')} must be >= 0 (got {value:g})")
-    defaults = recipe.train_config()
     batch = recipe.batch if kwargs["batch"] is None else kwargs["batch"]
     if batch < 1:
         raise UserError(f"--batch must be >= 1 (got {batch})")
-    derived = {"steps": recipe.steps(recipe.kimg if kimg is None else kimg, batch),
-               "snapshot_every": recipe.steps(recipe.snapshot_kimg if snapshot_kimg is None else snapshot_kimg,
-                                              batch)}
-    for key in TRAINING_KEYS:
-        if kwargs[key] is None:
-            kwargs[key] = derived[key] if key in derived else getattr(defaults, key)
-    for i, key in enumerate(("beta1", "beta2")):
-        if kwargs[key] is None:
-            kwargs[key] = defaults.betas[i]
-    return config_from_options(defaults, kwargs, **extra)
+    if kimg is not None:
+        kwargs["steps"] = recipe.steps(kimg, batch)
+    if snapshot_kimg is not None:
+        kwargs["snapshot_every"] = recipe.steps(snapshot_kimg, batch)
+    return config_from_options(TrainConfig(), kwargs, recipe.train_values(batch), **extra)
+
+
+def resolve_sigma_init(given: float | None, recipe: Preset, loss: str) -> tuple[float, str]:
+    """σ_init of the generator and where it came from: --sigma-init, else the loss's (SiD-family losses: 2.5),
+    else the preset's."""
+    if given is not None:
+        return given, "user"
+    own = get_loss(loss).sigma_init
+    if own is not None:
+        return own, f"loss {loss}"
+    return recipe.sigma_init, "preset"

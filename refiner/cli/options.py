@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable
@@ -11,8 +12,65 @@ import click
 from fileformats.errors import UserError
 from fileformats.sources import check_sha256_text, is_url, open_source
 from refiner.config import PRECISIONS, TrainConfig
-from refiner.losses import GENERATOR_LOSSES
-from refiner.sigma import SIGMA_SAMPLERS
+from refiner.losses import GENERATOR_LOSSES, describe_losses, get_loss, loss_option_users
+from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, sampler_options
+
+LOSS_OPTION_HELP = {
+    "alpha": "SiD's α in (D_r − D_f)·[(D_r − x) − α(D_r − D_f)] [loss sid: 1.2].",
+    "huber_c": "SIM's pseudo-Huber constant per element: c = huber-c·√dim [loss sim: 0.00054].",
+    "divergence": "Uni-Instruct's f-divergence: rkl, fkl, js (fkl/js need a discriminator's density ratio) "
+                  "[loss uni: rkl].",
+    "gan_weight": "Weight of the generator's adversarial term, in the authors' units [loss dmd2: 3e-3 (DMD2 "
+                  "--gen_cls_loss_weight); loss sida: 1e-4 (SiDA --lsg_gan 0.01 / --lsg 100)].",
+    "disc_weight": "Weight of the discriminator's loss next to the fake-score loss [loss dmd2: 1e-2 (DMD2 "
+                   "--cls_loss_weight); loss sida: 1 (SiDA --lsd)].",
+    "gan_levels": "DMD2's diffusion GAN: the head sees x + σε, σ uniform over the lowest N of 1000 Karras "
+                  "levels; 0 = clean images [loss dmd2: 1000].",
+    "gan_start_kimg": "SiDA: generator kimg (after --fake-warmup) before the adversarial term joins, mixed "
+                      "0.5·SiD + 0.5·GAN from then on [loss sida: 100].",
+}
+SAMPLER_OPTION_HELP = {
+    "p_mean": "Mean of ln σ (lognormal) [-1.2]. Higher weighs coarse structure more: the demo's refinement "
+              "needed 0 instead of EDM's -1.2.",
+    "p_std": "Std of ln σ (lognormal) [1.2].",
+    "levels": "Levels of the Karras grid (karras) [1000].",
+    "sigma_min": "Smallest σ of the Karras schedule (karras, karras-t) [0.002].",
+    "sigma_max": "Largest σ of the Karras schedule (karras, karras-t) [80].",
+    "rho": "ρ of the Karras schedule (karras, karras-t) [7].",
+    "min_percent": "Lowest grid index drawn, as a fraction of the grid (karras; DMD2: 0.02) [0].",
+    "max_percent": "Highest grid index drawn, as a fraction of the grid (karras; DMD2: 0.98) [1].",
+    "t_max": "SiD's t_max: t ~ U[0, t_max/1000] on the Karras schedule (karras-t) [800].",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def loss_and_sigma_options(f: Callable) -> Callable:
+    """--loss, every loss's own options, --sigma, --fake-sigma and every sampler's options; all default to
+    None (= not given), resolved by `resolve_config`."""
+    option_types = {o: FINITE_FLOAT if isinstance(d, float) else type(d)
+                    for spec in GENERATOR_LOSSES.values() for o, d in spec.options.items()}
+    sampler_types = {o: int if o == "levels" else FINITE_FLOAT for o in ALL_SAMPLER_OPTIONS}
+    options = [
+        click.option("--loss", default=None, metavar="NAME",
+                     help=f"Generator loss: {describe_losses()}. [default: the job's or the preset's]"),
+        *[click.option(_flag(o), o, type=option_types[o], default=None,
+                       help=LOSS_OPTION_HELP.get(o, f"Option of loss {' / '.join(u)}."))
+          for o, u in loss_option_users().items()],
+        click.option("--sigma", type=click.Choice(list(SIGMA_SAMPLERS)), default=None,
+                     help="Noise levels of the generator loss: lognormal = ln σ ~ N(p-mean, p-std²); karras = "
+                          "uniform over the Karras sampling grid; karras-t = SiD's t ~ U[0, t-max/1000] on the "
+                          "Karras schedule. [default: the loss's]"),
+        click.option("--fake-sigma", type=click.Choice([SAME, *SIGMA_SAMPLERS]), default=None,
+                     help="Noise levels of the fake-score loss: same = as --sigma. [default: the loss's]"),
+        *[click.option(_flag(o), o, type=sampler_types[o], default=None, help=SAMPLER_OPTION_HELP[o])
+          for o in ALL_SAMPLER_OPTIONS],
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 (checkpoints, .npz files)
 MAX_BATCH = 1 << 16  # images per step: more does not fit the memory of one machine for any network here
@@ -75,47 +133,44 @@ def fetch_source(source: str, sha256: str | None, option: str) -> str:
 
 
 def training_options(defaults: TrainConfig) -> Callable:
-    """Decorator adding the common options, with the job's own defaults shown in --help."""
+    """Decorator adding the common options. They default to None (= not given); --help shows the job's
+    default, which a preset and the loss's defaults may replace (`resolve_config`)."""
     d = defaults
+
+    def shown(value: Any) -> str:
+        return "" if value is None else f" [default: {value}]"
+
     options = [
         click.option("--out", "out", type=click.Path(file_okay=False), required=True,
                      help="Run directory: config.json, log.jsonl, checkpoints/ and outputs."),
-        click.option("--steps", type=int, default=d.steps, show_default=True, help="Generator updates."),
-        click.option("--batch", type=BATCH, default=d.batch, show_default=True,
-                     help="Global batch size (split over processes)."),
-        click.option("--seed", type=SEED, default=d.seed, show_default=True, help="Random seed."),
+        click.option("--steps", type=int, default=None, help="Generator updates." + shown(d.steps)),
+        click.option("--batch", type=BATCH, default=None,
+                     help="Global batch size (split over processes)." + shown(d.batch)),
+        click.option("--seed", type=SEED, default=None, help="Random seed." + shown(d.seed)),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Delete an existing run in --out and start over."),
-        click.option("--device", type=DEVICE, default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--lr", type=FINITE_FLOAT, default=d.lr, show_default=True, help="Generator learning rate."),
-        click.option("--fake-lr", type=FINITE_FLOAT, default=d.fake_lr, show_default=True,
-                     help="Fake-score network learning rate."),
-        click.option("--ratio", type=int, default=d.ratio, show_default=True,
-                     help="Fake-score updates per generator update."),
-        click.option("--ema", type=FINITE_FLOAT, default=d.ema, show_default=True,
-                     help="EMA half-life of the generator in kimg (0 = no averaging)."),
-        click.option("--snapshot-every", type=int, default=d.snapshot_every, show_default=True,
-                     help="Generator updates between checkpoints (0 = at the end only)."),
-        click.option("--loss", type=click.Choice(sorted(GENERATOR_LOSSES)), default=d.loss, show_default=True,
-                     help="Generator loss: ikl = Diff-Instruct, dmd = DMD's normalised IKL."),
-        click.option("--sigma", type=click.Choice(sorted(SIGMA_SAMPLERS)), default=d.sigma, show_default=True,
-                     help="Noise levels of the loss: lognormal = ln σ ~ N(p-mean, p-std²); karras = uniform over "
-                          "the Karras sampling grid."),
-        click.option("--p-mean", type=FINITE_FLOAT, default=d.p_mean, show_default=True,
-                     help="Mean of ln σ (lognormal). Higher weighs coarse structure more: the demo's refinement "
-                          "needed 0 instead of EDM's -1.2."),
-        click.option("--p-std", type=FINITE_FLOAT, default=d.p_std, show_default=True, help="Std of ln σ (lognormal)."),
-        click.option("--beta1", type=FINITE_FLOAT, default=d.betas[0], show_default=True, help="Adam beta1."),
-        click.option("--beta2", type=FINITE_FLOAT, default=d.betas[1], show_default=True, help="Adam beta2."),
-        click.option("--fake-warmup", type=int, default=d.fake_warmup, show_default=True,
-                     help="Fake-score updates before the first generator update."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision, show_default=True,
-                     help="Mixed precision on CUDA (always fp32 on CPU)."),
-        click.option("--log-every", type=int, default=d.log_every, show_default=True,
-                     help="Generator updates between log records."),
+        click.option("--device", type=DEVICE, default=None, help="auto, cpu or cuda[:N]." + shown(d.device)),
+        click.option("--lr", type=FINITE_FLOAT, default=None, help="Generator learning rate." + shown(d.lr)),
+        click.option("--fake-lr", type=FINITE_FLOAT, default=None,
+                     help="Fake-score network learning rate." + shown(d.fake_lr)),
+        click.option("--ratio", type=int, default=None,
+                     help="Fake-score updates per generator update." + shown(d.ratio)),
+        click.option("--ema", type=FINITE_FLOAT, default=None,
+                     help="EMA half-life of the generator in kimg (0 = no averaging)." + shown(d.ema)),
+        click.option("--snapshot-every", type=int, default=None,
+                     help="Generator updates between checkpoints (0 = at the end only)." + shown(d.snapshot_every)),
+        click.option("--beta1", type=FINITE_FLOAT, default=None, help="Adam beta1." + shown(d.betas[0])),
+        click.option("--beta2", type=FINITE_FLOAT, default=None, help="Adam beta2." + shown(d.betas[1])),
+        click.option("--fake-warmup", type=int, default=None,
+                     help="Fake-score updates before the first generator update." + shown(d.fake_warmup)),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="Mixed precision on CUDA (always fp32 on CPU)." + shown(d.precision)),
+        click.option("--log-every", type=int, default=None,
+                     help="Generator updates between log records." + shown(d.log_every)),
     ]
 
     def decorate(f: Callable) -> Callable:
+        f = loss_and_sigma_options(f)
         for option in reversed(options):
             f = option(f)
         return f
@@ -124,20 +179,92 @@ def training_options(defaults: TrainConfig) -> Callable:
 
 
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
-                 "sigma", "p_mean", "p_std", "fake_warmup", "precision", "log_every")
+                 "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2",
+                 *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 
-def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any], **extra: Any) -> TrainConfig:
+def resolve_config(base: TrainConfig, given: dict[str, Any], preset_values: dict[str, Any] | None = None,
+                   **extra: Any) -> TrainConfig:
+    """The run's TrainConfig: the job's defaults (`base`) → the preset's values → the loss's defaults →
+    the options the user gave (`given`, None = not given; beta1/beta2 and the loss options by name). An
+    option that the chosen loss or σ samplers do not read is refused when the user gave it, and dropped
+    when it came from a default. `sources` records where every value came from."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("extra", "sources")]
+    values = {k: getattr(base, k) for k in names}
+    sources = {k: "default" for k in names}
+    for k, v in (preset_values or {}).items():
+        values[k], sources[k] = v, "preset"
+    loss = given.get("loss") or values["loss"]
+    try:
+        spec = get_loss(loss)
+    except ValueError as e:
+        raise UserError(f"--loss: {e}") from None
+    values["loss"], sources["loss"] = loss, "user" if given.get("loss") else sources["loss"]
+    for k, v in spec.defaults.items():
+        values[k], sources[k] = v, f"loss {loss}"
+    loss_options = dict(spec.options)
+    sources.update({f"loss_options.{k}": f"loss {loss}" for k in spec.options})
+    users = loss_option_users()
+    betas = list(values["betas"])
+    for k, v in given.items():
+        if v is None or k == "loss":
+            continue
+        if k in users:
+            if k not in spec.options:
+                raise UserError(f"{_flag(k)} is an option of loss {' / '.join(users[k])}, and this run uses "
+                                f"--loss {loss}; drop {_flag(k)} or choose --loss {users[k][0]}")
+            loss_options[k], sources[f"loss_options.{k}"] = v, "user"
+        elif k in ("beta1", "beta2"):
+            betas[k == "beta2"] = v
+            sources["betas"] = "user"
+        else:
+            values[k], sources[k] = v, "user"
+    values["betas"], values["loss_options"] = tuple(betas), loss_options
+    _resolve_sampler_options(values, sources)
+    config = TrainConfig(**values, extra={**base.extra, **extra}, sources=sources)
+    return config.validate()
+
+
+def _resolve_sampler_options(values: dict[str, Any], sources: dict[str, str]) -> None:
+    for key in ("sigma", "fake_sigma"):
+        allowed = list(SIGMA_SAMPLERS) + ([SAME] if key == "fake_sigma" else [])
+        if values[key] not in allowed:
+            raise UserError(f"{_flag(key)} must be one of {', '.join(allowed)} (got {values[key]!r})")
+    chosen = dict.fromkeys([values["sigma"], values["sigma"] if values["fake_sigma"] == SAME else values["fake_sigma"]])
+    for option in ALL_SAMPLER_OPTIONS:
+        readers = [name for name in chosen if option in sampler_options(name)]
+        if not readers:
+            if sources.get(option) == "user":
+                which = [name for name in SIGMA_SAMPLERS if option in sampler_options(name)]
+                raise UserError(f"{_flag(option)} applies to --sigma / --fake-sigma {' or '.join(which)}; this "
+                                f"run draws σ with --sigma {values['sigma']} and --fake-sigma "
+                                f"{values['fake_sigma']}: drop {_flag(option)} or choose the sampler it belongs to")
+            values[option] = None
+            sources.pop(option, None)
+        elif values[option] is None:
+            values[option] = next(f.default for f in dataclasses.fields(SIGMA_SAMPLERS[readers[0]])
+                                  if f.name == option)
+            sources[option] = f"sampler {readers[0]}"
+
+
+def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any],
+                        preset_values: dict[str, Any] | None = None, **extra: Any) -> TrainConfig:
     """Build the run's TrainConfig from the parsed options (removing them from kwargs)."""
-    values = {k: kwargs.pop(k) for k in TRAINING_KEYS}
-    betas = (kwargs.pop("beta1"), kwargs.pop("beta2"))
-    fields = {**vars(defaults), **values, "betas": betas, "extra": {**defaults.extra, **extra}}
-    return TrainConfig(**fields).validate()
+    given = {k: kwargs.pop(k) for k in TRAINING_KEYS if k in kwargs}
+    return resolve_config(defaults, given, preset_values, **extra)
 
 
 def run_options(kwargs: dict[str, Any]) -> tuple[str, bool, bool]:
     return kwargs.pop("out"), kwargs.pop("resume"), kwargs.pop("force")
 
+
+
+def data_option(f: Callable) -> Callable:
+    """--data: real images for the adversarial losses (what `refiner metrics` reads)."""
+    return click.option("--data", "data_src", default=None, metavar="PATH",
+                        help="Real images for the adversarial losses (dmd2, sida): an image folder, a dataset .zip "
+                             "with dataset.json labels (conditional teachers) or an .npz of uint8 images; "
+                             "area-downsampled to the teacher's resolution.")(f)
 
 
 def metric_options(f: Callable) -> Callable:

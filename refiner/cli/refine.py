@@ -18,6 +18,7 @@ from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
     config_from_options,
+    data_option,
     fetch_source,
     make_evaluator,
     metric_options,
@@ -26,6 +27,7 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.config import TrainConfig
+from refiner.realdata import check_data_option, open_real_data
 
 REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
                               log_every=10)
@@ -57,12 +59,13 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
                    "re-read; keeps the input as FILE.bak.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: what the file says).")
+@data_option
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, generator_sha256: str | None, teacher_src: str, teacher_sha256: str | None,
             trainable: str | None, noise_mode: str | None, truncation: float | None, sigma_init: float | None,
-            resize_to_teacher: bool, keep_g: bool, in_place: bool,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None,
+            metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
     Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
@@ -82,7 +85,8 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
                                         ("truncation", truncation), ("sigma_init", sigma_init)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
-                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, **family_options)
+                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, data=data_src, **family_options)
+    check_data_option(config.loss, data_src)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     backup = Path(f"{generator_src}.bak")
@@ -108,6 +112,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
+    real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     evaluate = make_evaluator(kwargs, device)
 
     def save(ema: torch.nn.Module, path: Path) -> None:
@@ -119,7 +124,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
                    echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None),
-                   inputs=(generator_src, teacher_src))
+                   inputs=(generator_src, teacher_src), real_data=real_data)
     result = job.run(resume=resume, force=force)
     if not main:
         return
