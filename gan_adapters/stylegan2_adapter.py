@@ -37,11 +37,24 @@ from typing import Any
 import torch
 
 from fileformats import nvpickle
+from fileformats.arguments import Bound, check_ranges, meta_shapes
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
 from gan_adapters.stylegan2 import NOISE_MODES, Generator, GeneratorConfig
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
+
+# Size-like constructor arguments of NVlabs/stylegan2-ada-pytorch training/networks.py Generator and
+# what a network can sensibly have; the published ones use at most: z_dim = w_dim = 512, 1024 px,
+# 8 mapping layers, channel_base 32768, channel_max 512, 4 float16 resolutions.
+ARGUMENT_BOUNDS = {
+    "generator": {"z_dim": Bound(0, 4096), "c_dim": Bound(0, 100_000), "w_dim": Bound(1, 4096),
+                  "img_resolution": Bound(4, 4096), "img_channels": Bound(1, 64)},
+    "mapping_kwargs": {"num_layers": Bound(0, 64), "embed_features": Bound(1, 4096),
+                       "layer_features": Bound(1, 4096)},
+    "synthesis_kwargs": {"channel_base": Bound(1, 2**20), "channel_max": Bound(1, 4096),
+                         "num_fp16_res": Bound(0, 16), "kernel_size": Bound(1, 15)},
+}
 
 
 @dataclass
@@ -176,22 +189,27 @@ def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<
         raise UserError(f"{name}: G_ema is a {record.class_name}, not a StyleGAN2-ADA Generator")
     try:
         cfg = GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs)
-        network = Generator(cfg)
+        values = cfg.to_init_kwargs()
+        for group, bounds in ARGUMENT_BOUNDS.items():
+            check_ranges(name, "G_ema", values if group == "generator" else values[group], bounds)
+        shapes = meta_shapes(lambda: Generator(cfg))  # checked against the file before allocating
     except (ValueError, TypeError) as e:
         raise UserError(f"{name}: G_ema's constructor arguments do not describe a StyleGAN2-ADA generator "
                         f"({e}); StyleGAN3 and StyleGAN2 (TensorFlow) files are not supported") from None
-    _check_same_tensors(name, record.state_dict(), network.state_dict())
-    network.load_state_dict(record.state_dict())
+    stored = record.state_dict()
+    _check_same_tensors(name, stored, shapes)
+    network = Generator(cfg)
+    network.load_state_dict(stored)
     network.eval()
     adapter = StyleGAN2Generator(network, _Snapshot(data, name), options).eval()
     return adapter.to(device) if device is not None else adapter
 
 
-def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, torch.Tensor]) -> None:
+def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, tuple[int, ...]]) -> None:
     missing = [k for k in built if k not in stored]
     extra = [k for k in stored if k not in built]
-    shapes = [f"{k} {list(stored[k].shape)} vs {list(v.shape)}" for k, v in built.items()
-              if k in stored and stored[k].shape != v.shape]
+    shapes = [f"{k} {list(stored[k].shape)} vs {list(v)}" for k, v in built.items()
+              if k in stored and tuple(stored[k].shape) != v]
     if missing or extra or shapes:
         problems = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                              for what, items in (("missing", missing), ("unexpected", extra),
