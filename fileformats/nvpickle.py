@@ -711,7 +711,7 @@ def load(source: Source) -> Any:
     finally:
         if owned:
             f.close()
-    for record in _records(obj):
+    for record in records(obj):
         record.source = info
     return obj
 
@@ -726,8 +726,9 @@ def pickle_protocol(source: Source) -> int:
             f.close()
 
 
-def _records(obj: Any) -> Iterator[PersistentObject]:
-    """Every PersistentObject reachable through records, containers and torch modules."""
+def records(obj: Any) -> Iterator[PersistentObject]:
+    """Every PersistentObject reachable through records, containers, torch modules and other objects'
+    attributes (e.g. a generator that keeps the snapshot it was loaded from), each once."""
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -744,6 +745,9 @@ def _records(obj: Any) -> Iterator[PersistentObject]:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif (isinstance(getattr(item, "__dict__", None), dict)
+              and not isinstance(item, (torch.Tensor, types.ModuleType))):
+            stack.append(item.__dict__)
 
 
 def globals_in(source: Source) -> set[tuple[str, str]]:
@@ -826,7 +830,7 @@ class _Writer(pickle._Pickler):
 
 def source_info(obj: Any) -> SourceInfo | None:
     """How the file that `obj` was loaded from was written (None for objects built in memory)."""
-    return next((r.source for r in _records(obj) if r.source is not None), None)
+    return next((r.source for r in records(obj) if r.source is not None), None)
 
 
 def dump(obj: Any, file: str | os.PathLike | IO[bytes], protocol: int | None = None, *,
