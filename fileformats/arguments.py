@@ -62,7 +62,8 @@ def check_ranges(name: str, what: str, values: Mapping[str, Any], bounds: Mappin
 def meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
     """Shapes of the state_dict() of the network `build` makes, built on the meta device (nothing is
     allocated). Comparing them with the file's tensors before the real build bounds its memory by
-    what the file holds."""
+    what the file holds. (The first arithmetic on meta tensors imports torch._dynamo, about a second,
+    once per process; training imports it anyway with the optimizer.)"""
     with torch.device("meta"):
         network = build()
     return {k: tuple(v.shape) for k, v in network.state_dict().items()}

@@ -448,10 +448,14 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """`torch._utils._rebuild_parameter[_with_state]`, with checked arguments."""
+    """`torch._utils._rebuild_parameter[_with_state]`, with checked arguments. `state` (attributes
+    set on the parameter) is refused unless empty: network parameters carry none."""
     if not isinstance(data, torch.Tensor):
         raise UserError(f"malformed parameter: data is {type(data).__name__}")
     _no_hooks(backward_hooks)
+    if state and not (isinstance(state, tuple) and not any(state)):
+        raise UserError("refused: a parameter in the file carries extra attributes, which network "
+                        "pickles never do; the file is refused as unsafe (nothing in it was executed)")
     if state is None:
         return torch._utils._rebuild_parameter(data, requires_grad, OrderedDict())
     return torch._utils._rebuild_parameter_with_state(data, requires_grad, OrderedDict(), state)

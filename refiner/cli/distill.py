@@ -24,6 +24,7 @@ from refiner.cli.options import (
     run_options,
     training_options,
 )
+from refiner.cli.source_options import check_sources, source_options
 from refiner.config import TrainConfig
 from refiner.presets import PRESETS, Preset, get_preset, presets_help
 
@@ -52,11 +53,12 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
               help="Images in the grids of fixed seeds.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
+@source_options
 @metric_options
 @training_options(_FROM_PRESET)
 def command(teacher_src: str, preset_name: str | None, sigma_init: float | None, dropout: float | None,
             kimg: float | None, snapshot_kimg: float | None, grid_seeds: int, teacher_dtype: str | None,
-            metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            metrics_at_snapshots: bool, unknown_source: str, source_from: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -83,6 +85,7 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
     default_dtype = None if config.precision == "fp32" else config.precision
     teacher = load_teacher(teacher_src, device=device, dtype=teacher_dtype or default_dtype)
+    check_sources(teacher.record, teacher_src, unknown_source, source_from, echo)
     if preset.shape is not None and (teacher.data_shape[-1], teacher.label_dim) != preset.shape:
         echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "

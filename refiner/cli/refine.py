@@ -21,6 +21,7 @@ from refiner.cli.options import (
     run_options,
     training_options,
 )
+from refiner.cli.source_options import check_sources, source_options
 from refiner.config import TrainConfig
 
 REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
@@ -47,11 +48,13 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
               help="Replace the input pickle once the refined one is written and re-read (keeps FILE.bak).")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: what the file says).")
+@source_options
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, teacher_src: str, trainable: str | None, noise_mode: str | None,
             truncation: float | None, resize_to_teacher: bool, keep_g: bool, in_place: bool,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, **kwargs: Any) -> None:
+            teacher_dtype: str | None, metrics_at_snapshots: bool, unknown_source: str, source_from: str | None,
+            **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
     Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
@@ -79,6 +82,7 @@ def command(generator_src: str, teacher_src: str, trainable: str | None, noise_m
             raise UserError(f"--in-place would keep the input as {backup}, which already exists; "
                             f"move it away first")
     generator = load_generator(generator_src, device=device, **family_options)
+    check_sources(generator, generator_src, unknown_source, source_from, lambda s: click.echo(s, err=True))
     is_folder = os.path.isdir(generator_src)
     if is_folder and (keep_g or in_place):
         raise UserError("--keep-G and --in-place apply to StyleGAN2-ADA pickles, not to BigGAN-deep folders")
