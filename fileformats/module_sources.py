@@ -6,8 +6,8 @@ runs it, but a file refiner writes (a refined GAN, a distilled snapshot) carries
 loader. So each stored source is compared with the published releases by SHA-256: `KNOWN_RELEASES`
 holds the hashes (never the text) of the modules with persistent classes, at the commits listed, of
 NVlabs/edm, NVlabs/stylegan2-ada-pytorch, NVlabs/stylegan3, pkulwj1994/diff_instruct and
-mingyuanzhou/SiD. A hash is taken of the text as inspect.getsource returns it: the file decoded as
-UTF-8 (a BOM dropped), line endings made '\\n', a final '\\n' added if missing (linecache does).
+mingyuanzhou/SiD, taken of `stored_text(file)` (what inspect.getsource returns) and listed by
+scripts/module_source_hashes.py from a clone of each repository.
 
 A source that is only comments and blank lines contains no code (refiner's own files and the test
 fixtures carry such placeholders); anything else is UNKNOWN.
@@ -85,6 +85,13 @@ MODES = ("error", "keep", "replace")
 
 def source_sha256(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def stored_text(file_bytes: bytes) -> str:
+    """The text torch_utils.persistence stores for a module file: inspect.getsource(module), i.e. the
+    file decoded as UTF-8 without a BOM, universal newlines, and a final newline (linecache adds one)."""
+    text = file_bytes.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,32 @@ def test_known_release_is_recognised_by_hash():
     assert module_sources.classify("# placeholder\n\n").describe().startswith("no code")
 
 
+@pytest.mark.parametrize("raw", [b"x = 1\n", b"x = 1\r\ny = 2", b"\xef\xbb\xbfs = '\xcf\x83'\r"])
+def test_hashed_text_is_what_persistence_stores(tmp_path, raw):
+    """The table hashes stored_text(file); torch_utils.persistence stores inspect.getsource(module)."""
+    import importlib.util
+    import inspect
+
+    path = tmp_path / f"mod{len(raw)}.py"
+    path.write_bytes(raw)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # our own three-line file
+    assert module_sources.stored_text(raw) == inspect.getsource(module)
+
+
+def test_structure_limits_leave_deepcopy_and_writing_safe():
+    """Data at the depth limit loads, deep-copies and is written again without RecursionError."""
+    nested: list = []  # with the dict around it: max_depth containers
+    for _ in range(nvpickle.LIMITS.max_depth - 2):
+        nested = [nested]
+    data = nvpickle.load(nvpickle.dumps({"x": nested}))
+    copy = __import__("copy").deepcopy(data)
+    assert nvpickle.dumps(copy) == nvpickle.dumps(data)
+    with pytest.raises(UserError, match="nests deeper than 64"):
+        nvpickle.load(nvpickle.dumps({"x": [nested]}))
+
+
 def _with_source(path: Path, source: str, target: Path) -> Path:
     data = nvpickle.load(path)
     for record in nvpickle.records(data):
