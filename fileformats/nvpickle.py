@@ -310,9 +310,10 @@ def check_structure(obj: Any, name: str, file_size: int, limits: ReadLimits = LI
         node, expanded = stack.pop()
         key = id(node)
         if expanded:
-            parts = [p for p in _parts(node) if not isinstance(p, _ATOMS)]
-            size[key] = 1 + len(_parts(node)) - len(parts) + sum(size[id(p)] for p in parts)
-            depth[key] = 1 + max((depth[id(p)] for p in parts), default=0)
+            parts = _parts(node)
+            inner = [p for p in parts if not isinstance(p, _ATOMS)]  # atoms count 1, depth 0
+            size[key] = 1 + len(parts) - len(inner) + sum(size[id(p)] for p in inner)
+            depth[key] = 1 + max((depth[id(p)] for p in inner), default=0)
             open_nodes.discard(key)
             if depth[key] > limits.max_depth:
                 raise UserError(f"{name}: the data nests deeper than {limits.max_depth} levels (limit: "
@@ -550,9 +551,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
                             "the file is refused as unsafe (nothing in it was executed)")
         state = self.stack[-1]
         if isinstance(target, np.dtype) and isinstance(state, tuple) and any(
-                x is not None for x in state[3:5]):
-            raise UserError("refused: the file gives a numpy dtype fields (a structured dtype), which "
-                            "network pickles never hold; the file is refused as unsafe")
+                x is not None for x in state[2:5]):  # (version, endian, subarray, names, fields, ...)
+            raise UserError("refused: the file gives a numpy dtype a subarray or fields (a structured "
+                            "dtype), which network pickles never hold; the file is refused as unsafe")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
