@@ -11,6 +11,13 @@ the stream is refused before it can run.
 Writing (§1.7) re-emits the records with the pure-Python pickler, naming the original globals, so
 NVIDIA's own loader reads the result; module_src is carried over from the input file as opaque data.
 Loading a file and dumping it again with the same protocol reproduces its bytes.
+
+Hostile files that are not code are bounded too (`ReadLimits`): a length field may not claim more
+bytes than the file still holds (checked before anything is allocated), a tensor storage may not
+declare more elements than its stream carries, dict keys and set members may not be tuples (whose
+hash recurses), and the loaded structure may not nest deeper than `max_depth` nor unfold (shared
+references counted once per path, as every recursive walk meets them) into more than
+`max_visits(file size)` nodes, nor contain a reference cycle. Each refusal is one `UserError`.
 """
 
 from __future__ import annotations
@@ -209,6 +216,173 @@ def _short_list(items: list[str], n: int = 5) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Bounds on what a file can make the reader (and any later walk of its contents) do
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a pickle may make us do. The published networks stay far inside: their structures nest
+    about 17 levels deep and unfold into about one node per 600 bytes of file.
+
+    max_depth: containers inside containers. Python's recursion (copy.deepcopy, pickling, any
+        recursive walk) needs about three frames per level, and its limit is 1000 frames.
+    visits_per_byte, min_visits: a walk of the loaded structure that does not remember what it saw
+        (state_dict(), inspect's tree, JSON output) visits every node once per path to it; this
+        many visits per byte of file plus a constant are allowed, so a structure that doubles
+        through shared references is refused instead of taking exponential time and memory.
+    """
+
+    max_depth: int = 64
+    visits_per_byte: float = 1 / 16
+    min_visits: int = 1_000_000
+
+    def max_visits(self, file_size: int) -> int:
+        return self.min_visits + int(file_size * self.visits_per_byte)
+
+
+LIMITS = ReadLimits()
+
+
+class _BoundedFile:
+    """Read access to a stream that refuses any read reaching past its end, before reading: a
+    length field claiming 1 TiB in a small file is refused instead of allocated."""
+
+    def __init__(self, f: IO[bytes], name: str, size: int):
+        self._f = f
+        self.name = name
+        self.position = f.tell()
+        self.size = size
+
+    def remaining(self) -> int:
+        return self.size - self.position
+
+    def check_length(self, n: int, what: str = "a length field") -> None:
+        if n > self.remaining():
+            raise UserError(f"{self.name}: the file ends early at byte {self.size} (truncated download?): "
+                            f"{what} near byte {self.position} claims {n:,} bytes but only "
+                            f"{self.remaining():,} remain (limit: the file's size; nothing was allocated "
+                            "or executed); download the file again")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n >= 0:
+            self.check_length(n)
+        data = self._f.read(n)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def readline(self) -> bytes:
+        data = self._f.readline()
+        self.position += len(data)
+        return data
+
+
+def _parts(node: Any) -> list:
+    """What a walk of the loaded structure descends into: container items (dict keys and values),
+    and the attributes of anything that has them (records, torch containers, tensors' state)."""
+    if isinstance(node, dict):
+        parts = [*node.keys(), *node.values()]
+    elif isinstance(node, (list, tuple, set, frozenset)):
+        parts = list(node)
+    else:
+        parts = []
+    attributes = getattr(node, "__dict__", None)
+    if isinstance(attributes, dict) and attributes:
+        parts.append(attributes)
+    return parts
+
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic, np.dtype)
+
+
+def check_structure(obj: Any, name: str, file_size: int, limits: ReadLimits = LIMITS) -> None:
+    """Refuse a loaded structure that is cyclic, nests deeper than limits.max_depth, or unfolds
+    into more than limits.max_visits(file_size) nodes (visits of a walk that follows every
+    reference). Iterative, one visit per distinct object: the unfolded size of a node is 1 plus
+    that of its parts, memoized by identity, so 2**40 unfolded nodes cost 40 steps to count."""
+    budget = limits.max_visits(file_size)
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, expanded = stack.pop()
+        key = id(node)
+        if expanded:
+            parts = _parts(node)
+            inner = [p for p in parts if not isinstance(p, _ATOMS)]  # atoms count 1, depth 0
+            size[key] = 1 + len(parts) - len(inner) + sum(size[id(p)] for p in inner)
+            depth[key] = 1 + max((depth[id(p)] for p in inner), default=0)
+            open_nodes.discard(key)
+            if depth[key] > limits.max_depth:
+                raise UserError(f"{name}: the data nests deeper than {limits.max_depth} levels (limit: "
+                                "max_depth); network pickles nest about 17; the file was refused")
+            if size[key] > budget:
+                raise UserError(f"{name}: shared references make the data unfold into more than "
+                                f"{budget:,} nodes (limit: {limits.min_visits:,} + file size / "
+                                f"{round(1 / limits.visits_per_byte)}); the file was refused as hostile")
+            continue
+        if key in size or isinstance(node, _ATOMS):
+            continue
+        if key in open_nodes:
+            raise UserError(f"{name}: the data contains a reference cycle ({type(node).__name__} inside "
+                            "itself), which network pickles never have; the file was refused")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((p, False) for p in _parts(node) if not isinstance(p, _ATOMS))
+
+
+def _check_hashed(keys: Any) -> None:
+    """Dict keys and set members: a tuple's hash recurses through it (uncached), so a tuple built
+    from shared references takes exponential time to hash. NVIDIA's pickles key by str and int."""
+    if any(isinstance(k, tuple) for k in keys):
+        raise UserError("refused: the file uses a tuple as a dict key or set member, which network "
+                        "pickles never do (hashing it can take unbounded time); nothing in it was executed")
+
+
+def _storage_stream_counts(payload: bytes) -> None:
+    """Check a legacy torch.save stream of one storage before torch decodes it: five pickles (magic
+    number, protocol version, system info, the storage's persistent id, its key list), then an
+    int64 element count and the raw data (torch.serialization._legacy_save). torch allocates the
+    storage from the count in the persistent id before reading any data, so every integer in that
+    pickle and the trailing count must fit in the data bytes that follow. The persistent id names
+    the storage class (torch.FloatStorage etc.); any other global is refused here already."""
+    f = io.BytesIO(payload)
+    counts: list[int] = []
+    try:
+        for index in range(5):
+            for op, arg, _ in pickletools.genops(f):
+                if index == 3 and op.name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"):
+                    counts.append(int(arg))
+                elif op.name == "GLOBAL" and not re.fullmatch(r"torch \w+Storage", arg):
+                    raise UserError(f"a tensor storage could not be decoded safely (it references "
+                                    f"'{arg.replace(' ', '.')}'); the file is refused as unsafe or "
+                                    "corrupt (nothing in it was executed)")
+    except ValueError:
+        raise UserError("a tensor storage is not a legacy torch.save stream; the file is refused as "
+                        "unsafe or corrupt (nothing in it was executed)") from None
+    data = len(payload) - f.tell() - 8
+    if data >= 0:
+        counts.append(int.from_bytes(payload[f.tell(): f.tell() + 8], "little", signed=True))
+    if data < 0 or any(n < 0 or n > data for n in counts):
+        raise UserError(f"a tensor storage declares {max(counts, default=0):,} elements but carries "
+                        f"{max(data, 0):,} data bytes (limit: its stream's length); the file is "
+                        "corrupt or hostile and was refused (nothing in it was executed)")
+
+
+def _check_container_args(func: Any, args: Any) -> None:
+    """set(items), OrderedDict(pairs), EasyDict(pairs) hash what they are given."""
+    if not any(func is f for f in (set, OrderedDict, EasyDict)) or not isinstance(args, (tuple, list)) or not args:
+        return
+    items = args[0]
+    if isinstance(items, (list, tuple, set, frozenset)):
+        _check_hashed(items if func is set else
+                      [pair[0] for pair in items if isinstance(pair, (list, tuple)) and pair])
+
+
+# ---------------------------------------------------------------------------------------------------
 # The allow-list (research §1.6): (module, name) -> what the stream gets instead
 
 
@@ -216,6 +390,7 @@ def _load_storage(payload: Any):
     """`torch.storage._load_from_bytes`: payload is a legacy torch.save stream of one storage."""
     if not isinstance(payload, bytes):
         raise UserError(f"malformed tensor storage: expected bytes, found {type(payload).__name__}")
+    _storage_stream_counts(payload)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -288,18 +463,24 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """`torch._utils._rebuild_parameter[_with_state]`, with checked arguments."""
+    """`torch._utils._rebuild_parameter[_with_state]`, with checked arguments. `state` (attributes
+    set on the parameter) is refused unless empty: network parameters carry none."""
     if not isinstance(data, torch.Tensor):
         raise UserError(f"malformed parameter: data is {type(data).__name__}")
     _no_hooks(backward_hooks)
+    if state and not (isinstance(state, tuple) and not any(state)):
+        raise UserError("refused: a parameter in the file carries extra attributes, which network "
+                        "pickles never do; the file is refused as unsafe (nothing in it was executed)")
     if state is None:
         return torch._utils._rebuild_parameter(data, requires_grad, OrderedDict())
     return torch._utils._rebuild_parameter_with_state(data, requires_grad, OrderedDict(), state)
 
 
 def _numpy_scalar(dtype, data=None):
-    """`numpy.(_)core.multiarray.scalar`: a numpy scalar from raw bytes; object dtypes refused."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+    """`numpy.(_)core.multiarray.scalar`: a numpy scalar from raw bytes; object and structured
+    dtypes refused."""
+    if (not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.fields is not None
+            or not isinstance(data, bytes)):
         raise UserError("malformed numpy scalar in the file (object dtype or no raw bytes); "
                         "the file is refused as unsafe")
     return _REAL_NUMPY_SCALAR(dtype, data)
@@ -338,6 +519,15 @@ def _check_numpy_array_state(state: Any) -> None:
                         "bytes of data; the file is refused as unsafe or corrupt")
 
 
+def _numpy_dtype(spec, align=False, copy=True):
+    """`numpy.dtype` as numpy pickles it: np.dtype('f8', False, True). Only a short type string, so
+    no structured dtype (whose fields could nest or double) is built."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise UserError("unexpected use of numpy.dtype in the file (not a plain type code); "
+                        "the file is refused as unsafe")
+    return np.dtype(spec, align, copy)
+
+
 def _latin1_encode(text, encoding="latin1"):
     """`_codecs.encode` as protocol 2 uses it for bytes: only (str, 'latin1')."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -358,7 +548,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,  # protocol < 4 (protocol 2 writes __builtin__.set)
     ("_codecs", "encode"): _latin1_encode,  # bytes in protocol 2
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1.x writers
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2.x writers
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,  # small arrays (StyleGAN3)
@@ -374,11 +564,15 @@ _CONSUMED = object()  # memo entry of a storage payload that was already decoded
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
-    """Pure-Python unpickler that resolves only allow-listed globals and never BUILDs onto a class
-    or function (which could monkey-patch them)."""
+    """Pure-Python unpickler that resolves only allow-listed globals, never BUILDs onto a class
+    or function (which could monkey-patch them), and reads through a `_BoundedFile`."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     numpy_scalar_module: str | None = None  # as named by the file
+
+    def __init__(self, file: _BoundedFile):
+        super().__init__(file)
+        self._file = file
 
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3:  # Python 2 names, as the standard unpickler maps them
@@ -401,13 +595,18 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def load_build(self) -> None:
         target = self.stack[-2] if len(self.stack) >= 2 else None
         if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType,
-                               PersistentObject)):
+                               PersistentObject, torch.Tensor)):
             what = next((f"{m}.{n}" for (m, n), obj in _ALLOWED.items() if obj is target),
                         type(target).__name__)
             raise UserError(f"refused: the file tries to set attributes on '{what}'; "
                             "the file is refused as unsafe (nothing in it was executed)")
         if isinstance(target, np.ndarray):
             _check_numpy_array_state(self.stack[-1])
+        state = self.stack[-1]
+        if isinstance(target, np.dtype) and isinstance(state, tuple) and any(
+                x is not None for x in state[2:5]):  # (version, endian, subarray, names, fields, ...)
+            raise UserError("refused: the file gives a numpy dtype a subarray or fields (a structured "
+                            "dtype), which network pickles never hold; the file is refused as unsafe")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -417,6 +616,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         their 1-tuple), which the pickler memoized but never references again. Otherwise the memo
         keeps every payload alive until the end of the load: a second copy of every tensor."""
         func, args = self.stack[-2], self.stack[-1]
+        _check_container_args(func, args)
         super().load_reduce()
         if func is _load_storage:
             for key in range(len(self.memo) - 1, max(len(self.memo) - 4, -1), -1):
@@ -424,6 +624,46 @@ class _RestrictedUnpickler(pickle._Unpickler):
                     self.memo[key] = _CONSUMED
 
     dispatch[pickle.REDUCE[0]] = load_reduce
+
+    # Everything that hashes what the stream gives it: keys and members are checked first
+    # (_check_hashed). After MARK the pure-Python unpickler collects the marked items in self.stack.
+
+    def load_setitem(self) -> None:
+        _check_hashed(self.stack[-2:-1])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        _check_hashed(self.stack[0::2])
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        _check_hashed(self.stack[0::2])
+        super().load_dict()
+
+    def load_additems(self) -> None:
+        _check_hashed(self.stack)
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        _check_hashed(self.stack)
+        super().load_frozenset()
+
+    def _instantiate(self, klass: Any, args: list) -> None:
+        _check_container_args(klass, args)
+        super()._instantiate(klass, args)
+
+    def load_bytearray8(self) -> None:
+        n = struct.unpack("<Q", self.read(8))[0]
+        self._file.check_length(n, "a BYTEARRAY8 length")
+        data = bytearray(n)
+        self.readinto(data)
+        self.append(data)
+
+    for _op, _method in ((pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
+                         (pickle.DICT, load_dict), (pickle.ADDITEMS, load_additems),
+                         (pickle.FROZENSET, load_frozenset), (pickle.BYTEARRAY8, load_bytearray8)):
+        dispatch[_op[0]] = _method
+    del _op, _method
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,26 +718,27 @@ def _size(f: IO[bytes]) -> int:
     return end
 
 
-def _load_stream(f: IO[bytes], name: str) -> tuple[Any, SourceInfo]:
+def _load_stream(f: IO[bytes], name: str, limits: ReadLimits = LIMITS) -> tuple[Any, SourceInfo]:
     start = f.tell()
     proto = _check_header(f.read(16), name)
     f.seek(start)
     size = _size(f)
-    unpickler = _RestrictedUnpickler(f)
+    unpickler = _RestrictedUnpickler(_BoundedFile(f, name, size))
     try:
         obj = unpickler.load()
     except UserError as e:
-        raise UserError(f"{name}: {e}") from None
+        raise UserError(str(e) if str(e).startswith(f"{name}: ") else f"{name}: {e}") from None
     except Exception as e:
         f.seek(start)
-        raise UserError(f"{name}: {_diagnose(f, size - start, e)}") from None
+        raise UserError(f"{name}: {_diagnose(_BoundedFile(f, name, size), size - start, e)}") from None
+    check_structure(obj, name, size - start, limits)
     return obj, SourceInfo(proto, unpickler.numpy_scalar_module)
 
 
 _RAN_OUT = re.compile(r"not enough data|but only \d+ remain|exhausted before seeing STOP|no newline found")
 
 
-def _diagnose(f: IO[bytes], size: int, error: Exception) -> str:
+def _diagnose(f: _BoundedFile, size: int, error: Exception) -> str:
     """Why a stream failed to load: a second pass with pickletools (structure only) tells a file
     that ends early from one that is damaged inside."""
     position = 0
@@ -528,7 +769,7 @@ def load(source: Source) -> Any:
     finally:
         if owned:
             f.close()
-    for record in _records(obj):
+    for record in records(obj):
         record.source = info
     return obj
 
@@ -543,8 +784,9 @@ def pickle_protocol(source: Source) -> int:
             f.close()
 
 
-def _records(obj: Any) -> Iterator[PersistentObject]:
-    """Every PersistentObject reachable through records, containers and torch modules."""
+def records(obj: Any) -> Iterator[PersistentObject]:
+    """Every PersistentObject reachable through records, containers, torch modules and other objects'
+    attributes (e.g. a generator that keeps the snapshot it was loaded from), each once."""
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -561,6 +803,9 @@ def _records(obj: Any) -> Iterator[PersistentObject]:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif (isinstance(getattr(item, "__dict__", None), dict)
+              and not isinstance(item, (torch.Tensor, types.ModuleType))):
+            stack.append(item.__dict__)
 
 
 def globals_in(source: Source) -> set[tuple[str, str]]:
@@ -643,7 +888,7 @@ class _Writer(pickle._Pickler):
 
 def source_info(obj: Any) -> SourceInfo | None:
     """How the file that `obj` was loaded from was written (None for objects built in memory)."""
-    return next((r.source for r in _records(obj) if r.source is not None), None)
+    return next((r.source for r in records(obj) if r.source is not None), None)
 
 
 def dump(obj: Any, file: str | os.PathLike | IO[bytes], protocol: int | None = None, *,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fileformats.arguments import Bound, check_ranges, meta_shapes
 from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.errors import UserError
 from gan_adapters.base import uniform_one_hot
@@ -66,6 +67,13 @@ class BigGANConfig:
     def resolution(self) -> int:
         """4x4 after gen_z, doubled by every upsampling block."""
         return 4 * 2 ** sum(up for up, _, _ in self.layers)
+
+
+# What a config.json can sensibly say (the published 128/256/512 px models: z_dim 128, channel_width 128,
+# 1000 classes, up to 14 layers with multipliers up to 16, 51 batch-norm statistics).
+CONFIG_BOUNDS = {"z_dim": Bound(1, 4096), "channel_width": Bound(1, 4096), "num_classes": Bound(1, 100_000),
+                 "n_stats": Bound(1, 1000), "attention_layer_position": Bound(0, 64),
+                 "layers' channel multipliers": Bound(1, 64, items=64)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,6 +325,9 @@ def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
         cfg = BigGANConfig.from_dict(cfg_dict)
     except (ValueError, TypeError) as e:
         raise UserError(f"{folder / CONFIG_NAME} has malformed entries ({e}); {expected}") from e
+    multipliers = [m for _, cin, cout in cfg.layers for m in (cin, cout)]
+    check_ranges(str(folder / CONFIG_NAME), "BigGAN-deep config",
+                 {**dataclasses.asdict(cfg), "layers' channel multipliers": multipliers}, CONFIG_BOUNDS)
     for up, cin, cout in cfg.layers:
         if cin != cout and cout * 2 != cin:
             raise UserError(f"{folder / CONFIG_NAME}: layer ({up}, {cin}, {cout}) changes the width by other "
@@ -334,8 +345,7 @@ def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
 
 
 def _load_network(folder: Path, state: dict, cfg: BigGANConfig) -> BigGAN:
-    net = BigGAN(cfg)
-    ours = net.state_dict()
+    ours = meta_shapes(lambda: BigGAN(cfg))  # checked against the file before anything is allocated
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
     if missing or unexpected:
@@ -343,11 +353,11 @@ def _load_network(folder: Path, state: dict, cfg: BigGANConfig) -> BigGAN:
             f"{folder / WEIGHTS_NAME} does not match its config.json as a BigGAN-deep network: "
             f"{len(missing)} entries missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:3]}); is this a pytorch-pretrained-biggan folder with its own config?")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {v}" for k, v in ours.items() if tuple(state[k].shape) != v]
     if wrong:
         raise UserError(f"{folder / WEIGHTS_NAME}: {len(wrong)} tensors have shapes that config.json does "
                         f"not give (file vs config: {wrong[:3]}); config and weights are of different models")
+    net = BigGAN(cfg)
     net.load_state_dict(state, strict=True)
     return net
 

@@ -45,7 +45,9 @@ def read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged or non-tensor files
-        raise UserError(f"{name}: not a readable torch state dict ({str(e).splitlines()[0][:200]}); "
+        reason = "it holds objects other than tensors and plain data, which are never loaded" \
+            if "weights_only" in str(e) or "Weights only" in str(e) else str(e).splitlines()[0][:200]
+        raise UserError(f"{name}: not a readable torch state dict ({type(e).__name__}: {reason}); "
                         "give the generator's pytorch_model.bin / .pt file") from None
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{name}: a torch checkpoint, but not a state dict (a flat mapping of names to "

@@ -41,12 +41,25 @@ from typing import Any
 import torch
 
 from fileformats import nvpickle
+from fileformats.arguments import Bound, check_ranges, meta_shapes
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
 from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, Generator, GeneratorConfig
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
+
+# Size-like constructor arguments of NVlabs/stylegan2-ada-pytorch training/networks.py Generator and
+# what a network can sensibly have; the published ones use at most: z_dim = w_dim = 512, 1024 px,
+# 8 mapping layers, channel_base 32768, channel_max 512, 4 float16 resolutions.
+ARGUMENT_BOUNDS = {
+    "generator": {"z_dim": Bound(0, 4096), "c_dim": Bound(0, 100_000), "w_dim": Bound(1, 4096),
+                  "img_resolution": Bound(4, 4096), "img_channels": Bound(1, 64)},
+    "mapping_kwargs": {"num_layers": Bound(0, 64), "embed_features": Bound(1, 4096),
+                       "layer_features": Bound(1, 4096)},
+    "synthesis_kwargs": {"channel_base": Bound(1, 2**20), "channel_max": Bound(1, 4096),
+                         "num_fp16_res": Bound(0, 16), "kernel_size": Bound(1, 15)},
+}
 
 
 @dataclass
@@ -220,23 +233,29 @@ def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<
     if record.class_name != "Generator":
         raise UserError(f"{name}: G_ema is a {record.class_name}, not a StyleGAN2-ADA/StyleGAN3 Generator")
     try:
-        network = build_network(record)
+        stored_kwargs = dict(record.init_kwargs)
+        for group, bounds in ARGUMENT_BOUNDS.items():  # synthesis arguments: nested (ADA) or flat (stylegan3)
+            values = stored_kwargs if group == "generator" else stored_kwargs.get(group, stored_kwargs)
+            check_ranges(name, "G_ema", values if isinstance(values, dict) else {}, bounds)
+        shapes = meta_shapes(lambda: build_network(record))  # checked against the file before allocating
     except (ValueError, TypeError) as e:
         raise UserError(f"{name}: G_ema's constructor arguments do not describe a StyleGAN2-ADA, StyleGAN2 "
                         f"(NVlabs/stylegan3) or StyleGAN3-T/R generator ({e}); StyleGAN2 (TensorFlow) and "
                         "StyleGAN-XL files are not supported") from None
-    _check_same_tensors(name, record.state_dict(), network.state_dict())
-    network.load_state_dict(record.state_dict())
+    stored = record.state_dict()
+    _check_same_tensors(name, stored, shapes)
+    network = build_network(record)
+    network.load_state_dict(stored)
     network.eval()
     adapter = StyleGAN2Generator(network, _Snapshot(data, name), options).eval()
     return adapter.to(device) if device is not None else adapter
 
 
-def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, torch.Tensor]) -> None:
+def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, tuple[int, ...]]) -> None:
     missing = [k for k in built if k not in stored]
     extra = [k for k in stored if k not in built]
-    shapes = [f"{k} {list(stored[k].shape)} vs {list(v.shape)}" for k, v in built.items()
-              if k in stored and stored[k].shape != v.shape]
+    shapes = [f"{k} {list(stored[k].shape)} vs {list(v)}" for k, v in built.items()
+              if k in stored and tuple(stored[k].shape) != v]
     if missing or extra or shapes:
         problems = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                              for what, items in (("missing", missing), ("unexpected", extra),

@@ -153,22 +153,21 @@ def _load_net(path: Path) -> tuple[FIDInception | NvidiaScript, str]:
             return NvidiaScript(script.eval()), f"NVIDIA TorchScript detector {path.name}"
         net = _from_state(script.state_dict(), path)
         return net, f"{path.name} (TorchScript weights{', features only' if net.fc is None else ''})"
-    try:
-        with warnings.catch_warnings():  # a plain protocol-4 pickle makes torch warn before it fails
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or damaged files
-        with open(path, "rb") as f:
-            is_pickle = f.read(1) == b"\x80"  # PROTO opcode: a plain pickle, e.g. NVIDIA's .pkl detector
-        if not is_pickle:
-            raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
-                            + DETECTOR_HELP) from None
-        from fileformats import nvpickle
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" and head[2:4] != b"\x8a\x0a":  # PROTO, not torch.save's magic number: a plain
+        from fileformats import nvpickle  # pickle (NVIDIA's .pkl detector), read only by the bounded reader
+
         record = nvpickle.load(path)
         if not isinstance(record, nvpickle.PersistentObject):
             raise UserError(f"{path} is {nvpickle.describe(record)}, not an Inception detector. "
                             + DETECTOR_HELP) from None
         return _from_state(record.state_dict(), path), f"NVIDIA pickled detector {path.name}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
+                        + DETECTOR_HELP) from None
     net = _from_state(state, path)
     return net, f"{path.name}{' (features only)' if net.fc is None else ''}"
 

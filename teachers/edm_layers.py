@@ -79,8 +79,9 @@ class Linear(nn.Module):
 
 
 def resample_kernel(taps: Sequence[float]) -> torch.Tensor:
-    """Separable 2-D FIR filter [1, 1, k, k] = outer(f, f) / (Σf)², so it sums to 1."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
+    """Separable 2-D FIR filter [1, 1, k, k] = outer(f, f) / (Σf)², so it sums to 1. Made on the CPU
+    also while a network is built on the meta device (computing it there is slow)."""
+    f = torch.as_tensor(taps, dtype=torch.float32, device="cpu")
     return (torch.outer(f, f) / f.sum().square())[None, None]
 
 
@@ -260,7 +261,9 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        # not drawn under skip_init (the stored values follow; random draws on the meta device are slow)
+        self.register_buffer("freqs", torch.empty(num_channels // 2) if _skip_init
+                             else torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))

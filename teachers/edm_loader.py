@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fileformats import nvpickle
+from fileformats.arguments import Bound, check_ranges, meta_shapes
 from fileformats.errors import UserError
 from fileformats.sources import file_sha256, open_source
 from fileformats.torchfiles import is_torch_checkpoint
@@ -26,6 +27,17 @@ from teachers.edm_precond import PRECONDS, Precond
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# Size-like constructor arguments of the preconditioners and U-Nets (NVlabs/edm training/networks.py)
+# and what a network can sensibly have; the published ones use at most: resolution 64, 3 channels,
+# 1000 labels, augment_dim 9, model_channels 192, channel_mult of 4 entries up to 4, 4 blocks.
+ARGUMENT_BOUNDS = {
+    "img_resolution": Bound(1, 4096), "img_channels": Bound(1, 64), "label_dim": Bound(0, 100_000),
+    "augment_dim": Bound(0, 64), "model_channels": Bound(1, 4096), "channel_mult": Bound(1, 64, items=8),
+    "channel_mult_emb": Bound(1, 64), "channel_mult_noise": Bound(1, 64), "num_blocks": Bound(1, 64),
+    "attn_resolutions": Bound(1, 4096, items=16), "M": Bound(1, 100_000),
+}
+_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 
 PLACEHOLDER_SOURCE = "# module source not included: written by refiner from its own networks\n"
 
@@ -93,20 +105,27 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
 
     The network is constructed without drawing weights (`skip_init`) and takes the stored tensors by
     reference (`load_state_dict(assign=True)`): float32 tensors are shared with the record, not copied;
-    reduced-precision ones (EDM2 stores float16) are widened to float32."""
+    reduced-precision ones (EDM2 stores float16) are widened to float32. Before that, the stored arguments
+    must lie in ARGUMENT_BOUNDS and the network built from them on the meta device must have the stored
+    tensors' shapes (fileformats.arguments), so nothing is allocated for arguments that do not fit the file."""
     cls = PRECONDS.get(record.class_name) or (edm2.Precond if edm2.is_edm2(record) else None)
     if cls is None:
         raise UserError(f"{name}: 'ema' is a {record.class_name}, not an EDM preconditioner "
                         f"({', '.join(PRECONDS)}) or EDM2's Precond; give an EDM or EDM2 network pickle")
-    try:
+    arguments = {**dict(zip(_POSITIONAL, record.init_args)), **record.init_kwargs}
+    check_ranges(name, record.class_name, arguments, ARGUMENT_BOUNDS)
+    tensors = record.state_dict()
+
+    def build() -> Precond | edm2.Precond:
         with skip_init():
-            network = cls(*record.init_args, **record.init_kwargs)
+            return cls(*record.init_args, **record.init_kwargs)
+
+    try:
+        expected = meta_shapes(build)  # checked against the file before anything is allocated
     except (TypeError, ValueError) as e:
         raise UserError(f"{name}: cannot rebuild {record.class_name} from its stored arguments ({e}); "
                         "the network was made by a modified EDM code base that refiner does not support"
                         ) from None
-    tensors = record.state_dict()
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -117,6 +136,7 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
                                                  ("wrong shape", shapes)) if items)
         raise UserError(f"{name}: the stored weights do not fit {record.class_name} built from its "
                         f"arguments ({details}); the file is corrupt or from a modified EDM code base")
+    network = build()
     network.load_state_dict(tensors, strict=True, assign=True)
     return network.float().eval()
 

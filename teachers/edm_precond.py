@@ -102,9 +102,10 @@ class VPPrecond(Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        # Evaluated in float32 like the original (σ(1e-5) comes out as 2^-10 there).
-        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t)))
-        self.sigma_max = float(self.sigma(torch.tensor(1.0)))
+        # Evaluated in float32 like the original (σ(1e-5) comes out as 2^-10 there); on the CPU also
+        # when the network is built on the meta device (fileformats.arguments.check_size).
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, device="cpu")))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0, device="cpu")))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
@@ -143,7 +144,7 @@ def iddpm_sigmas(M: int, C_1: float, C_2: float) -> torch.Tensor:
     u = [0.0] * (M + 1)
     for j in range(M, 0, -1):
         u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-    return torch.tensor(u, dtype=torch.float32)
+    return torch.tensor(u, dtype=torch.float32, device="cpu")
 
 
 class iDDPMPrecond(Precond):

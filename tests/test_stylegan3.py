@@ -222,7 +222,7 @@ def test_plain_arrays_load_and_round_trip():
 
 @pytest.mark.parametrize("state, needle", [
     ((1, (2,), np.dtype(object), False, [1, "a"]), "dtype object"),
-    ((1, (1,), np.dtype([("a", "<i4")]), False, b"\0" * 4), "only plain numeric dtypes"),
+    ((1, (1,), np.dtype([("a", "<i4")]), False, b"\0" * 4), "structured dtype"),
     ((1, (10 ** 9,), np.dtype("<f4"), False, b""), "shape [1000000000]"),
     ((1, (3,), np.dtype("<f4"), False, b"\0" * 4), "needs 12 bytes"),
 ])

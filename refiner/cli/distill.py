@@ -27,6 +27,7 @@ from refiner.cli.options import (
     sha256_option,
     training_options,
 )
+from refiner.cli.source_options import check_sources, source_options
 from refiner.config import TrainConfig
 from refiner.losses import get_loss
 from refiner.presets import DEFAULT, PRESETS, Preset, get_preset, presets_help
@@ -62,11 +63,13 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
 @data_option
+@source_options
 @metric_options
 @training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | None, sigma_init: float | None,
             dropout: float | None, kimg: float | None, snapshot_kimg: float | None, grid_seeds: int,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
+            teacher_dtype: str | None, metrics_at_snapshots: bool, data_src: str | None, unknown_source: str,
+            source_from: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -96,6 +99,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     default_dtype = None if config.precision == "fp32" else config.precision
     teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device,
                            dtype=teacher_dtype or default_dtype)
+    check_sources(teacher.record, teacher_src, unknown_source, source_from, echo)
     if preset.shape is not None and (teacher.data_shape[-1], teacher.label_dim) != preset.shape:
         echo(f"warning: preset {preset.name} is made for a {preset.shape[0]}x{preset.shape[0]} teacher with "
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "

@@ -11,7 +11,7 @@ import click
 import numpy as np
 import torch
 
-from fileformats import nvpickle
+from fileformats import module_sources, nvpickle
 from fileformats.sources import open_source
 from fileformats.torchfiles import is_torch_checkpoint
 from refiner.cli.options import check_sha256
@@ -64,6 +64,24 @@ def module_tree(node: Any) -> dict:
     }
 
 
+def source_summary(record: nvpickle.PersistentObject) -> list[dict]:
+    """Each distinct module source stored in a network's records: whether it is a published release
+    (which one), text without code, or UNKNOWN; with the classes defined by it."""
+    by_source: dict[str, list[str]] = {}
+    for node in nvpickle.records(record):
+        classes = by_source.setdefault(node.module_src, [])
+        if node.class_name not in classes:
+            classes.append(node.class_name)
+    out = []
+    for source, classes in by_source.items():
+        status = module_sources.classify(source)
+        out.append({"status": "known" if status.release else "unknown" if status.has_code else "no code",
+                    "release": status.release.describe() if status.release else None,
+                    "sha256": status.sha256, "chars": len(source), "classes": classes,
+                    "description": status.describe()})
+    return out
+
+
 def network_summary(record: nvpickle.PersistentObject) -> dict:
     state_dict = record.state_dict()
     dtypes = Counter()
@@ -76,6 +94,7 @@ def network_summary(record: nvpickle.PersistentObject) -> dict:
         "class_name": record.class_name,
         "persistence_version": record.version,
         "module_src_chars": len(record.module_src),
+        "module_sources": source_summary(record),
         "init_args": jsonable(record.init_args),
         "init_kwargs": jsonable(record.init_kwargs),
         "attributes": attributes,
@@ -139,6 +158,8 @@ def render_text(summary: dict, max_depth: int | None, tensors: bool) -> str:
         lines.append(f"[{key}] {net['class_name']}: {_count(net['num_params'])} parameters, "
                      f"{net['num_state_tensors']} state tensors ({dtypes or 'none'}; "
                      f"{net['state_bytes'] / 2**20:.2f} MiB)")
+        for src in net["module_sources"]:
+            lines.append(f"  source ({src['chars']:,} chars) of {', '.join(src['classes'])}: {src['description']}")
         if net["init_args"]:
             lines.append(f"  init args: {json.dumps(net['init_args'])}")
         for k, v in net["init_kwargs"].items():

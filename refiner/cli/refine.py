@@ -26,6 +26,7 @@ from refiner.cli.options import (
     sha256_option,
     training_options,
 )
+from refiner.cli.source_options import check_sources, source_options
 from refiner.config import TrainConfig
 from refiner.realdata import check_data_option, open_real_data
 
@@ -60,12 +61,14 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: what the file says).")
 @data_option
+@source_options
 @metric_options
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, generator_sha256: str | None, teacher_src: str, teacher_sha256: str | None,
             trainable: str | None, noise_mode: str | None, truncation: float | None, sigma_init: float | None,
             resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None,
-            metrics_at_snapshots: bool, data_src: str | None, **kwargs: Any) -> None:
+            metrics_at_snapshots: bool, data_src: str | None, unknown_source: str, source_from: str | None,
+            **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
 
     Writes OUT/network-refined.pkl (StyleGAN2-ADA; loads in NVIDIA's code unchanged) or the folder
@@ -99,6 +102,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
         check_free_space(Path(generator_src))
     generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
                                **family_options)
+    check_sources(generator, generator_src, unknown_source, source_from, lambda s: click.echo(s, err=True))
     is_folder = os.path.isdir(generator_src)
     one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}
     if keep_g and not isinstance(generator, StyleGAN2Generator):
