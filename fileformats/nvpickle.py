@@ -1,14 +1,14 @@
 """Safe reading and faithful re-writing of NVIDIA network pickles (StyleGAN2-ADA, EDM, ...).
 
-Format (research/pickle_formats.md §1): NVIDIA's `torch_utils.persistence` stores every network as
+Format (docs/pickle_formats.md §1): NVIDIA's `torch_utils.persistence` stores every network as
 `_reconstruct_persistent_obj(meta)` with meta = {type: 'class', version: 6, module_src: <source text of
 the defining module>, class_name, state: <the object's __dict__>}. NVIDIA's loader `exec`s module_src.
-We never do: a restricted unpickler maps an explicit allow-list of globals (§1.6) to harmless
+We never do: a restricted unpickler maps an explicit allow-list of globals (docs/pickle_formats.md §1.6) to harmless
 stand-ins, each persistent object becomes an inert `PersistentObject` record, and tensor storages
 (nested legacy torch.save streams) are decoded by `torch.load(weights_only=True)`. Anything else in
 the stream is refused before it can run.
 
-Writing (§1.7) re-emits the records with the pure-Python pickler, naming the original globals, so
+Writing (docs/pickle_formats.md §1.7) re-emits the records with the pure-Python pickler, naming the original globals, so
 NVIDIA's own loader reads the result; module_src is carried over from the input file as opaque data.
 Loading a file and dumping it again with the same protocol reproduces its bytes.
 
@@ -383,7 +383,7 @@ def _check_container_args(func: Any, args: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The allow-list (research §1.6): (module, name) -> what the stream gets instead
+# The allow-list (docs/pickle_formats.md §1.6): (module, name) -> what the stream gets instead
 
 
 def _load_storage(payload: Any):
@@ -850,7 +850,7 @@ _NUMPY_SCALAR_MODULE = "numpy.core.multiarray"  # old numpy (NVIDIA's environmen
 
 
 class _Writer(pickle._Pickler):
-    """Pure-Python pickler that writes our stand-ins under NVIDIA's global names (research §1.7)."""
+    """Pure-Python pickler that writes our stand-ins under NVIDIA's global names (docs/pickle_formats.md §1.7)."""
 
     dispatch = dict(pickle._Pickler.dispatch)
 

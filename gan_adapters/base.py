@@ -1,4 +1,4 @@
-"""The `Generator` interface (DESIGN.md §3).
+"""The `Generator` interface (docs/design.md §3).
 
 Conventions: samples are float tensors in [-1, 1] (images NCHW), labels are one-hot float tensors
 [N, c_dim] or None when c_dim == 0. Calling the generator is differentiable in its trainable

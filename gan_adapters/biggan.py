@@ -5,7 +5,7 @@ A folder holds `config.json` (the network's hyper-parameters) and `pytorch_model
 clean-room re-implementation whose state_dict names and shapes equal the original's, so the file loads
 strictly, and `BigGANGenerator.save` writes a folder that the original `BigGAN.from_pretrained` reads.
 
-Format facts the numerics depend on (research/metrics_biggan_data.md §3.1, golden README):
+Format facts the numerics depend on (docs/metrics_biggan_data.md §3.1, tests/data/README.md):
 - Spectral norm is used in its eval form: W = weight_orig / sigma with sigma = u · (W_mat v), where u, v
   are the STORED `weight_u` / `weight_v` and W_mat = weight_orig reshaped to [out, -1]. No power iteration,
   ever (also not in training mode), so refining changes sigma only through weight_orig.

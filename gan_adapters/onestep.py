@@ -3,7 +3,7 @@
     G(z, c) = D_θ(σ_init·z; σ_init, c),   z ~ N(0, I) of the image's shape,
 
 where D_θ is a trainable copy of the teacher's preconditioned network (EDMPrecond etc.), initialised
-from the teacher (research/diff_instruct.md §1.4; σ_init = 1.0 in Diff-Instruct's recipe, 2.5 in SiD's).
+from the teacher (docs/diff_instruct.md §1.4; σ_init = 1.0 in Diff-Instruct's recipe, 2.5 in SiD's).
 The official code also passes augment_labels = 0; the augmentation mapping has no bias, so that equals
 leaving them out (None), which is what we do.
 

@@ -1,7 +1,7 @@
 """Clean-room StyleGAN2-ADA generator (Karras et al. 2020, "Training GANs with limited data").
 
 Module, parameter and buffer names equal those of stylegan2-ada-pytorch's `training/networks.py`, so
-a pickle's `G_ema.state_dict()` loads 1:1 (research/pickle_formats.md §2.1-2.3). Construction takes
+a pickle's `G_ema.state_dict()` loads 1:1 (docs/pickle_formats.md §2.1-2.3). Construction takes
 a `GeneratorConfig`, built from the pickle's `_init_kwargs` with the original defaults filled in.
 
 The same network, with the same names, is NVlabs/stylegan3's StyleGAN2 config

@@ -1,4 +1,4 @@
-"""Pure tensor operations of StyleGAN2-ADA's generator (research/pickle_formats.md §2.3-2.4).
+"""Pure tensor operations of StyleGAN2-ADA's generator (docs/pickle_formats.md §2.3-2.4).
 
 Everything here is plain PyTorch (differentiable, any device, float32 or float16) and reproduces the
 semantics of the original `torch_utils/ops` reference paths:

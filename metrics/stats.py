@@ -1,6 +1,6 @@
 """Feature statistics and the scores built on them: FID, Inception Score, KID.
 
-Conventions (research/metrics_biggan_data.md §1.3-1.7):
+Conventions (docs/metrics_biggan_data.md §1.3-1.7):
 - mean and covariance accumulate in float64 from per-batch sums (sum x, sum x x^T), so features are never
   all held at once; the covariance is the unbiased one (N - 1), as np.cov(rowvar=False) in pytorch-fid,
   torch-fidelity and EDM's fid.py (StyleGAN2-ADA divides by N; the difference is O(1/N)).

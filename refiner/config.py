@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 @dataclass
 class TrainConfig:
     """Options of the Diff-Instruct loop. Defaults follow the official code where it has one
-    (research/diff_instruct.md §1.4, §2.1): Adam (0, 0.999), 1:1 fake:generator ratio, fake step first,
+    (docs/diff_instruct.md §1.4, §2.1): Adam (0, 0.999), 1:1 fake:generator ratio, fake step first,
     EDM log-normal σ, EMA half-life 0.5 Mimg with ramp-up 0.05."""
 
     steps: int = 1000  # generator updates

@@ -1,4 +1,4 @@
-"""The Diff-Instruct training loop (DESIGN.md §4; Luo et al. 2023, Algorithm 1).
+"""The Diff-Instruct training loop (docs/design.md §4; Luo et al. 2023, Algorithm 1).
 
 One iteration = `ratio` fake-score steps, then one generator step:
 1. fake step:  x = sg[G(z, c)], σ ~ p(σ), x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;

@@ -108,7 +108,7 @@ def sim_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
         D(θ) = E_{σ, x_t ~ q_θ,σ} w(σ) d(y(x_t)),   d(y) = √(‖y‖² + c²) − c,   c = huber_c·√dim.
 
-    Derivation followed (SIM's score-gradient theorem, §3.2, written in denoiser units): differentiating
+    Derivation followed (SIM's score-gradient theorem, paper §3.2, written in denoiser units): differentiating
     E_{q_θ} d(s_p − s_qθ) in θ, the term through s_qθ is rewritten with the denoising identity
     s_qθ(x_t) = E[(x − x_t)/σ² | x_t]; what remains is the gradient of the tractable surrogate
 

@@ -1,13 +1,13 @@
 """Settings of `refiner distill` that reproduce published one-step distillation recipes.
 
-Each preset names its source (research/diff_instruct.md §2). Every value can be overridden on the
+Each preset names its source (docs/diff_instruct.md §2). Every value can be overridden on the
 command line; `refiner distill --help` prints this table. Durations and snapshot intervals are given in
 thousands of generator images (kimg), as the EDM code bases count them, and turn into steps with the
 batch size actually used.
 
 Not reproduced from the official code: EDM's AugmentPipe on the fake-score network's inputs (Diff-Instruct
 default p = 0.12; SiD's ImageNet run uses none), and the teacher running with dropout during the
-generator loss (the official quirk, §1.4): our teacher always runs in eval mode. The trained networks
+generator loss (the official quirk, docs/diff_instruct.md §1.4): our teacher always runs in eval mode. The trained networks
 (generator and fake score) use the preset's dropout, as the official code builds them with `--dropout`.
 """
 

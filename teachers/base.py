@@ -1,4 +1,4 @@
-"""The `Denoiser` interface (DESIGN.md §3).
+"""The `Denoiser` interface (docs/design.md §3).
 
 Conventions (EDM, Karras et al. 2022):
 - data lives in [-1, 1] (images) with sigma_data = 0.5; the forward process is x_t = x_0 + σ·ε;

@@ -2,7 +2,7 @@
 snapshots) into our clean-room networks, behind the `Denoiser` interface.
 
 Such a pickle is a dict whose `ema` entry is a persistent preconditioner (EDMPrecond, VPPrecond,
-VEPrecond or iDDPMPrecond) wrapping a SongUNet or DhariwalUNet (research/pickle_formats.md §3). The
+VEPrecond or iDDPMPrecond) wrapping a SongUNet or DhariwalUNet (docs/pickle_formats.md §3). The
 file is read by the safe reader (fileformats.nvpickle, nothing in it is executed); our network is
 rebuilt from the record's `_init_kwargs` and takes its tensors 1:1, without a second copy in memory.
 """

@@ -1,5 +1,5 @@
 """Clean-room EDM networks against the golden fixtures (outputs of NVIDIA's code), published
-parameter counts/shapes (research/pickle_formats.md §3), and hand-written preconditioning formulas."""
+parameter counts/shapes (docs/pickle_formats.md §3), and hand-written preconditioning formulas."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_denoiser_outputs(fixture):
         assert (ref["D_nolabels_noaug"] - ref["D_noaug"]).abs().max() > 1e-3
 
 
-# --- Full-size configurations: parameter counts and shapes measured on NVIDIA's code (research §3) ---
+# --- Full-size configurations: parameter counts and shapes measured on NVIDIA's code (docs/pickle_formats.md §3) ---
 
 def shapes_of(net: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}

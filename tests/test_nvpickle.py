@@ -30,7 +30,7 @@ EDM_COND = DATA / "edm-small-ddpmpp-edm-cond.pkl"
 EDM_UNCOND = DATA / "edm-small-ncsnpp-edm-uncond.pkl"
 FIXTURES = [SG2, EDM_COND, EDM_UNCOND]
 
-# Globals listed in golden/README.md.
+# Globals listed in tests/data/README.md.
 COMMON_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"), ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),

@@ -1,6 +1,6 @@
 """The clean-room StyleGAN2-ADA generator against outputs of NVIDIA's original code.
 
-- tests/data/sg2ada-small-uncond.pkl + .ref.pt: the golden snapshot (shared/golden/README.md).
+- tests/data/sg2ada-small-uncond.pkl + .ref.pt: the golden snapshot (tests/data/README.md).
 - tests/data/sg2ada-arch.ref.pt: small 'orig' / 'resnet' / conditional / conv_clamp / float16 /
   3-tap-filter / no-noise generators with random weights and the original's outputs, written by
   scripts/make_stylegan2_arch_ref.py from a checkout of NVlabs/stylegan2-ada-pytorch.
