@@ -1,0 +1,56 @@
+"""The Python API: what `refiner refine` does, from a script.
+
+    from gan_adapters import load_generator
+    from metrics import compute_metrics, load_detector
+    from teachers import load_teacher
+    import refiner
+
+    teacher = load_teacher("edm-cifar10-32x32-uncond-vp.pkl")
+    generator = load_generator("network-snapshot.pkl")            # StyleGAN2-ADA / StyleGAN3 / BigGAN-deep / one-step
+    refined = refiner.train(generator, teacher, "runs/api", steps=100, batch=16, loss="ikl")
+    refined.save("network-refined.pkl", overwrite=True)           # the input's own format
+    print(compute_metrics(refined, load_detector(), "fid10k", ref="cifar10-32x32.npz"))
+
+`train` runs the same loop, run directory (config.json, log.jsonl, checkpoints, grids, report.html) and
+configuration path (job defaults → loss defaults → the options given) as the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fileformats.errors import UserError
+
+
+def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, resume: bool = False,
+          force: bool = False, echo=print, **options: Any) -> nn.Module:
+    """Refine `generator` (from `gan_adapters.load_generator`) with `teacher` (`teachers.load_teacher`)
+    and return the refined generator (the EMA of its weights), whose `save` writes its own format.
+
+    `out` is the run directory; `options` are the training options by their command-line names with
+    underscores (`steps`, `batch`, `seed`, `lr`, `fake_lr`, `loss`, `alpha`, `sigma`, `p_mean`, `ema`,
+    `snapshot_every`, `device`, ...; `refiner refine --help` lists them), with `refine`'s defaults. The
+    refined generator is also written to `out` at every snapshot, as `refine` does."""
+    from refiner import distributed as dist
+    from refiner.cli.options import TRAINING_KEYS, resolve_config
+    from refiner.cli.refine import REFINE_DEFAULTS
+    from refiner.jobs import ImageJob, check_compatible, trainable_copy
+    from teachers.base import resolve_device
+
+    unknown = sorted(set(options) - set(TRAINING_KEYS))
+    if unknown:
+        raise UserError(f"refiner.train: unknown options {unknown}; the training options are {sorted(TRAINING_KEYS)}")
+    config = resolve_config(REFINE_DEFAULTS, options)
+    device = dist.setup(resolve_device(config.device))
+    check_compatible(generator, teacher, type(generator).__name__, type(teacher).__name__)
+    folder = type(generator).__name__ == "BigGANGenerator"  # a BigGAN-deep folder, like its input
+    job = ImageJob(config, generator.to(device).train(), teacher.to(device), trainable_copy(teacher), Path(out),
+                   device, lambda ema, path: ema.save(path, overwrite=True),
+                   "biggan-refined" if folder else "network-refined.pkl",
+                   title="Diff-Instruct refinement of a GAN", echo=echo)
+    job.run(resume=resume, force=force)
+    return job.ema
