@@ -1,9 +1,11 @@
 """The Diff-Instruct training loop (DESIGN.md §4; Luo et al. 2023, Algorithm 1).
 
 One iteration = `ratio` fake-score steps, then one generator step:
-1. fake step:  x = sg[G(z, c)], σ ~ p(σ), x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
+1. fake step:  x = sg[G(z, c)] (optionally augmented by EDM's AugmentPipe, the fake told how), σ ~ p(σ),
+   x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
 2. generator step:  x = G(z', c'), x_t = x + σ'ε';  D_r = teacher(x_t), D_f = fake(x_t) without gradients;
-   L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses).
+   L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses); both networks in eval mode, or in
+   train mode with shared dropout masks as the official code (`teacher_mode`).
 
 The loop only sees the `Generator` and `Denoiser` interfaces. It owns mixed precision, gradient hygiene
 (a non-finite gradient never reaches the weights: the step is skipped and counted), the EMA, atomic
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from torch import nn
 from fileformats.errors import UserError
 from fileformats.progress import Progress
 from refiner import distributed as dist
+from refiner.augment import AugmentPipe
 from refiner.config import TrainConfig
 from refiner.ema import ema_beta, update_ema
 from refiner.losses import add_noise, denoising_loss, generator_loss
@@ -42,6 +46,18 @@ def make_sigma_sampler(config: TrainConfig):
     if config.sigma == "lognormal":
         return LogNormalSigma(config.p_mean, config.p_std)
     return KarrasGridSigma()
+
+
+def _dropout_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_dropout_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 @dataclass
@@ -100,6 +116,10 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(config.seed)
         self.sigma_sampler = make_sigma_sampler(config)
         self.loss_fn = generator_loss(config.loss)
+        self.augment = AugmentPipe(p=config.augment) if config.augment > 0 else None
+        if self.augment is not None and "augment_labels" not in inspect.signature(fake.forward).parameters:
+            raise UserError("--augment needs a fake-score network that takes augmentation labels (an EDM U-Net); "
+                            "this one does not: use --augment 0")
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.counters = Counters()
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
@@ -162,9 +182,13 @@ class Trainer:
             self.generator.eval()
             x = self.generator(z, c).float()
             self.generator.train()
+        augment: dict[str, torch.Tensor] = {}
+        if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
+            params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
+            x, augment["augment_labels"] = self.augment(x, params)
         self.fake.train()
         with self._autocast():
-            denoised = self.fake(add_noise(x, sigma, noise), sigma, c).float()
+            denoised = self.fake(add_noise(x, sigma, noise), sigma, c, **augment).float()
         loss = denoising_loss(denoised, x, sigma, self.sigma_data)
         params = [p for p in self.fake.parameters() if p.requires_grad]
         norm, ok = self._apply(loss, params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
@@ -174,13 +198,9 @@ class Trainer:
 
     def generator_step(self) -> dict[str, float]:
         z, c, sigma, noise = self._draw()
-        self.fake.eval()
         with self._autocast():
             x = self.generator(z, c).float()
-            x_t = add_noise(x.detach(), sigma, noise)
-            with torch.no_grad():
-                d_real = self.teacher(x_t, sigma, c).float()
-                d_fake = self.fake(x_t, sigma, c).float()
+            d_real, d_fake = self._denoise(add_noise(x.detach(), sigma, noise), sigma, c)
         loss = self.loss_fn(x, d_real, d_fake, sigma)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])
@@ -198,6 +218,30 @@ class Trainer:
         self.counters.step += 1
         return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, "sigma_mean": float(sigma.mean()),
                 "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
+
+    def _denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """D_r = teacher(x_t) and D_f = fake(x_t), without gradients, in the configured `teacher_mode`.
+
+        eval: both networks in eval mode (no dropout). train-shared-dropout, the official generator step
+        (pkulwj1994/diff_instruct training/di_loss.py `gloss`): both in train mode (dropout on), the fake
+        drawing the teacher's dropout masks: the state of the RNG dropout uses (CUDA's on CUDA, here the CPU's
+        too) is saved before the teacher call and restored before the fake call. Afterwards the teacher is
+        back in eval mode and the fake stays in train mode, as there."""
+        shared = self.config.teacher_mode == "train-shared-dropout"
+        teacher = self.teacher if isinstance(self.teacher, nn.Module) else None
+        self.fake.train(shared)
+        if teacher is not None:
+            teacher.train(shared)
+        with torch.no_grad():
+            state = _dropout_rng_state(self.device) if shared else None
+            d_real = self.teacher(x_t, sigma, c).float()
+            if state is not None:
+                _set_dropout_rng_state(self.device, state)
+            d_fake = self.fake(x_t, sigma, c).float()
+        if teacher is not None:
+            teacher.eval()
+        return d_real, d_fake
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from refiner.config import TEACHER_MODES
 from refiner.demo import JOBS, REFERENCES
 
 
@@ -30,6 +31,10 @@ def _defaults_help() -> str:
 @click.option("--lr", type=float, default=None, help="Generator learning rate [per job].")
 @click.option("--fake-lr", type=float, default=None, help="Fake-score learning rate [per job].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training loop.")
+@click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default=None,
+              help="eval (default) or train-shared-dropout (the official Diff-Instruct generator step).")
+@click.option("--augment", type=float, default=None,
+              help="EDM AugmentPipe probability on the fake-score step (official: 0.12; default 0).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
 @click.option("--samples", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Images per FD / classifier-score measurement.")
@@ -43,7 +48,8 @@ def _defaults_help() -> str:
                    "machine, and many times slower when another program holds a core).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 def command(job: str, out: str, force: bool, resume: bool, steps: int | None, batch: int | None,
-            lr: float | None, fake_lr: float | None, seed: int, device: str, samples: int, reference: str,
+            lr: float | None, fake_lr: float | None, seed: int, teacher_mode: str | None,
+            augment: float | None, device: str, samples: int, reference: str,
             assets_path: str | None, threads: int, as_json: bool) -> None:
     """Refine a small Fashion-MNIST GAN with an EDM teacher on the CPU, in minutes, and report by how much.
 
@@ -60,7 +66,8 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
     torch.set_num_threads(threads)
 
     given: dict[str, Any] = {k: v for k, v in (("steps", steps), ("batch", batch), ("lr", lr),
-                                               ("fake_lr", fake_lr)) if v is not None}
+                                               ("fake_lr", fake_lr), ("teacher_mode", teacher_mode),
+                                               ("augment", augment)) if v is not None}
     config = replace(JOBS[job], seed=seed, device=device, **given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,
                       assets_path=assets_path, force=force, resume=resume)

@@ -29,7 +29,8 @@ from refiner.presets import PRESETS, Preset, get_preset, presets_help
 
 # Options whose default comes from the preset: None here means "not given on the command line".
 _FROM_PRESET = TrainConfig(steps=None, batch=None, lr=None, fake_lr=None, betas=(None, None), ratio=None,  # type: ignore[arg-type]
-                           ema=None, loss=None, precision=None, snapshot_every=None)
+                           ema=None, loss=None, precision=None, snapshot_every=None, teacher_mode=None,  # type: ignore[arg-type]
+                           augment=None)  # type: ignore[arg-type]
 
 SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM snapshot names
 
@@ -43,7 +44,8 @@ SNAPSHOT_NAME = "network-snapshot-{kimg:06d}.pkl"  # the Diff-Instruct / EDM sna
 @click.option("--sigma-init", type=float, default=None,
               help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [preset].")
 @click.option("--dropout", type=float, default=None,
-              help="Dropout of the generator and the fake-score network while they train [preset].")
+              help="Dropout of the generator and the fake-score network while they train, and of the teacher "
+                   "with --teacher-mode train-shared-dropout (the official code builds all three with it) [preset].")
 @click.option("--kimg", type=float, default=None,
               help="Training length in thousands of generator images [preset]; --steps counts updates instead.")
 @click.option("--snapshot-kimg", type=float, default=None,
@@ -88,10 +90,10 @@ def command(teacher_src: str, preset_name: str | None, sigma_init: float | None,
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "
              f"{teacher.label_dim} classes")
     generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
-    fake = trainable_copy(teacher)
+    fake = trainable_copy(teacher, config.augment > 0)
     if dropout is not None:
-        set_dropout(generator, dropout)
-        set_dropout(fake, dropout)
+        for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode
+            set_dropout(network, dropout)
     evaluate = make_evaluator(kwargs, device)
     echo(f"generator: {generator.describe()}")
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import click
 
 from fileformats.errors import UserError
-from refiner.config import PRECISIONS, TrainConfig
+from refiner.config import PRECISIONS, TEACHER_MODES, TrainConfig
 from refiner.losses import GENERATOR_LOSSES
 from refiner.sigma import SIGMA_SAMPLERS
 
@@ -49,6 +49,13 @@ def training_options(defaults: TrainConfig) -> Callable:
                      help="Fake-score updates before the first generator update."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=d.precision, show_default=True,
                      help="Mixed precision on CUDA (always fp32 on CPU)."),
+        click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default=d.teacher_mode,
+                     show_default=True,
+                     help="Generator step: eval = teacher and fake score without dropout; train-shared-dropout = "
+                          "both in train mode with the same dropout masks (the official Diff-Instruct code)."),
+        click.option("--augment", type=float, default=d.augment, show_default=True,
+                     help="Probability of EDM's AugmentPipe on the fake-score step (official Diff-Instruct: "
+                          "0.12; needs an EDM fake-score network); 0 = off."),
         click.option("--log-every", type=int, default=d.log_every, show_default=True,
                      help="Generator updates between log records."),
     ]
@@ -62,7 +69,7 @@ def training_options(defaults: TrainConfig) -> Callable:
 
 
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
-                 "sigma", "p_mean", "p_std", "fake_warmup", "precision", "log_every")
+                 "sigma", "p_mean", "p_std", "fake_warmup", "precision", "log_every", "teacher_mode", "augment")
 
 
 def config_from_options(defaults: TrainConfig, kwargs: dict[str, Any], **extra: Any) -> TrainConfig:
