@@ -204,3 +204,21 @@ def test_wrong_augment_label_size_is_refused():
 def test_augment_pipe_sizes_match_the_networks():
     assert AugmentPipe().label_dim == 9 == small_edm_kwargs()["augment_dim"]
     assert math.isclose(AugmentPipe().p, 0.12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shared_dropout_on_cuda_restores_the_cuda_generator(tmp_path: Path):
+    """On CUDA dropout draws from the device's generator: that one is saved and restored (as the official
+    code does), so the copy gives D_f == D_r there too."""
+    cuda = torch.device("cuda")
+    teacher = load_teacher(TEACHER, device=cuda)
+    config = TrainConfig(steps=1, batch=4, device="cuda", teacher_mode="train-shared-dropout")
+    run = RunDir(tmp_path / "cuda")
+    run.prepare(config)
+    generator = OneStepGenerator.from_teacher(teacher, sigma_init=1.0).train()
+    trainer = Trainer(config, generator, teacher, trainable_copy(teacher), run, cuda, echo=lambda s: None)
+    x_t, sigma, c = (t.to(cuda) for t in _noisy_batch())
+    d_real, d_fake = trainer._denoise(x_t, sigma, c)
+    assert torch.equal(d_real, d_fake)
+    with torch.no_grad():
+        assert (teacher.eval()(x_t, sigma, c) - d_real).abs().max() > 1e-3
