@@ -18,10 +18,12 @@ from fileformats.errors import UserError
 from gan_adapters.onestep import OneStepGenerator
 from refiner.augment import AugmentPipe
 from refiner.cli import cli
+from refiner.cli.distill import distill_config
+from refiner.cli.options import TRAINING_KEYS
 from refiner.config import TrainConfig
 from refiner.jobs import trainable_copy
 from refiner.loop import Trainer
-from refiner.presets import DEFAULT, PRESETS
+from refiner.presets import DEFAULT, PRESETS, get_preset
 from refiner.rundir import RunDir
 from teachers.edm_loader import load_teacher
 from teachers.edm_precond import EDMPrecond
@@ -182,6 +184,17 @@ def test_presets_use_the_official_settings_and_the_default_our_choice():
         assert (config.teacher_mode, config.augment) == ("train-shared-dropout", 0.12)
     assert (DEFAULT.train_config().teacher_mode, DEFAULT.train_config().augment) == ("eval", 0.0)
     assert TrainConfig().teacher_mode == "eval" and TrainConfig().augment == 0
+
+
+def test_distill_takes_the_presets_recipe_unless_overridden():
+    def config(preset: str, **given):
+        kwargs = {**{k: None for k in TRAINING_KEYS}, "beta1": None, "beta2": None, **given}
+        return distill_config(get_preset(preset), kwargs, None, None)
+
+    assert (config("cifar10-cond").teacher_mode, config("cifar10-cond").augment) == ("train-shared-dropout", 0.12)
+    overridden = config("cifar10-cond", teacher_mode="eval", augment=0.0)
+    assert (overridden.teacher_mode, overridden.augment) == ("eval", 0.0)
+    assert (config("imagenet64-cond").teacher_mode, config("imagenet64-cond").augment) == ("eval", 0.0)
 
 
 @pytest.mark.parametrize("args, needle", [
