@@ -48,6 +48,11 @@ def make_sigma_sampler(config: TrainConfig):
     return KarrasGridSigma()
 
 
+def _takes_augment_labels(network: nn.Module) -> bool:
+    parameters = inspect.signature(network.forward).parameters.values()
+    return any(p.name == "augment_labels" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def _dropout_rng_state(device: torch.device) -> torch.Tensor:
     """The state of the generator that dropout on `device` draws from."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
@@ -117,7 +122,7 @@ class Trainer:
         self.sigma_sampler = make_sigma_sampler(config)
         self.loss_fn = generator_loss(config.loss)
         self.augment = AugmentPipe(p=config.augment) if config.augment > 0 else None
-        if self.augment is not None and "augment_labels" not in inspect.signature(fake.forward).parameters:
+        if self.augment is not None and not _takes_augment_labels(fake):
             raise UserError("--augment needs a fake-score network that takes augmentation labels (an EDM U-Net); "
                             "this one does not: use --augment 0")
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
