@@ -113,6 +113,7 @@ def presets_help() -> str:
     """The presets and their values, for `refiner distill --help` (click keeps \\b paragraphs as is)."""
     lines = ["\b", "Presets (every value can be overridden by the option of the same name):"]
     for p in (*PRESETS.values(), DEFAULT):
-        lines += textwrap.wrap(f"{p.name}: {p.describe()}", 100, initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(f"{p.name}: {p.describe()}", 100, initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
         lines += textwrap.wrap(f"source: {p.source}", 100, initial_indent="    ", subsequent_indent="      ")
     return "\n".join(lines)
