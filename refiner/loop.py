@@ -49,6 +49,7 @@ def make_sigma_sampler(config: TrainConfig):
 
 
 def _takes_augment_labels(network: nn.Module) -> bool:
+    """Whether `network(x, σ, c, augment_labels=...)` is accepted (EDM's networks take it)."""
     parameters = inspect.signature(network.forward).parameters.values()
     return any(p.name == "augment_labels" or p.kind is p.VAR_KEYWORD for p in parameters)
 
@@ -189,8 +190,8 @@ class Trainer:
             self.generator.train()
         augment: dict[str, torch.Tensor] = {}
         if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
-            params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
-            x, augment["augment_labels"] = self.augment(x, params)
+            draws = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
+            x, augment["augment_labels"] = self.augment(x, draws)
         self.fake.train()
         with self._autocast():
             denoised = self.fake(add_noise(x, sigma, noise), sigma, c, **augment).float()
