@@ -12,6 +12,9 @@ from refiner.losses import GENERATOR_LOSSES, get_loss
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How the generator step runs the teacher and the fake score: eval = both without dropout (our default);
+# train-shared-dropout = both in train mode with the same dropout masks (the official Diff-Instruct code).
+TEACHER_MODES = ("eval", "train-shared-dropout")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TrainConfig:
     grad_clip: float | None = None  # clip each network's gradient norm (DMD2 uses 10)
     fake_warmup: int = 0  # fake-score steps before the first generator step
     precision: str = "fp32"
+    teacher_mode: str = "eval"  # one of TEACHER_MODES
+    augment: float = 0.0  # EDM AugmentPipe probability on the fake-score step (official: 0.12); 0 = off
     snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)
     log_every: int = 10
     device: str = "auto"
@@ -90,6 +95,9 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda (got {self.device!r})"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be > 0"),
+            (self.teacher_mode in TEACHER_MODES, f"--teacher-mode must be one of {', '.join(TEACHER_MODES)} "
+                                                 f"(got {self.teacher_mode!r})"),
+            (0 <= self.augment <= 1, f"--augment is a probability in [0, 1] (got {self.augment})"),
         ]
         for ok, message in checks:
             if not ok:

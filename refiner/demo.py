@@ -271,7 +271,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
         from gan_adapters.onestep import OneStepGenerator
         sigma_init = assets.manifest["distill"]["sigma_init"]
         generator = OneStepGenerator.from_teacher(teacher, sigma_init=sigma_init, name="demo teacher")
-    fake = trainable_copy(teacher)
+    fake = trainable_copy(teacher, config.augment > 0)
     real_data = demo_real_data(config.loss, data, teacher)
     info = {"job": job, "data": "Fashion-MNIST, 32x32 (28 px padded), one channel",
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",

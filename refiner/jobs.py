@@ -24,10 +24,12 @@ from metrics.evaluate import generated_batches
 from metrics.images import save_image_grid
 from metrics.report import write_report
 from refiner import distributed as dist
+from refiner.augment import AUGMENT_DIM
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.realdata import RealData
 from refiner.rundir import RunDir
+from teachers.edm_layers import Linear
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -148,14 +150,32 @@ class ImageJob:
             append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
 
 
-def trainable_copy(teacher: nn.Module) -> nn.Module:
+def trainable_copy(teacher: nn.Module, augment: bool = False) -> nn.Module:
     """The fake-score network: a copy of the teacher in float32 with trainable weights (the official code
-    initialises it from the teacher's weights)."""
+    initialises it from the teacher's weights). `augment`: it will see augmented images (--augment), so
+    it needs an augmentation-label input (`add_augment_input`)."""
     fake = copy.deepcopy(teacher).float().requires_grad_(True)
     if hasattr(fake, "dtype"):
         # U-Net in float32 even where the file says use_fp16: the loop's autocast decides the precision
         fake.dtype = torch.float32
+    if augment:
+        add_augment_input(fake)
     return fake
+
+
+def add_augment_input(network: nn.Module, dim: int = AUGMENT_DIM) -> None:
+    """Give every EDM U-Net in `network` that has no augmentation-label input one, initialised to zero so
+    the outputs do not change (the official code builds its networks with augment_dim 9 whenever
+    augmentation is on; EDM's CIFAR-10 teachers have one already, which the copy keeps)."""
+    for module in network.modules():
+        if not hasattr(module, "map_augment"):
+            continue
+        if module.map_augment is None:
+            module.map_augment = Linear(dim, module.map_layer0.in_features, bias=False)
+            nn.init.zeros_(module.map_augment.weight)
+        elif module.map_augment.in_features != dim:
+            raise UserError(f"the teacher's U-Net takes {module.map_augment.in_features}-dim augmentation labels; "
+                            f"--augment gives EDM's {dim}: use --augment 0 with this teacher")
 
 
 def check_compatible(generator: nn.Module, teacher: nn.Module, generator_name: str, teacher_name: str) -> None:

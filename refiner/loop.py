@@ -1,9 +1,11 @@
 """The Diff-Instruct training loop (docs/design.md §4; Luo et al. 2023, Algorithm 1).
 
 One iteration = `ratio` fake-score steps, then one generator step:
-1. fake step:  x = sg[G(z, c)], σ ~ p(σ), x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
+1. fake step:  x = sg[G(z, c)] (optionally augmented by EDM's AugmentPipe, the fake told how), σ ~ p(σ),
+   x_t = x + σε;  L(φ) = λ(σ)‖D_φ(x_t, σ, c) − x‖²;
 2. generator step:  x = G(z', c'), x_t = x + σ'ε';  D_r = teacher(x_t), D_f = fake(x_t) without gradients;
-   L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses).
+   L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses); both networks in eval mode, or in
+   train mode with shared dropout masks as the official code (`teacher_mode`).
 The adversarial losses (dmd2, sida) add a discriminator on the fake network's bottleneck (refiner.adversarial):
 its loss on real images (`real_data`) and generated ones joins the fake step's loss, its generator term the
 generator step's; its head trains with the fake network's optimiser and is part of the checkpoints.
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +44,7 @@ from fileformats.progress import Progress
 from gan_adapters.base import derived_seed
 from refiner import distributed as dist
 from refiner.adversarial import Adversary, gan_options
+from refiner.augment import AugmentPipe
 from refiner.config import TrainConfig
 from refiner.ema import ema_beta, update_ema
 from refiner.losses import add_noise, denoising_loss, generator_objective, get_loss
@@ -52,6 +57,41 @@ def make_sigma_sampler(config: TrainConfig, step: str = "generator"):
     """The σ sampler of the generator step or the fake-score step, from the registry with the config's
     options (refiner.sigma)."""
     return make_sampler(config.samplers()[step], config.sampler_options())
+
+
+def _takes_augment_labels(network: nn.Module) -> bool:
+    """Whether `network(x, σ, c, augment_labels=...)` is accepted (EDM's networks take it)."""
+    parameters = inspect.signature(network.forward).parameters.values()
+    return any(p.name == "augment_labels" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _dropout_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_dropout_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class _SharedDropout(nn.Module):
+    """`network` called with the dropout masks of another call: the first network of a pair records the state
+    of the RNG dropout draws from before it runs (`record`), the second restores it first, so both draw the
+    same masks (the official Diff-Instruct generator step)."""
+
+    def __init__(self, network: Callable, device: torch.device, memory: dict[str, torch.Tensor], record: bool):
+        super().__init__()
+        self.network, self.device, self.memory, self.record = network, device, memory, record
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.record:
+            self.memory["state"] = _dropout_rng_state(self.device)
+        else:
+            _set_dropout_rng_state(self.device, self.memory["state"])
+        return self.network(x, sigma, labels)
 
 
 @dataclass
@@ -122,6 +162,10 @@ class Trainer:
         self.sigma_sampler = make_sigma_sampler(config)
         self.fake_sigma_sampler = make_sigma_sampler(config, "fake")
         self.loss_spec = get_loss(config.loss)
+        self.augment = AugmentPipe(p=config.augment) if config.augment > 0 else None
+        if self.augment is not None and not _takes_augment_labels(fake):
+            raise UserError("--augment needs a fake-score network that takes augmentation labels (an EDM U-Net); "
+                            "this one does not: use --augment 0")
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.counters = Counters()
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
@@ -199,9 +243,13 @@ class Trainer:
             self.generator.eval()
             x = self.generator(z, c).float()
             self.generator.train()
+        augment: dict[str, torch.Tensor] = {}
+        if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
+            draws = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
+            x, augment["augment_labels"] = self.augment(x, draws)
         self.fake.train()
         with self._autocast():
-            denoised = self.fake(add_noise(x, sigma, noise), sigma, c).float()
+            denoised = self.fake(add_noise(x, sigma, noise), sigma, c, **augment).float()
         loss = denoising_loss(denoised, x, sigma, self.sigma_data)
         stats = {"loss_fake": float(loss.detach())}
         if self.adversary is not None:
@@ -217,11 +265,10 @@ class Trainer:
 
     def generator_step(self) -> dict[str, float]:
         z, c, sigma, noise = self._draw(self.sigma_sampler)
-        self.fake.eval()
-        with self._autocast():
+        with self._autocast(), self._networks() as (teacher, fake):
             x = self.generator(z, c).float()
             parts: dict[str, torch.Tensor] = {}
-            loss = generator_objective(self.loss_spec, x, sigma, noise, self.teacher, self.fake, c, parts=parts,
+            loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, fake, c, parts=parts,
                                        **self.config.loss_options)
         gan_stats = {}
         if self.adversary is not None:
@@ -265,6 +312,31 @@ class Trainer:
                 raise UserError(f"training stopped at step {self.counters.step}: the {name} weights are no "
                                 f"longer finite, so no snapshot was written. Lower --lr and start again, or "
                                 f"resume from {self.run.checkpoint_dir}")
+
+    @contextlib.contextmanager
+    def _networks(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+        """The teacher and the fake score as the generator step calls them, in the configured `teacher_mode`.
+
+        eval: both networks in eval mode (no dropout). train-shared-dropout, the official generator step
+        (pkulwj1994/diff_instruct training/di_loss.py `gloss`): both in train mode (dropout on), the fake
+        drawing the teacher's dropout masks: the state of the RNG dropout uses (CUDA's on CUDA, here the CPU's
+        too) is saved before the teacher call and restored before the fake call. Afterwards the teacher is
+        back in eval mode and the fake stays in train mode, as there."""
+        shared = self.config.teacher_mode == "train-shared-dropout"
+        teacher = self.teacher if isinstance(self.teacher, nn.Module) else None
+        self.fake.train(shared)
+        if teacher is not None:
+            teacher.train(shared)
+        try:
+            if not shared:
+                yield self.teacher, self.fake
+            else:
+                memory: dict[str, torch.Tensor] = {}
+                yield (_SharedDropout(self.teacher, self.device, memory, record=True),
+                       _SharedDropout(self.fake, self.device, memory, record=False))
+        finally:
+            if teacher is not None:
+                teacher.eval()
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

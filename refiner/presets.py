@@ -5,10 +5,12 @@ command line; `refiner distill --help` prints this table. Durations and snapshot
 thousands of generator images (kimg), as the EDM code bases count them, and turn into steps with the
 batch size actually used.
 
-Not reproduced from the official code: EDM's AugmentPipe on the fake-score network's inputs (Diff-Instruct
-default p = 0.12; SiD's ImageNet run uses none), and the teacher running with dropout during the
-generator loss (the official quirk, docs/diff_instruct.md §1.4): our teacher always runs in eval mode. The trained networks
-(generator and fake score) use the preset's dropout, as the official code builds them with `--dropout`.
+The `cifar10-*` presets reproduce the official code exactly: the generator step runs the teacher and the
+fake score in train mode with shared dropout masks (`teacher_mode` train-shared-dropout, the official
+`gloss`), and the fake-score step sees EDM's AugmentPipe at p = 0.12 (`augment`, di_train.py's default;
+the official loop passes no augmentation to the generator step). All networks use the preset's dropout,
+as the official code builds them with `--dropout`. Without --preset the default keeps our cleaner choice:
+both networks in eval mode in the generator step, no augmentation.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Preset:
     ratio: int = 1
     shape: tuple[int, int] | None = None
     fake_warmup_kimg: float = 0.0  # images of fake-score (and discriminator) updates before the first generator one
+    teacher_mode: str = "eval"
+    augment: float = 0.0
 
     def steps(self, kimg: float, batch: int | None = None) -> int:
         """Generator steps that show `kimg` thousand images at this (or the given) batch size."""
@@ -54,7 +58,8 @@ class Preset:
         return dict(steps=self.steps(self.kimg, batch), batch=self.batch, lr=self.lr, fake_lr=self.fake_lr,
                     betas=self.betas, ratio=self.ratio, ema=self.ema, loss=self.loss, precision=self.precision,
                     snapshot_every=self.steps(self.snapshot_kimg, batch),
-                    fake_warmup=self.steps(self.fake_warmup_kimg, batch))
+                    fake_warmup=self.steps(self.fake_warmup_kimg, batch), teacher_mode=self.teacher_mode,
+                    augment=self.augment)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.train_values())
@@ -64,13 +69,16 @@ class Preset:
         return (f"batch {self.batch}, lr {self.lr:g}, fake-lr {self.fake_lr:g}, beta1 {self.betas[0]:g}, "
                 f"beta2 {self.betas[1]:g}, ema {self.ema:g} (kimg), precision {self.precision}, "
                 f"sigma-init {self.sigma_init:g}, dropout {dropout}, loss {self.loss}, ratio {self.ratio}, "
+                f"teacher-mode {self.teacher_mode}, augment {self.augment:g}, "
                 f"kimg {self.kimg:g}, snapshot-kimg {self.snapshot_kimg:g}"
                 + (f", fake-warmup {self.fake_warmup_kimg:g} kimg" if self.fake_warmup_kimg else ""))
 
 
 _DI_README = ("Diff-Instruct README (pkulwj1994/diff_instruct): torchrun di_train.py --arch ddpmpp --batch 128 "
               "--lr 1e-5 --glr 1e-5 --init_sigma 1.0 --fp16 0 --ls 1.0 --sgls 1.0 --tick 10 --snap 50; Adam "
-              "(0, 0.999) hard-coded; code defaults: ema 0.5 Mimg, dropout 0.13, duration 200 Mimg")
+              "(0, 0.999) hard-coded; code defaults: ema 0.5 Mimg, dropout 0.13, augment 0.12 (fake-score "
+              "step), duration 200 Mimg; teacher and fake score in train mode with shared dropout masks in "
+              "the generator step (training/di_loss.py gloss)")
 
 _SID_SCRIPT = ("SiD run_sid.sh (mingyuanzhou/SiD; Adam (0, 0.999), the loss's defaults: alpha 1.2, generator "
                "sigma t ~ U[0, 0.8] on the Karras schedule, fake-score ln sigma ~ N(-1.2, 1.2^2), loss scale 100)")
@@ -84,10 +92,12 @@ _SIDA_SCRIPT = ("SiDA run_sida.sh (mingyuanzhou/SiD branch sida, from scratch; t
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cifar10-uncond", _DI_README + " (--cond 0 --edm_model cifar10-uncond)",
            batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=1.0,
-           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 0)),
+           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 0), teacher_mode="train-shared-dropout",
+           augment=0.12),
     Preset("cifar10-cond", _DI_README + " (the same with --cond 1 --edm_model cifar10-cond)",
            batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="fp32", sigma_init=1.0,
-           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 10)),
+           dropout=0.13, kimg=200_000, snapshot_kimg=500, shape=(32, 10), teacher_mode="train-shared-dropout",
+           augment=0.12),
     Preset("imagenet64-cond",
            "SiD run_sid.sh imagenet64-cond (mingyuanzhou/SiD; Diff-Instruct published no ImageNet recipe): "
            "--batch 8192 --lr 4e-6 --glr 4e-6 --fp16 1 --dropout 0.1 --augment 0 --ema 2 --init_sigma 2.5 "
@@ -134,7 +144,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values in bf16 (on CUDA), "
-                 "with the teacher's own dropout",
+                 "with the teacher's own dropout, teacher and fake score in eval mode in the generator step "
+                 "and no augmentation (our choice, not the official code's)",
                  batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="bf16", sigma_init=1.0,
                  dropout=None, kimg=200_000, snapshot_kimg=500)
 
@@ -155,6 +166,7 @@ def presets_help() -> str:
     """The presets and their values, for `refiner distill --help` (click keeps \\b paragraphs as is)."""
     lines = ["\b", "Presets (every value can be overridden by the option of the same name):"]
     for p in (*PRESETS.values(), DEFAULT):
-        lines += textwrap.wrap(f"{p.name}: {p.describe()}", 100, initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(f"{p.name}: {p.describe()}", 100, initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
         lines += textwrap.wrap(f"source: {p.source}", 100, initial_indent="    ", subsequent_indent="      ")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED, TRAINING_KEYS, loss_and_sigma_options, resolve_config
+from refiner.config import TEACHER_MODES
 from refiner.demo import JOBS, REFERENCES
 
 
@@ -33,6 +34,10 @@ def _defaults_help() -> str:
 @click.option("--lr", type=FINITE_FLOAT, default=None, help="Generator learning rate [per job].")
 @click.option("--fake-lr", type=FINITE_FLOAT, default=None, help="Fake-score learning rate [per job].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the training loop.")
+@click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default=None,
+              help="eval (default) or train-shared-dropout (the official Diff-Instruct generator step).")
+@click.option("--augment", type=FINITE_FLOAT, default=None,
+              help="EDM AugmentPipe probability on the fake-score step (official: 0.12; default 0).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
 @click.option("--samples", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Images per FD / classifier-score measurement.")
@@ -50,9 +55,9 @@ def _defaults_help() -> str:
                    "Default: Fashion-MNIST's training set (found or downloaded like the noise floor's test set).")
 @loss_and_sigma_options
 def command(job: str, out: str, force: bool, resume: bool, steps: int | None, batch: int | None,
-            lr: float | None, fake_lr: float | None, seed: int, device: str, samples: int, reference: str,
-            assets_path: str | None, threads: int, as_json: bool, data_src: str | None, **loss_and_sigma: Any
-            ) -> None:
+            lr: float | None, fake_lr: float | None, seed: int, teacher_mode: str | None, augment: float | None,
+            device: str, samples: int, reference: str, assets_path: str | None, threads: int, as_json: bool,
+            data_src: str | None, **loss_and_sigma: Any) -> None:
     """Refine a small Fashion-MNIST GAN with an EDM teacher on the CPU, in minutes, and report by how much.
 
     Loads the committed assets (a small EDM teacher, an under-trained StyleGAN2, a Fashion-MNIST
@@ -68,6 +73,7 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
     torch.set_num_threads(threads)
 
     given = {"steps": steps, "batch": batch, "lr": lr, "fake_lr": fake_lr, "seed": seed, "device": device,
+             "teacher_mode": teacher_mode, "augment": augment,
              **{k: v for k, v in loss_and_sigma.items() if k in TRAINING_KEYS}}
     config = resolve_config(JOBS[job], given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,

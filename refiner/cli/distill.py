@@ -53,7 +53,8 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
               help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [the loss's: 2.5 for sid, sim, uni; else "
                    "the preset's].")
 @click.option("--dropout", type=FINITE_FLOAT, default=None,
-              help="Dropout of the generator and the fake-score network while they train [preset].")
+              help="Dropout of the generator and the fake-score network while they train, and of the teacher "
+                   "with --teacher-mode train-shared-dropout (the official code builds all three with it) [preset].")
 @click.option("--kimg", type=FINITE_FLOAT, default=None,
               help="Training length in thousands of generator images [preset]; --steps counts updates instead.")
 @click.option("--snapshot-kimg", type=FINITE_FLOAT, default=None,
@@ -106,10 +107,10 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
              f"{teacher.label_dim} classes")
     real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
-    fake = trainable_copy(teacher)
+    fake = trainable_copy(teacher, config.augment > 0)
     if dropout is not None:
-        set_dropout(generator, dropout)
-        set_dropout(fake, dropout)
+        for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode
+            set_dropout(network, dropout)
     evaluate = make_evaluator(kwargs, device)
     echo(f"generator: {generator.describe()}")
 

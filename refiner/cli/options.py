@@ -11,7 +11,7 @@ import click
 
 from fileformats.errors import UserError
 from fileformats.sources import check_sha256_text, is_url, open_source
-from refiner.config import PRECISIONS, TrainConfig
+from refiner.config import PRECISIONS, TEACHER_MODES, TrainConfig
 from refiner.losses import GENERATOR_LOSSES, describe_losses, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, sampler_options
 
@@ -167,6 +167,13 @@ def training_options(defaults: TrainConfig) -> Callable:
                      help="Mixed precision on CUDA (always fp32 on CPU)." + shown(d.precision)),
         click.option("--log-every", type=int, default=None,
                      help="Generator updates between log records." + shown(d.log_every)),
+        click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default=None,
+                     help="Generator step: eval = teacher and fake score without dropout; train-shared-dropout = "
+                          "both in train mode with the same dropout masks (the official Diff-Instruct code)."
+                          + shown(d.teacher_mode)),
+        click.option("--augment", type=FINITE_FLOAT, default=None,
+                     help="Probability of EDM's AugmentPipe on the fake-score step (official Diff-Instruct: "
+                          "0.12; needs an EDM fake-score network); 0 = off." + shown(d.augment)),
     ]
 
     def decorate(f: Callable) -> Callable:
@@ -179,8 +186,8 @@ def training_options(defaults: TrainConfig) -> Callable:
 
 
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
-                 "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2",
-                 *ALL_SAMPLER_OPTIONS, *loss_option_users())
+                 "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2", "teacher_mode",
+                 "augment", *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 
 def resolve_config(base: TrainConfig, given: dict[str, Any], preset_values: dict[str, Any] | None = None,

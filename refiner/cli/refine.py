@@ -122,7 +122,8 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     def save(ema: torch.nn.Module, path: Path) -> None:
         ema.save(path, overwrite=True, **({"keep_G": True} if keep_g else {}))
 
-    job = ImageJob(config, generator.train(), teacher, trainable_copy(teacher), Path(out), device, save,
+    fake = trainable_copy(teacher, config.augment > 0)
+    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, save,
                    "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
                    metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
