@@ -45,10 +45,11 @@ COMMANDS = {
     "sample --teacher": ["sample", "--teacher", "{f}", "--out", "{o}", "--seeds", "0", "--steps", "2",
                          "--device", "cpu"],
     "refine --generator": ["refine", "--generator", "{f}", "--teacher", "{t}", "--out", "{o}", "--steps", "1",
-                           "--device", "cpu"],
+                           "--device", "cpu", "--unknown-source", "error"],
     "refine --teacher": ["refine", "--generator", "{g}", "--teacher", "{f}", "--out", "{o}", "--steps", "1",
                          "--device", "cpu"],
-    "distill --teacher": ["distill", "--teacher", "{f}", "--out", "{o}", "--steps", "1", "--device", "cpu"],
+    "distill --teacher": ["distill", "--teacher", "{f}", "--out", "{o}", "--steps", "1", "--device", "cpu",
+                          "--unknown-source", "error"],  # (the default, keep, writes a stored source on with a warning)
     "metrics --generator": ["metrics", "--generator", "{f}", "--metrics", "is", "--num", "1", "--device", "cpu"],
     "metrics --detector": ["metrics", "--images", "{i}", "--metrics", "is", "--detector", "{f}", "--device", "cpu"],
 }
