@@ -57,7 +57,8 @@ def ikl_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
     """Diff-Instruct generator surrogate (Luo et al. 2023, Thm 3.1, with w(t) = σ² in score space):
 
         L(θ) = (1/N) Σ_n ⟨sg[D_f − D_r], x_n⟩,   so  ∇_x L = (D_f − D_r)/N = σ² (s_f − s_r)/N.
-    The official code's `gloss` (pkulwj1994/diff_instruct di_loss.py, weight 1 on the denoiser difference).
+    The official code's `gloss` (pkulwj1994/diff_instruct training/di_loss.py, weight 1 on the denoiser
+    difference).
     Defaults: ln σ ~ N(−1.2, 1.2²) for both steps, σ_init 1.0 (Diff-Instruct README)."""
     g = (d_fake - d_real).detach()
     return _batch_sum(g * x)
@@ -210,8 +211,8 @@ _SAME = {"fake_sigma": "same"}
 
 GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
     GeneratorLoss("ikl", ikl_loss, "Diff-Instruct's integral KL (Luo et al. 2023)",
-                  "pkulwj1994/diff_instruct di_loss.py; Diff-Instruct Thm 3.1",
-                  defaults={"sigma": "lognormal", **_SAME, "loss_scale": 1.0}, sigma_init=1.0),
+                  "pkulwj1994/diff_instruct training/di_loss.py; Diff-Instruct Thm 3.1",
+                  defaults={"sigma": "lognormal", **_SAME, "loss_scale": 1.0}),
     GeneratorLoss("dmd", dmd_loss, "DMD's normalised IKL (Yin et al. 2024)",
                   "tianweiy/DMD2 main/edm/edm_guidance.py (distribution-matching loss)",
                   defaults={"sigma": "karras", **_SAME, "levels": 1000, "min_percent": 0.02, "max_percent": 0.98,

@@ -138,3 +138,13 @@ def test_sid_presets_follow_run_sid_sh():
                 config.p_mean, config.p_std) == ({"alpha": 1.2}, 100.0, "karras-t", 800.0, "lognormal", -1.2, 1.2)
         assert resolve_sigma_init(None, preset, config.loss) == (2.5, "loss sid")
         assert "run_sid.sh" in preset.source
+
+
+def test_sigma_init_comes_from_the_user_then_the_loss_then_the_preset():
+    from refiner.cli.distill import resolve_sigma_init
+    from refiner.presets import get_preset
+
+    assert resolve_sigma_init(None, get_preset("imagenet64-cond"), "ikl") == (2.5, "preset")
+    assert resolve_sigma_init(None, get_preset("cifar10-cond"), "ikl") == (1.0, "preset")
+    assert resolve_sigma_init(None, get_preset("cifar10-cond"), "uni") == (2.5, "loss uni")
+    assert resolve_sigma_init(3.0, get_preset("cifar10-cond-sid"), "sid") == (3.0, "user")

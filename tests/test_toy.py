@@ -21,9 +21,9 @@ def test_ring_defaults_reach_the_noise_floor_and_cover_every_mode(tmp_path: Path
 
 # Every loss on the ring, short (150 steps, batch 256, 100 fake warm-up steps, 1000 evaluation points), each with
 # its own defaults (σ distributions, options): energy distance over the noise floor and modes covered as measured
-# (torch CPU, one thread). The full runs (refiner toy defaults) are in benchmarks/losses.py and the README: only
-# ikl and dmd reach 3x the floor there; sid (whose per-sample normalisation by mean|x − D_r| over two
-# coordinates is noisy) and sim/uni stay above it.
+# (torch CPU, one thread). Longer runs are in benchmarks/losses.py and the README: ikl reaches 3x the floor at
+# refiner toy's 2000 steps (test above); at 500 steps sid (whose per-sample normalisation by mean|x − D_r| over
+# two coordinates is noisy), sim and uni stay well above it, dmd close to it.
 SHORT_RUN = {"ikl": (4.35, 7), "dmd": (7.75, 7), "sid": (17.2, 2), "sim": (13.7, 3), "uni": (8.27, 5)}
 
 
