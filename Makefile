@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(BIN)/refiner demo --out runs/demo --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# two workers (one per core; each test runs torch on one thread), each test file on one worker
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
