@@ -32,6 +32,7 @@ from torch import nn
 from fileformats import nvpickle
 from fileformats.errors import UserError
 from teachers import edm_layers
+from teachers.edm_precond import precond_inputs
 
 
 def normalize(x: torch.Tensor, dim: Sequence[int] | int | None = None, eps: float = 1e-4) -> torch.Tensor:
@@ -268,14 +269,7 @@ class Precond(nn.Module):
         augmentation labels."""
         if augment_labels is not None:
             raise ValueError("EDM2 networks are trained without augmentation and take no augment_labels")
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        x, sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
         reduced = dtype if dtype is not None else (torch.float16 if self.use_fp16 else torch.float32)
         model_dtype = reduced if x.device.type == "cuda" and not force_fp32 else torch.float32
         sd2 = self.sigma_data**2

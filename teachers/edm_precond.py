@@ -23,6 +23,20 @@ from teachers.edm_unets import UNETS
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def precond_inputs(x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None, label_dim: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A preconditioner's inputs as EDM's and EDM2's `forward` take them: x in float32, σ as [N, 1, 1, 1]
+    (per sample or one value), labels float32 [N, label_dim] (all-zero when a conditional network gets
+    none; None for an unconditional one)."""
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+    if label_dim == 0:
+        return x, sigma, None
+    if class_labels is None:
+        return x, sigma, torch.zeros([1, label_dim], device=x.device)
+    return x, sigma, class_labels.to(torch.float32).reshape(-1, label_dim)
+
+
 class Precond(nn.Module):
     """Common forward of the four preconditioners; subclasses give `coefficients(σ)`."""
 
@@ -56,14 +70,7 @@ class Precond(nn.Module):
                 force_fp32: bool = False, dtype: torch.dtype | None = None, **model_kwargs) -> torch.Tensor:
         """D(x; σ) in float32. σ is per sample ([N]) or one value; missing class labels of a conditional
         network mean all-zero labels; model_kwargs (augment_labels) go to the U-Net."""
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        x, sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         model_dtype = self.model_dtype(x, force_fp32, dtype)
         F_x = self.model((c_in * x).to(model_dtype), c_noise.flatten(), class_labels=class_labels,
@@ -198,7 +205,7 @@ class TimestepEmbedding(nn.Module):
         return torch.cat([args.cos(), args.sin()], dim=1).to(t.dtype)
 
 
-class ConsistencyPrecond(Precond):
+class ConsistencyPrecond(EDMPrecond):
     """Consistency models (Song et al. 2023, eq. 7 / appendix C; openai/consistency_models
     `get_scalings_for_boundary_condition` and `denoise`), f(x, σ) = c_skip·x + c_out·F(c_in·x; c_noise):
     c_skip = σd²/((σ−σ_min)² + σd²), c_out = (σ−σ_min)·σd/√(σ²+σd²), c_in = 1/√(σ²+σd²),
@@ -209,11 +216,8 @@ class ConsistencyPrecond(Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0.002, sigma_max: float = 80, sigma_data: float = 0.5,
                  model_type: str = "DhariwalUNet", **model_kwargs):
-        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels,
-                         model_kwargs)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, sigma_min, sigma_max, sigma_data,
+                         model_type, **model_kwargs)
         self.model.map_noise = TimestepEmbedding(self.model.map_layer0.in_features)
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
