@@ -187,12 +187,12 @@ class RunDir:
         append_text(self.log_path, json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """Drop log records written after `step` (by a run that was killed after its last checkpoint)."""
-        if not self.log_path.exists():
-            return
-        kept = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and _record_step(line) <= step]
-        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+        """Drop the records of log.jsonl and metrics.jsonl written after `step` (by a run that was killed
+        after its last checkpoint), so a resumed run's records equal an uninterrupted run's."""
+        for path in (self.log_path, self.path / "metrics.jsonl"):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if line.strip() and _record_step(line) <= step]
+                atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():

@@ -5,6 +5,7 @@ noticed on resume, --in-place with every option, unique snapshot names, EDM's EM
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import subprocess
 import sys
@@ -398,3 +399,14 @@ def test_sample_a_onestep_generator_in_one_step(tmp_path: Path, foreign_onestep:
         expected = to_uint8(build_network(nvpickle.load(EDM16)["ema"])(2.5 * z, torch.full([3], 2.5), c))
     assert np.array_equal(x, expected)
 
+
+
+def test_resume_drops_the_log_and_metric_records_written_after_the_checkpoint(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    run.prepare(TrainConfig(steps=4, device="cpu"))
+    for name in ("log.jsonl", "metrics.jsonl"):
+        (run.path / name).write_text("".join(json.dumps({"step": s, "kimg": s / 1000}) + "\n" for s in (1, 2, 3))
+                                     + '{"step": 4, "ki')  # the last line cut by a hard stop
+    run.truncate_log(2)
+    for name in ("log.jsonl", "metrics.jsonl"):
+        assert [json.loads(line)["step"] for line in (run.path / name).read_text().splitlines()] == [1, 2]
