@@ -166,3 +166,52 @@ def test_published_imagenet64_layouts_are_recognised():
     broken = {k: v for k, v in cm.items() if k != "middle_block.1.qkv.weight"}
     with pytest.raises(UserError, match=r"do not map .*middle_block|do not map .*in0\.qkv"):
         cm_to_edm_names(network, broken)
+
+
+def test_sample_draws_a_state_dict_generator_in_one_step(tmp_path):
+    import numpy as np
+
+    from refiner.cli.sample import to_uint8
+    from teachers.sampler import SeededNoise
+
+    _, path = write_state(tmp_path, "dmd2")
+    result = CliRunner().invoke(cli, ["sample", "--teacher", path, "--seeds", "0-2", "--device", "cpu",
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        x = f["x"]
+    generator = load_generator(path)  # G(z) = f(80·z; 80), as DMD2's own example calls it
+    noise = SeededNoise([0, 1, 2], torch.device("cpu"))
+    z = noise.randn(tuple(generator.data_shape))  # per-sample shape; SeededNoise stacks the seeds
+    c = torch.nn.functional.one_hot(noise.randint(generator.c_dim), generator.c_dim).float() if generator.c_dim \
+        else None
+    with torch.no_grad():
+        assert np.array_equal(x, to_uint8(generator(z, c)))
+
+
+def test_distill_starts_from_a_published_generator(tmp_path):
+    """--init: the generator starts as the DMD2 state dict (σ_init 80, as the file's runner uses it), not as a
+    copy of the teacher; its first snapshot loads back with that σ_init."""
+    from helpers import small_edm_kwargs, write_edm_teacher
+
+    from fileformats import nvpickle
+
+    ref, path = write_state(tmp_path, "dmd2")
+    generator = load_generator(path)
+    teacher = write_edm_teacher(tmp_path / "teacher.pkl", resolution=generator.data_shape[-1],
+                                label_dim=generator.c_dim)
+    assert small_edm_kwargs()["img_channels"] == generator.data_shape[0]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--init", path, "--out", str(out),
+                                      "--steps", "1", "--batch", "2", "--device", "cpu", "--grid-seeds", "2",
+                                      "--lr", "1e-12", "--fake-lr", "1e-12", "--ema", "0"])
+    assert result.exit_code == 0, result.output
+    snapshot = nvpickle.load(out / "network-snapshot-000000002.pkl")
+    assert snapshot["refiner"]["sigma_init"] == 80.0
+    trained = load_generator(out / "network-snapshot-000000002.pkl")
+    for k, v in generator.network.state_dict().items():  # lr 1e-12: still the published weights
+        assert torch.allclose(trained.network.state_dict()[k], v, atol=1e-6), k
+    gan = str(DATA / "sg2ada-small-uncond.pkl")
+    bad = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--init", gan, "--out", str(tmp_path / "bad"),
+                                   "--steps", "1", "--device", "cpu"])
+    assert bad.exit_code == 2 and "not a one-step EDM-family generator" in bad.output

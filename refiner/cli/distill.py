@@ -63,14 +63,18 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
               help="Images in the grids of fixed seeds.")
 @click.option("--teacher-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher precision on CUDA (default: --precision; with fp32, what the file says).")
+@click.option("--init", "init_src", default=None, metavar="FILE",
+              help="Start the generator from this one-step generator instead of the teacher's copy: a distill "
+                   "snapshot, a Diff-Instruct / SiD snapshot (with --sigma-init), a DMD2 or consistency-model "
+                   "state dict (σ_init 80 unless --sigma-init says otherwise).")
 @data_option
 @source_options
 @metric_options
 @training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | None, sigma_init: float | None,
             dropout: float | None, kimg: float | None, snapshot_kimg: float | None, grid_seeds: int,
-            teacher_dtype: str | None, metrics_at_snapshots: bool, data_src: str | None, unknown_source: str,
-            source_from: str | None, **kwargs: Any) -> None:
+            teacher_dtype: str | None, init_src: str | None, metrics_at_snapshots: bool, data_src: str | None,
+            unknown_source: str, source_from: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
     The generator is a copy of the teacher's network used as G(z, c) = D(σ_init·z; σ_init, c). Every
@@ -79,8 +83,9 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     and SiD code load; plus grid-NNNNNNNNN.png of fixed seeds. At the end: grid-before/after.png,
     log.jsonl and report.html. Several GPUs: torchrun --nproc_per_node N -m refiner distill ...
     """
+    from gan_adapters.loader import load_generator
     from gan_adapters.onestep import OneStepGenerator, set_dropout
-    from refiner.jobs import ImageJob, trainable_copy
+    from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
@@ -92,6 +97,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
                             dropout=dropout, teacher_dtype=teacher_dtype, data=data_src)
     check_data_option(config.loss, data_src)
+    given_sigma_init = sigma_init
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
     config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
@@ -106,7 +112,17 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
              f"{preset.shape[1]} classes; this one is {teacher.data_shape[-1]}x{teacher.data_shape[-1]} with "
              f"{teacher.label_dim} classes")
     real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
-    generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
+    if init_src is None:
+        generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
+    else:  # a published or earlier one-step generator: its own σ_init unless --sigma-init is given
+        generator = load_generator(fetch_source(init_src, None, "init"), device=device,
+                                   **({} if given_sigma_init is None else {"sigma_init": given_sigma_init}))
+        if not isinstance(generator, OneStepGenerator):
+            raise UserError(f"--init {init_src} holds a {type(generator).__name__}, not a one-step EDM-family "
+                            "generator; refine a GAN with `refiner refine --generator`")
+        check_compatible(generator, teacher, init_src, teacher_src)
+        config.extra["sigma_init"], config.sources["extra.sigma_init"] = generator.sigma_init, "init"
+        config.extra["init"] = init_src
     fake = trainable_copy(teacher, config.augment > 0)
     if dropout is not None:
         for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode
@@ -121,7 +137,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
                    evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots, grid_seeds=grid_seeds,
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
-                   info={"teacher": teacher_src, "preset": preset.name, "sigma_init": sigma_init,
+                   info={"teacher": teacher_src, "preset": preset.name, "sigma_init": generator.sigma_init,
                          "processes": dist.world_size()}, echo=echo, inputs=(teacher_src,), real_data=real_data)
     result = job.run(resume=resume, force=force)
     if main:

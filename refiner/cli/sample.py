@@ -15,6 +15,8 @@ from fileformats import nvpickle
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
 from fileformats.progress import Progress
+from fileformats.torchfiles import is_torch_checkpoint
+from gan_adapters.loader import load_generator
 from gan_adapters.onestep import METADATA_KEY, onestep_from_snapshot
 from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, fetch_source, sha256_option
 from teachers.base import resolve_device
@@ -116,8 +118,12 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
             raise UserError(f"{path} already exists; choose another --out folder "
                             "(files are never overwritten)")
     dev = resolve_device(device)
-    data = nvpickle.load(fetch_source(source, teacher_sha256, "teacher"))
-    if sigma_init is not None or isinstance(data, dict) and METADATA_KEY in data:  # one step: D(σ_init·z; σ_init)
+    path = fetch_source(source, teacher_sha256, "teacher")
+    data = None if is_torch_checkpoint(str(path)) else nvpickle.load(path)
+    if data is None:  # a published one-step generator's state dict (DMD2, consistency models): one step
+        generator = load_generator(path, dev, **({} if sigma_init is None else {"sigma_init": sigma_init}))
+        teacher, label_dim, shape = None, generator.c_dim, generator.data_shape
+    elif sigma_init is not None or isinstance(data, dict) and METADATA_KEY in data:  # one step: D(σ_init·z; σ_init)
         generator = onestep_from_snapshot(data, str(source), dev,
                                           **({} if sigma_init is None else {"sigma_init": sigma_init}))
         teacher, label_dim = None, generator.c_dim

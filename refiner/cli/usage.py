@@ -33,8 +33,8 @@ def pickle_usage(data: Any) -> dict[str, Any]:
     meta = data.get(METADATA_KEY) if isinstance(data, dict) else None
     if (edm_layout or edm2.is_edm2(ema)) and isinstance(meta, dict) and "sigma_init" in meta:
         return _uses(f"one-step generator written by refiner (σ_init {meta['sigma_init']:g})",
-                     refine="yes, as --generator", distill="no: distill starts from a teacher",
-                     sample=NOT_A_TEACHER, metrics="yes, as --generator")
+                     refine="yes, as --generator", distill="yes, as --init (the starting generator)",
+                     sample="yes, as --teacher (sampled in one step)", metrics="yes, as --generator")
     if edm2.is_edm2(ema):
         try:
             edm2.pixel_encoder(data, "this file")
@@ -71,5 +71,5 @@ def state_dict_usage(path: str, name: str) -> dict[str, Any]:
     else:
         return {**_uses("torch state dict of no known network", refine="no", distill="no", sample="no",
                         metrics="no"), **info}
-    return {**_uses(kind, refine=gen, distill="no: distill starts from a teacher", sample=NOT_A_TEACHER,
-                    metrics=gen), **info}
+    return {**_uses(kind, refine=gen, distill="yes, as --init (the starting generator) with an EDM --teacher",
+                    sample="yes, as --teacher (sampled in one step)", metrics=gen), **info}
