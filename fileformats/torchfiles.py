@@ -1,9 +1,14 @@
-"""Telling torch.save files (state dicts) from NVIDIA network pickles by their first bytes."""
+"""torch.save files: telling them (state dicts) from NVIDIA network pickles by their first bytes, and writing
+the legacy (non-zip) format of the published BigGAN files byte for byte the same every time."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import pickle
+import sys
+from typing import IO, Any
+
+import torch
 
 from fileformats.sources import open_source
 
@@ -26,3 +31,31 @@ def is_torch_checkpoint(path: str | None) -> bool:
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_TORCH_MAGIC))
     return head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC
+
+
+def save_legacy(state: dict[str, torch.Tensor], f: IO[bytes]) -> None:  # tensors on the CPU
+    """`torch.save(state, f, _use_new_zipfile_serialization=False)` (torch's legacy format: magic number,
+    protocol 1001, system info, the pickled object whose storages are persistent ids, the list of storage
+    keys, then each storage as an 8-byte element count and its bytes), except that storages are named "0",
+    "1", ... in order of first use where torch names them by memory address: the same tensors always give
+    the same bytes. torch.load reads it as it reads torch's own."""
+    storages: dict[int, tuple[str, torch.UntypedStorage, torch.dtype]] = {}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> tuple | None:
+            if not isinstance(obj, torch.storage.TypedStorage):
+                return None
+            untyped = obj._untyped_storage
+            key = storages.setdefault(untyped._cdata, (str(len(storages)), untyped, obj.dtype))[0]
+            return ("storage", getattr(torch, obj._pickle_storage_type()), key, "cpu", obj._size(), None)
+
+    protocol = 2  # torch's DEFAULT_PROTOCOL
+    for value in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": sys.byteorder == "little",
+                                                  "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(value, f, protocol=protocol)
+    Pickler(f, protocol=protocol).dump(state)  # as given (an OrderedDict keeps its _metadata), on the CPU
+    ordered = sorted(storages.values(), key=lambda entry: entry[0])  # torch writes them in key order
+    pickle.dump([key for key, _, _ in ordered], f, protocol=protocol)
+    f.flush()
+    for _, untyped, dtype in ordered:
+        untyped._write_file(f, torch.serialization._should_read_directly(f), True, torch._utils._element_size(dtype))

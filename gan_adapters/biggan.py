@@ -31,6 +31,7 @@ from torch import nn
 from fileformats.arguments import Bound, check_ranges, meta_shapes
 from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.errors import UserError
+from fileformats.torchfiles import save_legacy
 from gan_adapters.base import uniform_one_hot
 
 CONFIG_NAME = "config.json"
@@ -416,9 +417,10 @@ class BigGANGenerator(nn.Module):
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         """Write a pytorch-pretrained-biggan folder: config.json as loaded, pytorch_model.bin in the legacy
-        non-zip torch.save format. Both files are written into a temporary folder beside `folder` first; a new
-        folder then appears in one rename, an existing one gets each file by an atomic rename. Existing model
-        files are only replaced with overwrite=True."""
+        non-zip torch.save format (storages numbered, so the same weights give the same bytes). Both files
+        are written into a temporary folder beside `folder` first; a new folder then appears in one rename,
+        an existing one gets each file by an atomic rename. Existing model files are only replaced with
+        overwrite=True."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"cannot save BigGAN to {folder}: it is a file; name a folder")
@@ -428,8 +430,7 @@ class BigGANGenerator(nn.Module):
                             "(input models are never overwritten unless asked)")
         state = self.file_state_dict()
         with atomic_folder(folder) as tmp:
-            atomic_write(tmp / WEIGHTS_NAME,
-                         lambda f: torch.save(state, f, _use_new_zipfile_serialization=False))
+            atomic_write(tmp / WEIGHTS_NAME, lambda f: save_legacy(state, f))
             atomic_write(tmp / CONFIG_NAME, lambda f: f.write(self.config_bytes))
 
 

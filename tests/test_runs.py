@@ -296,6 +296,9 @@ def test_in_place_with_resize_to_teacher_on_a_biggan_folder(tmp_path: Path):
     assert _files(tmp_path / "biggan.bak", "*") == original
     assert _files(folder, "*") == _files(tmp_path / "run" / "biggan-refined", "*") != original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["biggan", "biggan.bak", "run", "t16.pkl"]
+    again = _refine(BIGGAN, teacher, tmp_path / "again", "--steps", "1", "--resize-to-teacher", "--truncation", "0.5")
+    assert again.exit_code == 0, again.output  # the same command twice: the same bytes, BigGAN's weights too
+    assert _files(tmp_path / "again" / "biggan-refined", "*") == _files(tmp_path / "run" / "biggan-refined", "*")
 
 
 def test_in_place_with_resize_and_every_stylegan2_option(tmp_path: Path):
