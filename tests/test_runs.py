@@ -5,6 +5,7 @@ noticed on resume, --in-place with every option, unique snapshot names, EDM's EM
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import shutil
 import subprocess
@@ -61,8 +62,9 @@ def _distill(out: Path, *args: str, teacher: Path = EDM16, seed_before: int = 0)
                 *args, seed_before=seed_before)
 
 
-def _files(out: Path, pattern: str) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob(pattern))}
+def _files(out: Path, pattern: str) -> dict[str, str]:
+    """name -> sha256 of each matching file (digests keep a failing comparison's report short)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob(pattern))}
 
 
 def _final_state(out: Path) -> dict:
