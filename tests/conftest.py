@@ -1,7 +1,8 @@
-"""Shared test fixtures: the golden files (copied from shared/golden into tests/data)."""
+"""Shared test fixtures: the golden files (tests/data, described in tests/data/README.md)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
-# The suite runs on 2 cores; small tensors run faster on one thread and tests stay deterministic.
+# The suite runs on 2 cores; small tensors run faster on one thread and tests stay deterministic. The
+# processes tests start (hard kills, torchrun) inherit one thread too, so their floating-point reductions
+# match the in-process runs they are compared with.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
