@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from refiner.cli.options import resolve_config
+from refiner.config import resolve_config
 from refiner.losses import GENERATOR_LOSSES
 from refiner.toy import TOY_DEFAULTS, run_toy
 

@@ -36,8 +36,7 @@ def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, r
     `snapshot_every`, `device`, ...; `refiner refine --help` lists them), with `refine`'s defaults. The
     refined generator is also written to `out` at every snapshot, as `refine` does."""
     from refiner import distributed as dist
-    from refiner.cli.options import TRAINING_KEYS, resolve_config
-    from refiner.cli.refine import REFINE_DEFAULTS
+    from refiner.config import REFINE_DEFAULTS, TRAINING_KEYS, resolve_config
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
 

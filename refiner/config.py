@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fileformats.errors import UserError
-from refiner.losses import GENERATOR_LOSSES, get_loss
+from refiner.losses import GENERATOR_LOSSES, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -134,3 +134,81 @@ class TrainConfig:
         a, b = self.to_json(), other.to_json()
         return [f"{k} (checkpoint {a[k]!r}, now {b[k]!r})" for k in a
                 if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+# `refiner refine`'s (and `refiner.train`'s) defaults: a short fine-tuning of a trained GAN.
+REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
+                              log_every=10)
+
+# The options of a training run by name (the CLI's, with underscores; refiner.train takes the same).
+TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
+                 "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2", "teacher_mode",
+                 "augment", *ALL_SAMPLER_OPTIONS, *loss_option_users())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_config(base: TrainConfig, given: dict[str, Any], preset_values: dict[str, Any] | None = None,
+                   **extra: Any) -> TrainConfig:
+    """The run's TrainConfig: the job's defaults (`base`) → the preset's values → the loss's defaults →
+    the options the user gave (`given`, None = not given; beta1/beta2 and the loss options by name). An
+    option that the chosen loss or σ samplers do not read is refused when the user gave it, and dropped
+    when it came from a default. `sources` records where every value came from."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("extra", "sources")]
+    values = {k: getattr(base, k) for k in names}
+    sources = {k: "default" for k in names}
+    for k, v in (preset_values or {}).items():
+        values[k], sources[k] = v, "preset"
+    loss = given.get("loss") or values["loss"]
+    try:
+        spec = get_loss(loss)
+    except ValueError as e:
+        raise UserError(f"--loss: {e}") from None
+    values["loss"], sources["loss"] = loss, "user" if given.get("loss") else sources["loss"]
+    for k, v in spec.defaults.items():
+        values[k], sources[k] = v, f"loss {loss}"
+    loss_options = dict(spec.options)
+    sources.update({f"loss_options.{k}": f"loss {loss}" for k in spec.options})
+    users = loss_option_users()
+    betas = list(values["betas"])
+    for k, v in given.items():
+        if v is None or k == "loss":
+            continue
+        if k in users:
+            if k not in spec.options:
+                raise UserError(f"{_flag(k)} is an option of loss {' / '.join(users[k])}, and this run uses "
+                                f"--loss {loss}; drop {_flag(k)} or choose --loss {users[k][0]}")
+            loss_options[k], sources[f"loss_options.{k}"] = v, "user"
+        elif k in ("beta1", "beta2"):
+            betas[k == "beta2"] = v
+            sources["betas"] = "user"
+        else:
+            values[k], sources[k] = v, "user"
+    values["betas"], values["loss_options"] = tuple(betas), loss_options
+    _resolve_sampler_options(values, sources)
+    config = TrainConfig(**values, extra={**base.extra, **extra}, sources=sources)
+    return config.validate()
+
+
+def _resolve_sampler_options(values: dict[str, Any], sources: dict[str, str]) -> None:
+    for key in ("sigma", "fake_sigma"):
+        allowed = list(SIGMA_SAMPLERS) + ([SAME] if key == "fake_sigma" else [])
+        if values[key] not in allowed:
+            raise UserError(f"{_flag(key)} must be one of {', '.join(allowed)} (got {values[key]!r})")
+    chosen = dict.fromkeys([values["sigma"], values["sigma"] if values["fake_sigma"] == SAME else values["fake_sigma"]])
+    for option in ALL_SAMPLER_OPTIONS:
+        readers = [name for name in chosen if option in sampler_options(name)]
+        if not readers:
+            if sources.get(option) == "user":
+                which = [name for name in SIGMA_SAMPLERS if option in sampler_options(name)]
+                raise UserError(f"{_flag(option)} applies to --sigma / --fake-sigma {' or '.join(which)}; this "
+                                f"run draws σ with --sigma {values['sigma']} and --fake-sigma "
+                                f"{values['fake_sigma']}: drop {_flag(option)} or choose the sampler it belongs to")
+            values[option] = None
+            sources.pop(option, None)
+        elif values[option] is None:
+            values[option] = next(f.default for f in dataclasses.fields(SIGMA_SAMPLERS[readers[0]])
+                                  if f.name == option)
+            sources[option] = f"sampler {readers[0]}"

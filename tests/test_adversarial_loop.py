@@ -18,8 +18,7 @@ from click.testing import CliRunner
 
 from fileformats import nvpickle
 from refiner.cli import cli
-from refiner.cli.options import resolve_config
-from refiner.config import TrainConfig
+from refiner.config import TrainConfig, resolve_config
 from refiner.toy import run_toy
 from tests.helpers import DATA
 

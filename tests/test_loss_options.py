@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from refiner.cli import cli
-from refiner.cli.options import resolve_config
+from refiner.config import resolve_config
 from refiner.loop import make_sigma_sampler
 from refiner.rundir import RunDir
 from refiner.toy import TOY_DEFAULTS

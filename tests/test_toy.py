@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refiner.cli.options import resolve_config
+from refiner.config import resolve_config
 from refiner.toy import TOY_DEFAULTS, run_toy
 
 

@@ -27,11 +27,8 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.cli.source_options import check_sources, source_options
-from refiner.config import TrainConfig
+from refiner.config import REFINE_DEFAULTS
 from refiner.realdata import check_data_option, open_real_data
-
-REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
-                              log_every=10)
 
 
 @click.command("refine")
