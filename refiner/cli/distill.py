@@ -44,7 +44,7 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
 
 @click.command("distill", epilog=presets_help())
 @click.option("--teacher", "teacher_src", required=True,
-              help="EDM network pickle (its `ema`), e.g. edm-cifar10-32x32-uncond-vp.pkl: path or URL.")
+              help="EDM or EDM2 network pickle (its `ema`), e.g. edm-cifar10-32x32-uncond-vp.pkl: path or URL.")
 @sha256_option("teacher")
 @click.option("--preset", "preset_name", metavar="NAME", default=None,
               help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "

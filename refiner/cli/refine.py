@@ -36,7 +36,8 @@ from refiner.realdata import check_data_option, open_real_data
               help="StyleGAN2-ADA network pickle (network-snapshot-*.pkl, path or URL) or a BigGAN-deep "
                    "folder (config.json + pytorch_model.bin).")
 @sha256_option("generator")
-@click.option("--teacher", "teacher_src", required=True, help="EDM network pickle (its `ema`): path or URL.")
+@click.option("--teacher", "teacher_src", required=True,
+              help="EDM or EDM2 network pickle (its `ema`): path or URL.")
 @sha256_option("teacher")
 @click.option("--trainable", type=click.Choice(["all", "synthesis", "mapping-frozen"]), default=None,
               help="StyleGAN2-ADA: which weights train (default all); mapping-frozen = synthesis incl. style "

@@ -87,7 +87,8 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
 
 
 @click.command("sample")
-@click.option("--teacher", "source", required=True, help="EDM network pickle: path or URL.")
+@click.option("--teacher", "source", required=True,
+              help="EDM or EDM2 network pickle, or a one-step generator (sampled in one step): path or URL.")
 @sha256_option("teacher")
 @click.option("--seeds", default="0-63", show_default=True,
               help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
