@@ -39,6 +39,20 @@ def build(device: torch.device, label_dim: int):
     return teacher, generator, trainable_copy(teacher)
 
 
+def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds per call of `step` after `warmup` untimed calls (CUDA work synchronised at both ends)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
 def iteration_speed(precision: str, args, teacher, generator, fake, device: torch.device) -> dict:
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
@@ -53,20 +67,8 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step() -> None:
-            trainer.fake_step()
-            trainer.generator_step()
-
-        for _ in range(args.warmup):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / args.iters
+        seconds = seconds_per_call(lambda: (trainer.fake_step(), trainer.generator_step()), args.warmup,
+                                   args.iters, device)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
               "s_per_iter": round(seconds, 4), "img_per_s": round(args.batch / seconds, 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

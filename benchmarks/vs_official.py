@@ -34,13 +34,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root (running from a clone without installing)
 
 import torch  # noqa: E402
+from distill_step import seconds_per_call  # noqa: E402  benchmarks/distill_step.py
 from load import DDPMPP_CIFAR10  # noqa: E402  benchmarks/load.py: EDM's CIFAR-10 DDPM++ configuration
 
 OFFICIAL_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -53,21 +53,6 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _timed(step, args, device: torch.device) -> float:
-    """Seconds per call of `step` after `args.warmup` untimed calls."""
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / args.iters
 
 
 def _import_official(path: str) -> None:
@@ -154,7 +139,9 @@ def run_official(args, device: torch.device) -> dict:
             p_ema.copy_(p.detach().lerp(p_ema, beta))
         nimg += b
 
-    return {"seconds": _timed(step, args, device)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return {"seconds": seconds_per_call(step, args.warmup, args.iters, device)}
 
 
 def run_ours(args, device: torch.device) -> dict:
@@ -172,7 +159,10 @@ def run_ours(args, device: torch.device) -> dict:
                          device=device.type, log_every=1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
-        seconds = _timed(lambda: (trainer.fake_step(), trainer.generator_step()), args, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = seconds_per_call(lambda: (trainer.fake_step(), trainer.generator_step()), args.warmup,
+                                   args.iters, device)
     return {"seconds": seconds}
 
 

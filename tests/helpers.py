@@ -67,3 +67,20 @@ def seeded_state_dict(ref: dict) -> dict[str, torch.Tensor]:
     drawn = {name: torch.randn(ref["shapes"][name], generator=gen) * ref["std"]
              for name in sorted(ref["shapes"]) if name not in ref["buffers"]}
     return {name: ref["buffers"][name] if name in ref["buffers"] else drawn[name] for name in ref["shapes"]}
+
+
+def assert_states_equal(a, b, path: str = "") -> None:
+    """Two training states (nested dicts / lists of tensors and plain data) are equal bit for bit; a
+    difference names its path."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
