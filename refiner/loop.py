@@ -245,8 +245,8 @@ class Trainer:
             self.generator.train()
         augment: dict[str, torch.Tensor] = {}
         if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
-            draws = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
-            x, augment["augment_labels"] = self.augment(x, draws)
+            params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
+            x, augment["augment_labels"] = self.augment(x, params)
         self.fake.train()
         with self._autocast():
             denoised = self.fake(add_noise(x, sigma, noise), sigma, c, **augment).float()

@@ -188,3 +188,15 @@ def test_adversarial_presets_follow_the_authors_scripts(name, expected):
     config = distill_config(preset, dict.fromkeys(TRAINING_KEYS), None, None)
     assert {k: getattr(config, k) for k in expected} == expected
     assert resolve_sigma_init(None, preset, config.loss)[0] == (80.0 if "dmd2" in name else 2.5)
+
+
+def test_augmented_fake_step_with_a_discriminator(tmp_path):
+    """--augment beside an adversarial loss: the augmentation's draws and the discriminator's are separate
+    (they once shared a name, and the discriminator got the augmentation parameters)."""
+    out = tmp_path / "run"
+    result = _distill(out, "--loss", "dmd2", "--steps", "1", "--ratio", "1", "--augment", "0.5",
+                      "--data", str(_zip_dataset(tmp_path / "d.zip")))
+    assert result.exit_code == 0, result.output
+    state = torch.load(out / "checkpoints" / "state-00000001.pt", weights_only=True)
+    assert state["config"]["augment"] == 0.5 and {k.split(".")[0] for k in state["adversary"]} == {"head"}
+
