@@ -53,22 +53,29 @@ def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> flo
     return (time.perf_counter() - start) / iters
 
 
-def iteration_speed(precision: str, args, teacher, generator, fake, device: torch.device) -> dict:
+def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
+    """(seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults: one fake-score step
+    and one generator step, `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
     from refiner.rundir import RunDir
-    from teachers.edm_loader import resolve_dtype
 
-    teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
     config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
                          device=device.type, log_every=1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
         seconds = seconds_per_call(lambda: (trainer.fake_step(), trainer.generator_step()), args.warmup,
                                    args.iters, device)
+    return seconds, trainer
+
+
+def iteration_speed(precision: str, args, teacher, generator, fake, device: torch.device) -> dict:
+    from teachers.edm_loader import resolve_dtype
+
+    teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
+    seconds, trainer = time_iteration(teacher, generator, fake, device, args, precision)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
               "s_per_iter": round(seconds, 4), "img_per_s": round(args.batch / seconds, 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

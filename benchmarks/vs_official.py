@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root (running from a clone without installing)
 
 import torch  # noqa: E402
-from distill_step import seconds_per_call  # noqa: E402  benchmarks/distill_step.py
+from distill_step import seconds_per_call, time_iteration  # noqa: E402  benchmarks/distill_step.py
 from load import DDPMPP_CIFAR10  # noqa: E402  benchmarks/load.py: EDM's CIFAR-10 DDPM++ configuration
 
 OFFICIAL_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -146,24 +146,13 @@ def run_official(args, device: torch.device) -> dict:
 
 def run_ours(args, device: torch.device) -> dict:
     from gan_adapters.onestep import OneStepGenerator
-    from refiner.config import TrainConfig
     from refiner.jobs import trainable_copy
-    from refiner.loop import Trainer
-    from refiner.rundir import RunDir
     from teachers.edm_loader import load_teacher
 
     teacher = load_teacher(args.teacher, device=device, dtype=None if args.precision == "fp32" else args.precision)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init=1.0).train()
     fake = trainable_copy(teacher)
-    config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=args.precision,
-                         device=device.type, log_every=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = seconds_per_call(lambda: (trainer.fake_step(), trainer.generator_step()), args.warmup,
-                                   args.iters, device)
-    return {"seconds": seconds}
+    return {"seconds": time_iteration(teacher, generator, fake, device, args, args.precision)[0]}
 
 
 def side(args) -> None:
