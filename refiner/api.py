@@ -35,6 +35,7 @@ def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, r
     underscores (`steps`, `batch`, `seed`, `lr`, `fake_lr`, `loss`, `alpha`, `sigma`, `p_mean`, `ema`,
     `snapshot_every`, `device`, ...; `refiner refine --help` lists them), with `refine`'s defaults. The
     refined generator is also written to `out` at every snapshot, as `refine` does."""
+    from gan_adapters.writeback import writeback_for
     from refiner import distributed as dist
     from refiner.config import REFINE_DEFAULTS, TRAINING_KEYS, resolve_config
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
@@ -46,10 +47,7 @@ def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, r
     config = resolve_config(REFINE_DEFAULTS, options)
     device = dist.setup(resolve_device(config.device))
     check_compatible(generator, teacher, type(generator).__name__, type(teacher).__name__)
-    folder = type(generator).__name__ == "BigGANGenerator"  # a BigGAN-deep folder, like its input
     job = ImageJob(config, generator.to(device).train(), teacher.to(device), trainable_copy(teacher), Path(out),
-                   device, lambda ema, path: ema.save(path, overwrite=True),
-                   "biggan-refined" if folder else "network-refined.pkl",
-                   title="Diff-Instruct refinement of a GAN", echo=echo)
+                   device, writeback_for(generator), title="Diff-Instruct refinement of a GAN", echo=echo)
     job.run(resume=resume, force=force)
     return job.ema

@@ -20,6 +20,7 @@ from torch import nn
 from fileformats.atomic import append_text, atomic_open
 from fileformats.errors import UserError
 from gan_adapters.base import seeded_global_rng
+from gan_adapters.writeback import WriteBack
 from metrics.evaluate import generated_batches
 from metrics.images import save_image_grid
 from metrics.report import write_report
@@ -44,9 +45,7 @@ class ImageJob:
     fake: nn.Module  # the fake-score network (trainable)
     out: Path
     device: torch.device
-    save_generator: Callable[[nn.Module, Path], None]  # writes a generator (the EMA) in its native format
-    output_name: str  # file or folder name of that output inside the run directory; with a '{nimg}'
-    # field (images seen, e.g. 'network-snapshot-{nimg:09d}.pkl') every snapshot gets its own file
+    writer: WriteBack  # names and writes the generator's EMA in its native format at every snapshot
     evaluate: Evaluator | None = None
     metrics_at_snapshots: bool = False
     grid_seeds: int = 64
@@ -58,11 +57,12 @@ class ImageJob:
     real_data: RealData | None = None  # real images for the adversarial losses (--data)
 
     nimg: int = field(default=0, init=False)  # images seen at the latest snapshot
+    ema: nn.Module | None = field(default=None, init=False)  # the generator's EMA once `run` has trained
 
     @property
     def output_path(self) -> Path:
-        """The latest output (the file of the latest snapshot when output_name has a '{nimg}' field)."""
-        return self.out / self.output_name.format(nimg=self.nimg)
+        """The latest output (the file of the latest snapshot when the writer names one per snapshot)."""
+        return self.writer.path(self.out, self.nimg)
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Prepare and lock the run directory, train, write the outputs; the lock is released on any exit."""
@@ -81,7 +81,7 @@ class ImageJob:
         before = self._before(run, trainer.ema) if main else None
         if checkpoint is not None:
             trainer.resume(checkpoint)
-            if main and not self._output_for(trainer).exists():  # killed between checkpoint and snapshot
+            if main and not self.writer.path(self.out, trainer.counters.nimg).exists():  # killed before the snapshot
                 with seeded_global_rng(self.config.seed, "snapshot", self.device):
                     self._snapshot(trainer)
         trainer.train()
@@ -136,12 +136,9 @@ class ImageJob:
         self.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
 
-    def _output_for(self, trainer: Trainer) -> Path:
-        return self.out / self.output_name.format(nimg=trainer.counters.nimg)
-
     def _snapshot(self, trainer: Trainer) -> None:
         self.nimg = trainer.counters.nimg
-        self.save_generator(trainer.ema, self.output_path)
+        self.writer.save(trainer.ema, self.output_path)
         if self.snapshot_grids:
             save_image_grid(self._grid(trainer.ema), self.out / f"grid-{self.nimg:09d}.png")
         if self.metrics_at_snapshots and self.evaluate is not None:

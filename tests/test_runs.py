@@ -24,8 +24,8 @@ from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
+from gan_adapters.writeback import replace_input
 from refiner.cli import cli
-from refiner.cli.refine import replace_input
 from refiner.cli.sample import to_uint8
 from refiner.config import TrainConfig
 from refiner.rundir import LOCK, MARKER, RunDir

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from fileformats.errors import UserError
 from refiner import distributed as dist
@@ -36,9 +35,6 @@ from refiner.realdata import check_data_option, open_real_data
 # The defaults that --help shows: the default preset's (a --preset and the loss's defaults replace them).
 _HELP_DEFAULTS = TrainConfig(**{**DEFAULT.train_values(), "steps": None, "snapshot_every": None})  # type: ignore[arg-type]
 
-# Diff-Instruct / EDM name their snapshots by whole kimg (network-snapshot-KKKKKK.pkl), which repeats when two
-# snapshots are less than 1000 images apart; ours count every image seen (9 digits), so each is kept.
-SNAPSHOT_NAME = "network-snapshot-{nimg:09d}.pkl"
 MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is drawn and held in memory)
 
 
@@ -85,6 +81,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     """
     from gan_adapters.loader import load_generator
     from gan_adapters.onestep import OneStepGenerator, set_dropout
+    from gan_adapters.writeback import writeback_for
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
@@ -129,11 +126,8 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
             set_dropout(network, dropout)
     evaluate = make_evaluator(kwargs, device)
     echo(f"generator: {generator.describe()}")
-
-    def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, overwrite=True)
-
-    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, save, SNAPSHOT_NAME,
+    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device,
+                   writeback_for(generator, snapshots=True),
                    evaluate=evaluate, metrics_at_snapshots=metrics_at_snapshots, grid_seeds=grid_seeds,
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",

@@ -4,16 +4,11 @@ format, so the user's own code loads it unchanged."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
-from fileformats.atomic import atomic_copy
-from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
@@ -73,11 +68,9 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     OUT/biggan-refined (BigGAN-deep) at every snapshot and at the end, before/after grids of the same
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
-    from fileformats import nvpickle
     from gan_adapters.loader import load_generator
-    from gan_adapters.onestep import METADATA_KEY, OneStepGenerator
     from gan_adapters.resize import Resized
-    from gan_adapters.stylegan2_adapter import StyleGAN2Generator
+    from gan_adapters.writeback import in_place_backup, replace_input, writeback_for
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
     from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
@@ -90,39 +83,21 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     check_data_option(config.loss, data_src)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
-    backup = Path(f"{generator_src}.bak")
-    if in_place:
-        if "://" in generator_src or not os.path.exists(generator_src):
-            raise UserError(f"--in-place needs a local generator file or folder; {generator_src} is not one")
-        if backup.exists():
-            raise UserError(f"--in-place would keep the input as {backup}, which already exists; "
-                            f"move it away first")
-        check_free_space(Path(generator_src))
+    backup = in_place_backup(generator_src) if in_place else None
     generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
                                **family_options)
     check_sources(generator, generator_src, unknown_source, source_from, lambda s: click.echo(s, err=True))
-    is_folder = os.path.isdir(generator_src)
-    one_step = isinstance(generator, OneStepGenerator)  # written as {'ema', 'refiner'}
-    if keep_g and not isinstance(generator, StyleGAN2Generator):
-        raise UserError("--keep-G applies to StyleGAN2-ADA pickles (they hold G and G_ema); leave it out")
-    if in_place and one_step:
-        dropped = sorted(set(nvpickle.load(generator_src)) - {"ema", METADATA_KEY})
-        if dropped:
-            raise UserError(f"--in-place would drop {', '.join(dropped)} from {generator_src} (a refined one-step "
-                            f"generator is written as 'ema' and refiner's metadata); take it from --out instead")
+    writer = writeback_for(generator, keep_G=keep_g)
+    if in_place:
+        writer.check_in_place(generator_src)
     teacher = load_teacher(fetch_source(teacher_src, teacher_sha256, "teacher"), device=device, dtype=teacher_dtype)
     if resize_to_teacher:
         generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
     real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
     evaluate = make_evaluator(kwargs, device)
-
-    def save(ema: torch.nn.Module, path: Path) -> None:
-        ema.save(path, overwrite=True, **({"keep_G": True} if keep_g else {}))
-
     fake = trainable_copy(teacher, config.augment > 0)
-    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, save,
-                   "biggan-refined" if is_folder else "network-refined.pkl", evaluate=evaluate,
+    job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, writer, evaluate=evaluate,
                    metrics_at_snapshots=metrics_at_snapshots,
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
@@ -132,45 +107,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     if not main:
         return
     if in_place:
-        ema = job.ema.gen if isinstance(job.ema, Resized) else job.ema
-        replace_input(Path(generator_src), job.output_path, backup, ema, family_options)
+        replace_input(Path(generator_src), job.output_path, backup, job.ema, family_options)
         result["in_place"] = generator_src
     click.echo(json.dumps(result))
 
-
-def replace_input(target: Path, refined: Path, backup: Path, reference: torch.nn.Module,
-                  options: dict[str, Any]) -> None:
-    """Re-read the refined output (with the options it was loaded with) and check it holds `reference`'s
-    weights; then copy the input to `backup` and put the refined file(s) in its place, each copy atomic.
-    If anything fails, the input is as it was and neither a backup nor a temporary copy is left."""
-    from gan_adapters.loader import load_generator
-
-    reread = load_generator(refined, **options).state_dict()
-    expected = reference.state_dict()
-    if reread.keys() != expected.keys() or not all(torch.equal(reread[k], expected[k].cpu()) for k in expected):
-        raise UserError(f"{refined} did not read back as the refined generator; {target} was left unchanged")
-    check_free_space(target)
-    advice = "run without --in-place and take the refined file from --out"
-    atomic_copy(target, backup, advice=advice)
-    try:
-        pairs = [(refined / p.name, target / p.name) for p in refined.iterdir()] if refined.is_dir() \
-            else [(refined, target)]
-        for src, dst in pairs:
-            atomic_copy(src, dst, advice=advice)
-    except BaseException:
-        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
-        raise
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def check_free_space(target: Path) -> None:
-    """--in-place writes a backup of the input and a temporary copy of the refined one beside it: twice the
-    input's size must be free there (checked before training, and again before replacing)."""
-    needed, free = 2 * _size(target), shutil.disk_usage(target.resolve().parent).free
-    if free < needed:
-        raise UserError(f"--in-place needs {needed / 2**20:.1f} MiB free beside {target} (a backup and a "
-                        f"temporary copy), only {free / 2**20:.1f} MiB are: free some space, or leave out "
-                        f"--in-place and take the refined file from --out")
