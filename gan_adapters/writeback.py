@@ -13,8 +13,9 @@ With `snapshots` (distill) every snapshot gets its own output instead, named by 
 network-snapshot-NNNNNNNNN.pkl (biggan-snapshot-NNNNNNNNN/).
 
 Each output is written by the generator's own `save` (nvpickle.dump, BigGANGenerator.save), every file
-through a temporary file and a rename, so a killed run never leaves a half-written one. `--in-place` (refine) is `in_place_backup` before
-training, `WriteBack.check_in_place` once the input is loaded and `replace_input` after the last snapshot.
+through a temporary file and a rename, so a killed run never leaves a half-written one. `--in-place`
+(refine) is `in_place_backup` before training, `WriteBack.check_in_place` once the input is loaded and
+`replace_input` after the last snapshot.
 """
 
 from __future__ import annotations
