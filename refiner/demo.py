@@ -249,6 +249,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
              echo: Callable[[str], None] = echo_err, data: str | None = None) -> DemoResult:
     """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers. `data`: real
     images for the adversarial losses (default: Fashion-MNIST's training set)."""
+    from gan_adapters.writeback import WriteBack
     from refiner.jobs import ImageJob, trainable_copy
     from teachers.base import resolve_device
 
@@ -279,8 +280,8 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
             "metric": f"domain FD / classifier score, {samples} samples, reference: {reference} set"}
     refine = job == "refine"
     image_job = ImageJob(config=config, generator=generator, teacher=teacher, fake=fake, out=out,
-                         device=device, save_generator=save_demo_generator if refine else _save_onestep,
-                         output_name="generator-refined.pt" if refine else "generator-onestep.pkl",
+                         device=device, writer=WriteBack("generator-refined.pt", save_demo_generator) if refine
+                         else WriteBack("generator-onestep.pkl"),
                          evaluate=make_evaluator(assets, samples, reference),
                          metrics_at_snapshots=metrics_at_snapshots,
                          title=f"refiner demo ({job}): Fashion-MNIST", info=info, echo=echo, real_data=real_data)
@@ -313,7 +314,3 @@ def save_side_by_side(panels: dict[str, Path], path: Path, scale: int = 2) -> No
         x += im.width + gap
     with atomic_open(path) as f:
         canvas.save(f, format="PNG")
-
-
-def _save_onestep(generator: nn.Module, path: Path) -> None:
-    generator.save(path, overwrite=True)
