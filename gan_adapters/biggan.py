@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fileformats.arguments import Bound, check_ranges, meta_shapes
+from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.errors import UserError
 from fileformats.torchfiles import save_legacy
@@ -347,17 +347,11 @@ def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
 
 def _load_network(folder: Path, state: dict, cfg: BigGANConfig) -> BigGAN:
     ours = meta_shapes(lambda: BigGAN(cfg))  # checked against the file before anything is allocated
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    if missing or unexpected:
-        raise UserError(
-            f"{folder / WEIGHTS_NAME} does not match its config.json as a BigGAN-deep network: "
-            f"{len(missing)} entries missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}); is this a pytorch-pretrained-biggan folder with its own config?")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {v}" for k, v in ours.items() if tuple(state[k].shape) != v]
-    if wrong:
-        raise UserError(f"{folder / WEIGHTS_NAME}: {len(wrong)} tensors have shapes that config.json does "
-                        f"not give (file vs config: {wrong[:3]}); config and weights are of different models")
+    problems = shape_mismatch(ours, {k: tuple(getattr(v, "shape", ())) for k, v in state.items()})
+    if problems:
+        raise UserError(f"{folder / WEIGHTS_NAME}: the tensor names and shapes do not match a BigGAN-deep network "
+                        f"built from its config.json ({problems}); is this a pytorch-pretrained-biggan folder "
+                        "with its own config?")
     net = BigGAN(cfg)
     net.load_state_dict(state, strict=True)
     return net

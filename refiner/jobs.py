@@ -28,7 +28,7 @@ from refiner.augment import AUGMENT_DIM
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.realdata import RealData
-from refiner.rundir import RunDir
+from refiner.rundir import RunDir, read_jsonl
 from teachers.edm_layers import Linear
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -97,7 +97,7 @@ class ImageJob:
                   "gradient norm": {"generator": _series(log, "grad_norm_gen"),
                                     "fake score": _series(log, "grad_norm_fake")}}
         for name in after:
-            points = [(r["kimg"], r[name]) for r in _read_jsonl(self.out / "metrics.jsonl") if name in r]
+            points = [(r["kimg"], r[name]) for r in read_jsonl(self.out / "metrics.jsonl") if name in r]
             if points:
                 curves[name] = {name: tuple(map(list, zip(*points)))}
         write_report(self.out, before["metrics"], after, grid_before=before["grid"], grid_after=grid_after,
@@ -199,10 +199,4 @@ def check_compatible(generator: nn.Module, teacher: nn.Module, generator_name: s
 def _series(log: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     points = [(r["kimg"], r[key]) for r in log if key in r]
     return ([p[0] for p in points], [p[1] for p in points])
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

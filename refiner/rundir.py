@@ -195,9 +195,15 @@ class RunDir:
                 atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def read_log(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.log_path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (log.jsonl, metrics.jsonl), one per non-blank line; none if it does
+    not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _record_step(line: str) -> int:
