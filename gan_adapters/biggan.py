@@ -234,8 +234,9 @@ class GenBlock(nn.Module):
         return x + skip
 
 
-class Generator(nn.Module):
-    """cond -> gen_z (SN-linear to 4·4·16·ch, laid out NHWC as in TF, permuted to NCHW) -> GenBlocks
+class BigGANBody(nn.Module):
+    """The generator network after the class embedding (the original's `generator` module):
+    cond -> gen_z (SN-linear to 4·4·16·ch, laid out NHWC as in TF, permuted to NCHW) -> GenBlocks
     (attention before block `attention_layer_position`) -> BN -> ReLU -> SN 3x3 conv (ch -> ch) -> first 3
     channels -> tanh."""
 
@@ -270,7 +271,7 @@ class BigGAN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = nn.Linear(cfg.num_classes, cfg.z_dim, bias=False)
-        self.generator = Generator(cfg)
+        self.generator = BigGANBody(cfg)
 
     def forward(self, z: torch.Tensor, class_vector: torch.Tensor, truncation: float) -> torch.Tensor:
         check_truncation(truncation)

@@ -428,8 +428,9 @@ class SynthesisNetwork(torch.nn.Module):
         return img
 
 
-class Generator(torch.nn.Module):
-    """The full generator: `synthesis(mapping(z, c))`, with the original's forward signature."""
+class StyleGAN2Network(torch.nn.Module):
+    """The full StyleGAN2 generator network, NVIDIA's `training.networks.Generator` (the class name its pickles
+    keep): `synthesis(mapping(z, c))`, with the original's forward signature."""
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()

@@ -44,7 +44,7 @@ from fileformats import nvpickle
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
-from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, Generator, GeneratorConfig
+from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
@@ -105,7 +105,7 @@ class StyleGAN2Generator(torch.nn.Module):
     """`Generator` interface over a StyleGAN2(-ADA) or StyleGAN3 G_ema. `.network` is the clean-room
     generator with the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
 
-    def __init__(self, network: Generator | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
+    def __init__(self, network: StyleGAN2Network | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
         super().__init__()
         self.network = network
         self.snapshot = snapshot
@@ -213,13 +213,13 @@ def stylegan_snapshot_kind(data: Any) -> str | None:
     return "StyleGAN2 (NVlabs/stylegan3)" if kind == SG3_REPO else "StyleGAN2-ADA"
 
 
-def build_network(record: nvpickle.PersistentObject) -> Generator | StyleGAN3Network:
+def build_network(record: nvpickle.PersistentObject) -> StyleGAN2Network | StyleGAN3Network:
     """The clean-room generator for a stored Generator's constructor arguments (ValueError if they do
     not fit), not yet loaded with its weights."""
     kind = stylegan_kind(record)
     if kind == STYLEGAN3:
         return StyleGAN3Network(StyleGAN3Config.from_init_kwargs(record.init_args, record.init_kwargs))
-    return Generator(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs, repo=kind))
+    return StyleGAN2Network(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs, repo=kind))
 
 
 def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<snapshot>",

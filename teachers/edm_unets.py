@@ -10,7 +10,7 @@ belong to the NCSN++ input/output pyramids (encoder 'skip'/'residual', decoder '
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,38 @@ def decode(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, skips: list[t
     return x, aux
 
 
+def build_decoder(cout: int, skips: Sequence[int], img_resolution: int, model_channels: int,
+                  channel_mult: Sequence[int], num_blocks: int, cfg: BlockConfig,
+                  attention: Callable[[int, int], bool],
+                  outputs: Callable[[int, int, int], dict[str, nn.Module]] = lambda level, r, cout: {},
+                  ) -> tuple[nn.ModuleDict, int]:
+    """The decoder of both EDM U-Nets (NVlabs/edm training/networks.py SongUNet and DhariwalUNet), for `decode`.
+
+    From the lowest resolution up: `in0` (with attention) and `in1` at the lowest, `up` at every other,
+    then num_blocks + 1 blocks `block{idx}`, each taking the newest encoder output as a skip connection
+    (`skips`: the encoder outputs' channels, in encoder order; `cout`: the channels entering the
+    decoder). `attention(r, idx)`: whether block idx at resolution r attends; `outputs(level, r, cout)`:
+    modules appended after each resolution's blocks as '{r}x{r}_{name}' (SongUNet's output pyramid).
+    Module names and order are the original's, so its state dicts load. Returns (decoder, its output
+    channels)."""
+    skips = list(skips)
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        r = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
+            dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
+        else:
+            dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
+        for idx in range(num_blocks + 1):
+            dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
+                                                   attention=attention(r, idx))
+            cout = model_channels * mult
+        for name, module in outputs(level, r, cout).items():
+            dec[f"{r}x{r}_{name}"] = module
+    return dec, cout
+
+
 class SongUNet(nn.Module):
     """DDPM++ (positional embedding, standard encoder, filter [1,1]) and NCSN++ (Fourier embedding,
     channel_mult_noise 2, residual encoder, filter [1,3,3,1]) of Song et al. 2021, as in EDM."""
@@ -138,26 +170,22 @@ class SongUNet(nn.Module):
                 cout = model_channels * mult
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
-            for idx in range(num_blocks + 1):
-                attn = idx == num_blocks and r in attn_resolutions
-                self.dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
-                                                            attention=attn)
-                cout = model_channels * mult
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{r}x{r}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                         resample_filter=resample_filter)
-                self.dec[f"{r}x{r}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{r}x{r}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, init=init_zero)
+        # Decoder: attention in the last block of a resolution; an image output after the blocks of
+        # every resolution ('skip' decoder, summed up the pyramid) or of the highest.
+        def image_output(level: int, r: int, channels: int) -> dict[str, nn.Module]:
+            if not (decoder_type == "skip" or level == 0):
+                return {}
+            parts: dict[str, nn.Module] = {}
+            if decoder_type == "skip" and level < len(channel_mult) - 1:
+                parts["aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
+                                         resample_filter=resample_filter)
+            parts["aux_norm"] = GroupNorm(channels, eps=1e-6)
+            parts["aux_conv"] = Conv2d(channels, out_channels, kernel=3, init=init_zero)
+            return parts
+
+        self.dec, cout = build_decoder(cout, skips, img_resolution, model_channels, channel_mult, num_blocks, cfg,
+                                       attention=lambda r, idx: idx == num_blocks and r in attn_resolutions,
+                                       outputs=image_output)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,19 +243,9 @@ class DhariwalUNet(nn.Module):
                 cout = model_channels * mult
         skips = [block.out_channels for block in self.enc.values()]
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
-            for idx in range(num_blocks + 1):
-                self.dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        # Decoder: attention in every block at the attention resolutions.
+        self.dec, cout = build_decoder(cout, skips, img_resolution, model_channels, channel_mult, num_blocks, cfg,
+                                       attention=lambda r, idx: r in attn_resolutions)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, init=init_zero)
 

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from fileformats import module_sources, nvpickle
 from fileformats.arguments import check_ranges, meta_shapes
 from fileformats.errors import UserError
-from gan_adapters.stylegan2 import Generator, GeneratorConfig
+from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import ARGUMENT_BOUNDS as SG2_BOUNDS
 from refiner.cli import cli
 from teachers.edm_layers import skip_init
@@ -206,7 +206,7 @@ def test_published_stylegan2_config_passes():
     for group, bounds in SG2_BOUNDS.items():
         check_ranges("published", "G", values if group == "generator" else values[group], bounds)
     with torch.device("meta"):
-        network = Generator(cfg)
+        network = StyleGAN2Network(cfg)
     assert sum(p.numel() for p in network.parameters()) == 30_370_060  # as stylegan2-ada-pytorch reports
 
 
