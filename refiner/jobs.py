@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fileformats.atomic import append_text, atomic_open
+from fileformats.atomic import append_text
 from fileformats.errors import UserError
 from gan_adapters.base import seeded_global_rng
 from metrics.evaluate import generated_batches
@@ -28,7 +28,7 @@ from refiner.augment import AUGMENT_DIM
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.realdata import RealData
-from refiner.rundir import RunDir, read_jsonl
+from refiner.rundir import RunDir, open_run, read_jsonl
 from teachers.edm_layers import Linear
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -66,13 +66,9 @@ class ImageJob:
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Prepare and lock the run directory, train, write the outputs; the lock is released on any exit."""
-        run = RunDir(self.out)
-        checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force, inputs=self.inputs,
-                                                       echo=self.echo))
-        try:
+        with open_run(self.out, self.config, resume=resume, force=force, inputs=self.inputs,
+                      echo=self.echo) as (run, checkpoint):
             return self._run(run, checkpoint)
-        finally:
-            run.release()
 
     def _run(self, run: RunDir, checkpoint: Path | None) -> dict[str, Any]:
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
@@ -111,17 +107,15 @@ class ImageJob:
     # -- pieces ------------------------------------------------------------------------------------
     def _before(self, run: RunDir, generator: nn.Module) -> dict[str, Any]:
         """Grid and metrics of the untrained generator, computed once and kept in the run directory."""
-        path = run.path / "before.npz"
-        if path.exists():
-            stored = np.load(path)
-            return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
-        grid = self._grid(generator)
-        with seeded_global_rng(self.config.seed, "before", self.device):
-            metrics = self._measure(generator, "before")
-        save_image_grid(grid, run.path / "grid-before.png")
-        with atomic_open(path) as f:
-            np.savez(f, grid=grid, metrics=json.dumps(metrics))
-        return {"grid": grid, "metrics": metrics}
+        def compute() -> dict[str, Any]:
+            grid = self._grid(generator)
+            with seeded_global_rng(self.config.seed, "before", self.device):
+                metrics = self._measure(generator, "before")
+            save_image_grid(grid, run.path / "grid-before.png")
+            return {"grid": grid, "metrics": json.dumps(metrics)}
+
+        stored = run.kept("before.npz", compute)
+        return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
 
     def _grid(self, generator: nn.Module) -> np.ndarray:
         return torch.cat(list(generated_batches(generator, self.grid_seeds, batch_size=16, seed=0))).numpy()
