@@ -3,8 +3,9 @@ DhariwalUNet (ADM of Dhariwal & Nichol 2021). Written from a description of NVla
 training/networks.py; constructor arguments and module names equal the original's, so a pickle's
 `_init_kwargs` build the network and its state dict loads 1:1.
 
-Encoder and decoder are `nn.ModuleDict`s keyed `'{r}x{r}_{part}'`; entries whose name contains `aux`
-belong to the NCSN++ input/output pyramids (encoder 'skip'/'residual', decoder 'skip').
+Encoder and decoder are `nn.ModuleDict`s keyed `'{r}x{r}_{part}'`, built for both U-Nets by `build_encoder`
+and `build_decoder` and run by `encode` and `decode`; entries whose name contains `aux` belong to the
+NCSN++ input/output pyramids (encoder 'skip'/'residual', decoder 'skip').
 """
 
 from __future__ import annotations
@@ -79,6 +80,33 @@ def decode(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, skips: list[t
     return x, aux
 
 
+def build_encoder(in_channels: int, stem_channels: int, img_resolution: int, model_channels: int,
+                  channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int], cfg: BlockConfig,
+                  stem_init: Init, inputs: Callable[[int, int], dict[str, nn.Module]] = lambda r, cout: {},
+                  ) -> tuple[nn.ModuleDict, int]:
+    """The encoder of both EDM U-Nets (NVlabs/edm training/networks.py SongUNet and DhariwalUNet), for `encode`.
+
+    At the highest resolution a 3x3 `conv` to `stem_channels`, at every lower one a `down` block followed
+    by the modules of `inputs(r, cout)` as '{r}x{r}_{name}' (SongUNet's input pyramid); then num_blocks
+    blocks `block{idx}` to model_channels·mult, attending at `attn_resolutions`. Module names and order
+    are the original's, so its state dicts load. Returns (encoder, its output channels)."""
+    enc = nn.ModuleDict()
+    cout = in_channels
+    for level, mult in enumerate(channel_mult):
+        r = img_resolution >> level
+        if level == 0:
+            enc[f"{r}x{r}_conv"] = Conv2d(cout, stem_channels, kernel=3, init=stem_init)
+            cout = stem_channels
+        else:
+            enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
+            for name, module in inputs(r, cout).items():
+                enc[f"{r}x{r}_{name}"] = module
+        for idx in range(num_blocks):
+            enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg, attention=r in attn_resolutions)
+            cout = model_channels * mult
+    return enc, cout
+
+
 def build_decoder(cout: int, skips: Sequence[int], img_resolution: int, model_channels: int,
                   channel_mult: Sequence[int], num_blocks: int, cfg: BlockConfig,
                   attention: Callable[[int, int], bool],
@@ -145,29 +173,24 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, init=init)
         self.map_layer1 = Linear(emb_channels, emb_channels, init=init)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(cout, model_channels, kernel=3, init=init)
-                cout = model_channels
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
-                if encoder_type == "skip":
-                    self.enc[f"{r}x{r}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
-                                                           resample_filter=resample_filter)
-                    self.enc[f"{r}x{r}_aux_skip"] = Conv2d(caux, cout, kernel=1, init=init)
-                if encoder_type == "residual":
-                    self.enc[f"{r}x{r}_aux_residual"] = Conv2d(caux, cout, kernel=3, down=True,
-                                                               resample_filter=resample_filter,
-                                                               fused_resample=True, init=init)
-                    caux = cout
-            for idx in range(num_blocks):
-                self.enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        # Encoder: after every downsampling, the image pyramid's input ('skip': downsampled image projected
+        # and added; 'residual': a strided conv of the previous level's features, which it replaces).
+        caux = in_channels
+
+        def image_input(r: int, channels: int) -> dict[str, nn.Module]:
+            nonlocal caux
+            if encoder_type == "skip":
+                return {"aux_down": Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter),
+                        "aux_skip": Conv2d(caux, channels, kernel=1, init=init)}
+            if encoder_type == "residual":
+                parts = {"aux_residual": Conv2d(caux, channels, kernel=3, down=True, resample_filter=resample_filter,
+                                                fused_resample=True, init=init)}
+                caux = channels
+                return parts
+            return {}
+
+        self.enc, cout = build_encoder(in_channels, model_channels, img_resolution, model_channels, channel_mult,
+                                       num_blocks, attn_resolutions, cfg, init, inputs=image_input)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
         # Decoder: attention in the last block of a resolution; an image output after the blocks of
@@ -227,20 +250,8 @@ class DhariwalUNet(nn.Module):
         label_init = Init("kaiming_normal", weight=math.sqrt(label_dim))
         self.map_label = Linear(label_dim, emb_channels, bias=False, init=label_init) if label_dim else None
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(cout, model_channels * mult, kernel=3, init=init)
-                cout = model_channels * mult
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
-            for idx in range(num_blocks):
-                self.enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        self.enc, cout = build_encoder(in_channels, model_channels * channel_mult[0], img_resolution, model_channels,
+                                       channel_mult, num_blocks, attn_resolutions, cfg, init)
         skips = [block.out_channels for block in self.enc.values()]
 
         # Decoder: attention in every block at the attention resolutions.
