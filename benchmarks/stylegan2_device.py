@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gan_adapters.stylegan2 import Generator, GeneratorConfig, MappingConfig, SynthesisConfig
+from gan_adapters.stylegan2 import GeneratorConfig, MappingConfig, StyleGAN2Network, SynthesisConfig
 from gan_adapters.stylegan2_adapter import load_stylegan2
 
 DATA = Path(__file__).parents[1] / "tests" / "data"
@@ -37,15 +37,15 @@ def golden(device: str) -> None:
     torch.backends.cudnn.allow_tf32 = default
 
 
-def cifar_generator(device: str) -> Generator:
+def cifar_generator(device: str) -> StyleGAN2Network:
     torch.manual_seed(0)
     cfg = GeneratorConfig(z_dim=512, c_dim=10, w_dim=512, img_resolution=32, img_channels=3,
                           mapping=MappingConfig(num_layers=2),
                           synthesis=SynthesisConfig(num_fp16_res=4, conv_clamp=256))
-    return Generator(cfg).to(device)
+    return StyleGAN2Network(cfg).to(device)
 
 
-def step(G: Generator, z, c, **kw) -> tuple[torch.Tensor, bool]:
+def step(G: StyleGAN2Network, z, c, **kw) -> tuple[torch.Tensor, bool]:
     G.zero_grad(set_to_none=True)
     img = G(z, c, noise_mode="const", **kw)
     img.float().square().mean().backward()

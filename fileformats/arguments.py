@@ -67,3 +67,19 @@ def meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ..
     with torch.device("meta"):
         network = build()
     return {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], shown: int = 3
+                   ) -> str | None:
+    """How the tensors of a file (`found`: name -> shape) differ from those of the network built for it
+    (`expected`, e.g. from `meta_shapes`), for a loader's message; None when names and shapes agree.
+    Names the first `shown` of each kind: "2 entries missing ['a', 'b']; 1 unexpected ['c'];
+    1 of wrong shape ['d: (3, 4) in the file, (3, 5) built']"."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: {tuple(found[k])} in the file, {tuple(v)} built" for k, v in expected.items()
+             if k in found and tuple(found[k]) != tuple(v)]
+    parts = [f"{len(items)} {label} {items[:shown]}{' ...' if len(items) > shown else ''}"
+             for label, items in ((f"{'entry' if len(missing) == 1 else 'entries'} missing", missing),
+                                  ("unexpected", unexpected), ("of wrong shape", wrong)) if items]
+    return "; ".join(parts) or None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fileformats.arguments import Bound, check_ranges, meta_shapes
+from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.errors import UserError
 from fileformats.torchfiles import save_legacy
@@ -234,8 +234,9 @@ class GenBlock(nn.Module):
         return x + skip
 
 
-class Generator(nn.Module):
-    """cond -> gen_z (SN-linear to 4·4·16·ch, laid out NHWC as in TF, permuted to NCHW) -> GenBlocks
+class BigGANBody(nn.Module):
+    """The generator network after the class embedding (the original's `generator` module):
+    cond -> gen_z (SN-linear to 4·4·16·ch, laid out NHWC as in TF, permuted to NCHW) -> GenBlocks
     (attention before block `attention_layer_position`) -> BN -> ReLU -> SN 3x3 conv (ch -> ch) -> first 3
     channels -> tanh."""
 
@@ -270,7 +271,7 @@ class BigGAN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = nn.Linear(cfg.num_classes, cfg.z_dim, bias=False)
-        self.generator = Generator(cfg)
+        self.generator = BigGANBody(cfg)
 
     def forward(self, z: torch.Tensor, class_vector: torch.Tensor, truncation: float) -> torch.Tensor:
         check_truncation(truncation)
@@ -347,17 +348,11 @@ def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
 
 def _load_network(folder: Path, state: dict, cfg: BigGANConfig) -> BigGAN:
     ours = meta_shapes(lambda: BigGAN(cfg))  # checked against the file before anything is allocated
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    if missing or unexpected:
-        raise UserError(
-            f"{folder / WEIGHTS_NAME} does not match its config.json as a BigGAN-deep network: "
-            f"{len(missing)} entries missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}); is this a pytorch-pretrained-biggan folder with its own config?")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {v}" for k, v in ours.items() if tuple(state[k].shape) != v]
-    if wrong:
-        raise UserError(f"{folder / WEIGHTS_NAME}: {len(wrong)} tensors have shapes that config.json does "
-                        f"not give (file vs config: {wrong[:3]}); config and weights are of different models")
+    problems = shape_mismatch(ours, {k: tuple(getattr(v, "shape", ())) for k, v in state.items()})
+    if problems:
+        raise UserError(f"{folder / WEIGHTS_NAME}: the tensor names and shapes do not match a BigGAN-deep network "
+                        f"built from its config.json ({problems}); is this a pytorch-pretrained-biggan folder "
+                        "with its own config?")
     net = BigGAN(cfg)
     net.load_state_dict(state, strict=True)
     return net

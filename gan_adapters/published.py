@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fileformats.arguments import shape_mismatch
 from fileformats.errors import UserError
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator, onestep_from_snapshot
 from teachers import edm2
@@ -206,14 +207,11 @@ def cm_to_edm_names(network: ConsistencyPrecond, tensors: Tensors, name: str = "
 
 def _load_into(network: Precond, tensors: Tensors, name: str, what: str) -> Precond:
     """Strict, shape-checked load; a mismatch means the inferred architecture is wrong."""
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))[:3]
-        extra = sorted(set(found) - set(expected))[:3]
-        shapes = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
-        raise UserError(f"{name}: the weights do not fit {what} built from their shapes (missing {missing}, "
-                        f"unexpected {extra}, wrong shape {shapes}); the file is from a modified code base")
+    problems = shape_mismatch({k: tuple(v.shape) for k, v in network.state_dict().items()},
+                              {k: tuple(v.shape) for k, v in tensors.items()})
+    if problems:
+        raise UserError(f"{name}: the weights do not fit {what} built from their shapes ({problems}); the file "
+                        "is from a modified code base")
     network.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return network
 

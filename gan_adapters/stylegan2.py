@@ -428,10 +428,13 @@ class SynthesisNetwork(torch.nn.Module):
         return img
 
 
-class Generator(torch.nn.Module):
-    """The full generator: `synthesis(mapping(z, c))`, with the original's forward signature."""
+class StyleGANNetwork(torch.nn.Module):
+    """What the StyleGAN2 and StyleGAN3 generator networks share (NVIDIA's `Generator` of
+    training/networks.py and training/networks_stylegan3.py): the sizes as attributes, the children
+    `synthesis` then `mapping` (the original's order; mapping gets num_ws from synthesis), and
+    forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32, ...) = synthesis(mapping(z, c))."""
 
-    def __init__(self, cfg: GeneratorConfig):
+    def __init__(self, cfg: Any, synthesis: torch.nn.Module, mapping_kwargs: dict[str, Any]):
         super().__init__()
         self.cfg = cfg
         self.z_dim = cfg.z_dim
@@ -439,11 +442,25 @@ class Generator(torch.nn.Module):
         self.w_dim = cfg.w_dim
         self.img_resolution = cfg.img_resolution
         self.img_channels = cfg.img_channels
-        self.synthesis = SynthesisNetwork(cfg.w_dim, cfg.img_resolution, cfg.img_channels, cfg.synthesis,
-                                          fp16_cuda_only=cfg.repo == SG3_REPO)
-        self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(cfg.z_dim, cfg.c_dim, cfg.w_dim, num_ws=self.num_ws,
-                                      **asdict(cfg.mapping))
+        self.synthesis = synthesis
+        self.num_ws = synthesis.num_ws
+        self.mapping = MappingNetwork(cfg.z_dim, cfg.c_dim, cfg.w_dim, num_ws=self.num_ws, **mapping_kwargs)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None, truncation_psi: float = 1,
+                truncation_cutoff: int | None = None, noise_mode: str = "random", force_fp32: bool = False,
+                **synthesis_kwargs: Any) -> torch.Tensor:
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32, **synthesis_kwargs)
+
+
+class StyleGAN2Network(StyleGANNetwork):
+    """The full StyleGAN2 generator network, NVIDIA's `training.networks.Generator` (the class name its pickles
+    keep); forward also takes `fused_modconv`."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        synthesis = SynthesisNetwork(cfg.w_dim, cfg.img_resolution, cfg.img_channels, cfg.synthesis,
+                                     fp16_cuda_only=cfg.repo == SG3_REPO)
+        super().__init__(cfg, synthesis, asdict(cfg.mapping))
 
     def summary(self) -> str:
         """Family and architecture in a few words (for `describe`)."""
@@ -453,9 +470,3 @@ class Generator(torch.nn.Module):
         return (f"{family} generator {self.img_resolution}x{self.img_resolution}x{self.img_channels}, "
                 f"architecture {s.architecture}, float16 blocks {','.join(fp16) if fp16 else 'none'}, "
                 f"conv_clamp {s.conv_clamp}")
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None, truncation_psi: float = 1,
-                truncation_cutoff: int | None = None, noise_mode: str = "random", force_fp32: bool = False,
-                fused_modconv: bool | None = None) -> torch.Tensor:
-        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)

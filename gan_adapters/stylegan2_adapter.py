@@ -41,10 +41,10 @@ from typing import Any
 import torch
 
 from fileformats import nvpickle
-from fileformats.arguments import Bound, check_ranges, meta_shapes
+from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
-from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, Generator, GeneratorConfig
+from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 
 TRAINABLE = ("all", "mapping-frozen", "synthesis")
@@ -105,7 +105,7 @@ class StyleGAN2Generator(torch.nn.Module):
     """`Generator` interface over a StyleGAN2(-ADA) or StyleGAN3 G_ema. `.network` is the clean-room
     generator with the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
 
-    def __init__(self, network: Generator | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
+    def __init__(self, network: StyleGAN2Network | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
         super().__init__()
         self.network = network
         self.snapshot = snapshot
@@ -213,13 +213,13 @@ def stylegan_snapshot_kind(data: Any) -> str | None:
     return "StyleGAN2 (NVlabs/stylegan3)" if kind == SG3_REPO else "StyleGAN2-ADA"
 
 
-def build_network(record: nvpickle.PersistentObject) -> Generator | StyleGAN3Network:
+def build_network(record: nvpickle.PersistentObject) -> StyleGAN2Network | StyleGAN3Network:
     """The clean-room generator for a stored Generator's constructor arguments (ValueError if they do
     not fit), not yet loaded with its weights."""
     kind = stylegan_kind(record)
     if kind == STYLEGAN3:
         return StyleGAN3Network(StyleGAN3Config.from_init_kwargs(record.init_args, record.init_kwargs))
-    return Generator(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs, repo=kind))
+    return StyleGAN2Network(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs, repo=kind))
 
 
 def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<snapshot>",
@@ -243,26 +243,15 @@ def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<
                         f"(NVlabs/stylegan3) or StyleGAN3-T/R generator ({e}); StyleGAN2 (TensorFlow) and "
                         "StyleGAN-XL files are not supported") from None
     stored = record.state_dict()
-    _check_same_tensors(name, stored, shapes)
+    problems = shape_mismatch(shapes, {k: tuple(v.shape) for k, v in stored.items()})
+    if problems:
+        raise UserError(f"{name}: G_ema's weights do not match a generator built from its constructor arguments "
+                        f"({problems}); the file may come from another StyleGAN version")
     network = build_network(record)
     network.load_state_dict(stored)
     network.eval()
     adapter = StyleGAN2Generator(network, _Snapshot(data, name), options).eval()
     return adapter.to(device) if device is not None else adapter
-
-
-def _check_same_tensors(name: str, stored: dict[str, torch.Tensor], built: dict[str, tuple[int, ...]]) -> None:
-    missing = [k for k in built if k not in stored]
-    extra = [k for k in stored if k not in built]
-    shapes = [f"{k} {list(stored[k].shape)} vs {list(v)}" for k, v in built.items()
-              if k in stored and tuple(stored[k].shape) != v]
-    if missing or extra or shapes:
-        problems = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                             for what, items in (("missing", missing), ("unexpected", extra),
-                                                 ("shape differs (file vs rebuilt)", shapes)) if items)
-        raise UserError(f"{name}: G_ema's weights do not match a generator built from its "
-                        f"constructor arguments ({problems}); the file may come from another "
-                        "StyleGAN version")
 
 
 def load_stylegan2(source: nvpickle.Source, device: torch.device | str | None = None,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gan_adapters.stylegan2 import NOISE_MODES, FullyConnectedLayer, MappingNetwork
+from gan_adapters.stylegan2 import NOISE_MODES, FullyConnectedLayer, StyleGANNetwork
 from gan_adapters.stylegan2_ops import filtered_lrelu, modulated_conv2d
 
 
@@ -303,22 +303,13 @@ class SynthesisNetwork(torch.nn.Module):
         return x.to(torch.float32)
 
 
-class StyleGAN3Network(torch.nn.Module):
-    """The full generator `synthesis(mapping(z, c))` with the original's forward signature."""
+class StyleGAN3Network(StyleGANNetwork):
+    """The full StyleGAN3 generator network (NVIDIA's `training.networks_stylegan3.Generator`)."""
 
     def __init__(self, cfg: StyleGAN3Config):
-        super().__init__()
-        self.cfg = cfg
-        self.z_dim = cfg.z_dim
-        self.c_dim = cfg.c_dim
-        self.w_dim = cfg.w_dim
-        self.img_resolution = cfg.img_resolution
-        self.img_channels = cfg.img_channels
-        self.synthesis = SynthesisNetwork(cfg)
-        self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(cfg.z_dim, cfg.c_dim, cfg.w_dim, num_ws=self.num_ws,
-                                      num_layers=cfg.mapping.num_layers, lr_multiplier=cfg.mapping.lr_multiplier,
-                                      w_avg_beta=cfg.mapping.w_avg_beta)
+        m = cfg.mapping
+        super().__init__(cfg, SynthesisNetwork(cfg), dict(num_layers=m.num_layers, lr_multiplier=m.lr_multiplier,
+                                                          w_avg_beta=m.w_avg_beta))
 
     def summary(self) -> str:
         """Family and architecture in a few words (for `describe`)."""
@@ -326,9 +317,3 @@ class StyleGAN3Network(torch.nn.Module):
         return (f"StyleGAN3-{self.cfg.config_name} generator {self.img_resolution}x{self.img_resolution}x"
                 f"{self.img_channels}, {self.cfg.num_layers} layers + ToRGB, {fp16} float16 layers (CUDA only), "
                 f"conv_clamp {self.cfg.conv_clamp}")
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None, truncation_psi: float = 1,
-                truncation_cutoff: int | None = None, noise_mode: str = "random",
-                force_fp32: bool = False) -> torch.Tensor:
-        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32)

@@ -203,19 +203,23 @@ def open_image_set(path: str | os.PathLike) -> ImageSet:
     raise UserError(f"{path}: expected an image folder, a dataset .zip or an .npz of uint8 images")
 
 
-def _to_nhwc(images: ImageArray) -> np.ndarray:
-    """uint8 [N, C, H, W] or [N, H, W, C] (C in 1, 3, 4; NCHW when both read as channels) -> [N, H, W, 3]."""
+def _to_nhwc(images: ImageArray, keep_gray: bool = False) -> np.ndarray:
+    """uint8 [N, C, H, W] or [N, H, W, C] (C in 1, 3, 4; NCHW when both read as channels) -> [N, H, W, 3]
+    (with `keep_gray`, one-channel images stay [N, H, W, 1])."""
     x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if x.dtype != np.uint8 or x.ndim != 4:
         raise ValueError(f"expected uint8 images [N, C, H, W] or [N, H, W, C], got {x.dtype} {list(x.shape)}")
     if x.shape[1] not in (1, 3, 4):
         x = x.transpose(0, 3, 1, 2)
-    return to_rgb(torch.from_numpy(np.ascontiguousarray(x))).numpy().transpose(0, 2, 3, 1)
+    if not (keep_gray and x.shape[1] == 1):
+        x = to_rgb(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    return x.transpose(0, 2, 3, 1)
 
 
-def image_grid(images: ImageArray, cols: int | None = None) -> PIL.Image.Image:
-    """Tile N uint8 images into a grid with `cols` columns (default ceil(sqrt(N))), row-major."""
-    x = _to_nhwc(images)
+def image_grid(images: ImageArray, cols: int | None = None, keep_gray: bool = False) -> PIL.Image.Image:
+    """Tile N uint8 images into a grid with `cols` columns (default ceil(sqrt(N))), row-major; empty cells
+    black. RGB, or with `keep_gray` a grayscale ('L') image for one-channel images."""
+    x = _to_nhwc(images, keep_gray)
     n, h, w, c = x.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -223,7 +227,7 @@ def image_grid(images: ImageArray, cols: int | None = None) -> PIL.Image.Image:
     for i in range(n):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
-    return PIL.Image.fromarray(grid)
+    return PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
 
 
 def save_image_grid(images: ImageArray, path: str | os.PathLike, cols: int | None = None) -> Path:

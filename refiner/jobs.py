@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fileformats.atomic import append_text, atomic_open
+from fileformats.atomic import append_text
 from fileformats.errors import UserError
 from gan_adapters.base import seeded_global_rng
 from gan_adapters.writeback import WriteBack
@@ -29,7 +29,7 @@ from refiner.augment import AUGMENT_DIM
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.realdata import RealData
-from refiner.rundir import RunDir
+from refiner.rundir import RunDir, open_run, read_jsonl
 from teachers.edm_layers import Linear
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -66,13 +66,9 @@ class ImageJob:
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Prepare and lock the run directory, train, write the outputs; the lock is released on any exit."""
-        run = RunDir(self.out)
-        checkpoint = dist.on_rank0(lambda: run.prepare(self.config, resume=resume, force=force, inputs=self.inputs,
-                                                       echo=self.echo))
-        try:
+        with open_run(self.out, self.config, resume=resume, force=force, inputs=self.inputs,
+                      echo=self.echo) as (run, checkpoint):
             return self._run(run, checkpoint)
-        finally:
-            run.release()
 
     def _run(self, run: RunDir, checkpoint: Path | None) -> dict[str, Any]:
         trainer = Trainer(self.config, self.generator, self.teacher, self.fake, run, self.device,
@@ -97,7 +93,7 @@ class ImageJob:
                   "gradient norm": {"generator": _series(log, "grad_norm_gen"),
                                     "fake score": _series(log, "grad_norm_fake")}}
         for name in after:
-            points = [(r["kimg"], r[name]) for r in _read_jsonl(self.out / "metrics.jsonl") if name in r]
+            points = [(r["kimg"], r[name]) for r in read_jsonl(self.out / "metrics.jsonl") if name in r]
             if points:
                 curves[name] = {name: tuple(map(list, zip(*points)))}
         write_report(self.out, before["metrics"], after, grid_before=before["grid"], grid_after=grid_after,
@@ -111,17 +107,15 @@ class ImageJob:
     # -- pieces ------------------------------------------------------------------------------------
     def _before(self, run: RunDir, generator: nn.Module) -> dict[str, Any]:
         """Grid and metrics of the untrained generator, computed once and kept in the run directory."""
-        path = run.path / "before.npz"
-        if path.exists():
-            stored = np.load(path)
-            return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
-        grid = self._grid(generator)
-        with seeded_global_rng(self.config.seed, "before", self.device):
-            metrics = self._measure(generator, "before")
-        save_image_grid(grid, run.path / "grid-before.png")
-        with atomic_open(path) as f:
-            np.savez(f, grid=grid, metrics=json.dumps(metrics))
-        return {"grid": grid, "metrics": metrics}
+        def compute() -> dict[str, Any]:
+            grid = self._grid(generator)
+            with seeded_global_rng(self.config.seed, "before", self.device):
+                metrics = self._measure(generator, "before")
+            save_image_grid(grid, run.path / "grid-before.png")
+            return {"grid": grid, "metrics": json.dumps(metrics)}
+
+        stored = run.kept("before.npz", compute)
+        return {"grid": stored["grid"], "metrics": json.loads(str(stored["metrics"]))}
 
     def _grid(self, generator: nn.Module) -> np.ndarray:
         return torch.cat(list(generated_batches(generator, self.grid_seeds, batch_size=16, seed=0))).numpy()
@@ -196,10 +190,4 @@ def check_compatible(generator: nn.Module, teacher: nn.Module, generator_name: s
 def _series(log: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     points = [(r["kimg"], r[key]) for r in log if key in r]
     return ([p[0] for p in points], [p[1] for p in points])
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -10,14 +10,17 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import numpy as np
 import torch
 
 from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
 from fileformats.errors import UserError
+from refiner import distributed as dist
 from refiner.config import TrainConfig
 
 _CKPT = re.compile(r"^state-(\d{8})\.pt$")
@@ -92,6 +95,17 @@ class RunDir:
         if checkpoint is None:
             atomic_write_text(self.config_path, json.dumps(config.to_json(), indent=2) + "\n")
         return checkpoint
+
+    def kept(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Arrays a run computes once and keeps in the file `name` (.npz) of its directory, so that a resumed
+        run uses the very same ones (the untrained generator's samples, grid and metrics): read back when
+        the file exists, else `compute()`d and written atomically."""
+        path = self.path / name
+        if not path.exists():
+            with atomic_open(path) as f:
+                np.savez(f, **compute())
+        with np.load(path) as stored:
+            return dict(stored)
 
     # -- ownership and lock ---------------------------------------------------------------------------
     def _is_run(self) -> bool:
@@ -195,9 +209,30 @@ class RunDir:
                 atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def read_log(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.log_path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (log.jsonl, metrics.jsonl), one per non-blank line; none if it does
+    not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def open_run(out: str | Path, config: TrainConfig, resume: bool = False, force: bool = False,
+             inputs: Iterable[str | os.PathLike] = (),
+             echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Iterator[tuple[RunDir, Path | None]]:
+    """The run directory `out` prepared for `config` and locked (`RunDir.prepare`; under torchrun by rank 0
+    alone), with the checkpoint to resume from (None: a fresh start); the lock is released on any exit.
+    Every job runs inside it: `with open_run(out, config, resume, force) as (run, checkpoint): ...`."""
+    run = RunDir(out)
+    checkpoint = dist.on_rank0(lambda: run.prepare(config, resume=resume, force=force, inputs=inputs, echo=echo))
+    try:
+        yield run, checkpoint
+    finally:
+        run.release()
 
 
 def _record_step(line: str) -> int:

@@ -22,7 +22,7 @@ from metrics.energy import energy_distance, modes_covered
 from refiner.config import TrainConfig
 from refiner.loop import Trainer
 from refiner.realdata import TargetData
-from refiner.rundir import RunDir
+from refiner.rundir import RunDir, open_run
 from teachers.analytic import GaussianMixtureDenoiser, grid, ring
 from teachers.base import resolve_device
 from teachers.mlp import MLPDenoiser
@@ -78,12 +78,8 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
     # The toy networks are too small to gain from intra-op threads, and OpenMP threads that wait for a
     # busy core make each step up to ~50x slower: one thread is fastest here.
     torch.set_num_threads(1)
-    run = RunDir(out)
-    checkpoint = run.prepare(config, resume=resume, force=force)
-    try:
+    with open_run(out, config, resume=resume, force=force) as (run, checkpoint):
         return _train_toy(config, run, checkpoint, teacher, target, samples, on_snapshot)
-    finally:
-        run.release()
 
 
 def _train_toy(config: TrainConfig, run: RunDir, checkpoint: Path | None, teacher: GaussianMixtureDenoiser,
@@ -94,15 +90,11 @@ def _train_toy(config: TrainConfig, run: RunDir, checkpoint: Path | None, teache
     fake = MLPDenoiser(dim=2, sigma_data=teacher.sigma_data).to(device)
     trainer = Trainer(config, generator, teacher.to(device), fake, run, device, on_snapshot=on_snapshot,
                       real_data=TargetData(teacher))
-    before = generate(trainer.ema, samples, seed=config.seed + 1)  # the untrained generator
+    before = torch.from_numpy(run.kept("toy.before.npz", lambda: {  # the untrained generator's samples
+        "before": generate(trainer.ema, samples, seed=config.seed + 1).numpy()})["before"])
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        before = json.loads((run.path / "toy.before.json").read_text())["before"] \
-            if (run.path / "toy.before.json").exists() else before
-    else:
-        atomic_write_text(run.path / "toy.before.json", json.dumps({"before": before.tolist()}))
     trainer.train()
-    before = torch.as_tensor(before)
     after = generate(trainer.ema, samples, seed=config.seed + 1)
     g = torch.Generator().manual_seed(config.seed + 2)
     reference = teacher.sample(samples, g)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fileformats import nvpickle
-from fileformats.arguments import Bound, check_ranges, meta_shapes
+from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.errors import UserError
 from fileformats.sources import file_sha256, open_source
 from fileformats.torchfiles import is_torch_checkpoint
@@ -126,14 +126,8 @@ def build_network(record: nvpickle.PersistentObject, name: str = "the file") -> 
         raise UserError(f"{name}: cannot rebuild {record.class_name} from its stored arguments ({e}); "
                         "the network was made by a modified EDM code base that refiner does not support"
                         ) from None
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        shapes = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        details = "; ".join(f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                            for label, items in (("missing", missing), ("unexpected", extra),
-                                                 ("wrong shape", shapes)) if items)
+    details = shape_mismatch(expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    if details:
         raise UserError(f"{name}: the stored weights do not fit {record.class_name} built from its "
                         f"arguments ({details}); the file is corrupt or from a modified EDM code base")
     network = build()

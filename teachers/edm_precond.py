@@ -23,6 +23,19 @@ from teachers.edm_unets import UNETS
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> Coefficients:
+    """EDM's preconditioning (Karras et al. 2022, Table 1, column "Ours (EDM)"), for σ of any shape:
+
+        c_skip(σ) = σ_d² / (σ² + σ_d²)        c_out(σ) = σ·σ_d / √(σ² + σ_d²)
+        c_in(σ)   = 1 / √(σ² + σ_d²)          c_noise(σ) = ¼·ln(σ)
+
+    so that D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise) (eq. 7) has unit-variance network inputs and
+    training targets (NVlabs/edm training/networks.py EDMPrecond). Returns (c_skip, c_out, c_in, c_noise)."""
+    sd2 = sigma_data**2
+    return (sd2 / (sigma**2 + sd2), sigma * sigma_data / (sigma**2 + sd2).sqrt(),
+            1 / (sd2 + sigma**2).sqrt(), sigma.log() / 4)
+
+
 def precond_inputs(x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None, label_dim: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A preconditioner's inputs as EDM's and EDM2's `forward` take them: x in float32, σ as [N, 1, 1, 1]
@@ -79,7 +92,7 @@ class Precond(nn.Module):
 
 
 class EDMPrecond(Precond):
-    """EDM: c_skip = σd²/(σ²+σd²), c_out = σσd/√(σ²+σd²), c_in = 1/√(σ²+σd²), c_noise = ln(σ)/4."""
+    """EDM's preconditioner: the coefficients of `edm_coefficients`."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
@@ -91,9 +104,7 @@ class EDMPrecond(Precond):
         self.sigma_data = sigma_data
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        sd2 = self.sigma_data**2
-        return (sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(),
-                1 / (sd2 + sigma**2).sqrt(), sigma.log() / 4)
+        return edm_coefficients(sigma, self.sigma_data)
 
 
 class VPPrecond(Precond):

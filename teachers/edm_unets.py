@@ -3,14 +3,15 @@ DhariwalUNet (ADM of Dhariwal & Nichol 2021). Written from a description of NVla
 training/networks.py; constructor arguments and module names equal the original's, so a pickle's
 `_init_kwargs` build the network and its state dict loads 1:1.
 
-Encoder and decoder are `nn.ModuleDict`s keyed `'{r}x{r}_{part}'`; entries whose name contains `aux`
-belong to the NCSN++ input/output pyramids (encoder 'skip'/'residual', decoder 'skip').
+Encoder and decoder are `nn.ModuleDict`s keyed `'{r}x{r}_{part}'`, built for both U-Nets by `build_encoder`
+and `build_decoder` and run by `encode` and `decode`; entries whose name contains `aux` belong to the
+NCSN++ input/output pyramids (encoder 'skip'/'residual', decoder 'skip').
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,65 @@ def decode(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, skips: list[t
     return x, aux
 
 
+def build_encoder(in_channels: int, stem_channels: int, img_resolution: int, model_channels: int,
+                  channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int], cfg: BlockConfig,
+                  stem_init: Init, inputs: Callable[[int, int], dict[str, nn.Module]] = lambda r, cout: {},
+                  ) -> tuple[nn.ModuleDict, int]:
+    """The encoder of both EDM U-Nets (NVlabs/edm training/networks.py SongUNet and DhariwalUNet), for `encode`.
+
+    At the highest resolution a 3x3 `conv` to `stem_channels`, at every lower one a `down` block followed
+    by the modules of `inputs(r, cout)` as '{r}x{r}_{name}' (SongUNet's input pyramid); then num_blocks
+    blocks `block{idx}` to model_channels·mult, attending at `attn_resolutions`. Module names and order
+    are the original's, so its state dicts load. Returns (encoder, its output channels)."""
+    enc = nn.ModuleDict()
+    cout = in_channels
+    for level, mult in enumerate(channel_mult):
+        r = img_resolution >> level
+        if level == 0:
+            enc[f"{r}x{r}_conv"] = Conv2d(cout, stem_channels, kernel=3, init=stem_init)
+            cout = stem_channels
+        else:
+            enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
+            for name, module in inputs(r, cout).items():
+                enc[f"{r}x{r}_{name}"] = module
+        for idx in range(num_blocks):
+            enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg, attention=r in attn_resolutions)
+            cout = model_channels * mult
+    return enc, cout
+
+
+def build_decoder(cout: int, skips: Sequence[int], img_resolution: int, model_channels: int,
+                  channel_mult: Sequence[int], num_blocks: int, cfg: BlockConfig,
+                  attention: Callable[[int, int], bool],
+                  outputs: Callable[[int, int, int], dict[str, nn.Module]] = lambda level, r, cout: {},
+                  ) -> tuple[nn.ModuleDict, int]:
+    """The decoder of both EDM U-Nets (NVlabs/edm training/networks.py SongUNet and DhariwalUNet), for `decode`.
+
+    From the lowest resolution up: `in0` (with attention) and `in1` at the lowest, `up` at every other,
+    then num_blocks + 1 blocks `block{idx}`, each taking the newest encoder output as a skip connection
+    (`skips`: the encoder outputs' channels, in encoder order; `cout`: the channels entering the
+    decoder). `attention(r, idx)`: whether block idx at resolution r attends; `outputs(level, r, cout)`:
+    modules appended after each resolution's blocks as '{r}x{r}_{name}' (SongUNet's output pyramid).
+    Module names and order are the original's, so its state dicts load. Returns (decoder, its output
+    channels)."""
+    skips = list(skips)
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        r = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
+            dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
+        else:
+            dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
+        for idx in range(num_blocks + 1):
+            dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
+                                                   attention=attention(r, idx))
+            cout = model_channels * mult
+        for name, module in outputs(level, r, cout).items():
+            dec[f"{r}x{r}_{name}"] = module
+    return dec, cout
+
+
 class SongUNet(nn.Module):
     """DDPM++ (positional embedding, standard encoder, filter [1,1]) and NCSN++ (Fourier embedding,
     channel_mult_noise 2, residual encoder, filter [1,3,3,1]) of Song et al. 2021, as in EDM."""
@@ -113,51 +173,42 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, init=init)
         self.map_layer1 = Linear(emb_channels, emb_channels, init=init)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(cout, model_channels, kernel=3, init=init)
-                cout = model_channels
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
-                if encoder_type == "skip":
-                    self.enc[f"{r}x{r}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
-                                                           resample_filter=resample_filter)
-                    self.enc[f"{r}x{r}_aux_skip"] = Conv2d(caux, cout, kernel=1, init=init)
-                if encoder_type == "residual":
-                    self.enc[f"{r}x{r}_aux_residual"] = Conv2d(caux, cout, kernel=3, down=True,
-                                                               resample_filter=resample_filter,
-                                                               fused_resample=True, init=init)
-                    caux = cout
-            for idx in range(num_blocks):
-                self.enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        # Encoder: after every downsampling, the image pyramid's input ('skip': downsampled image projected
+        # and added; 'residual': a strided conv of the previous level's features, which it replaces).
+        caux = in_channels
+
+        def image_input(r: int, channels: int) -> dict[str, nn.Module]:
+            nonlocal caux
+            if encoder_type == "skip":
+                return {"aux_down": Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter),
+                        "aux_skip": Conv2d(caux, channels, kernel=1, init=init)}
+            if encoder_type == "residual":
+                parts = {"aux_residual": Conv2d(caux, channels, kernel=3, down=True, resample_filter=resample_filter,
+                                                fused_resample=True, init=init)}
+                caux = channels
+                return parts
+            return {}
+
+        self.enc, cout = build_encoder(in_channels, model_channels, img_resolution, model_channels, channel_mult,
+                                       num_blocks, attn_resolutions, cfg, init, inputs=image_input)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
-            for idx in range(num_blocks + 1):
-                attn = idx == num_blocks and r in attn_resolutions
-                self.dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
-                                                            attention=attn)
-                cout = model_channels * mult
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{r}x{r}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                         resample_filter=resample_filter)
-                self.dec[f"{r}x{r}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{r}x{r}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, init=init_zero)
+        # Decoder: attention in the last block of a resolution; an image output after the blocks of
+        # every resolution ('skip' decoder, summed up the pyramid) or of the highest.
+        def image_output(level: int, r: int, channels: int) -> dict[str, nn.Module]:
+            if not (decoder_type == "skip" or level == 0):
+                return {}
+            parts: dict[str, nn.Module] = {}
+            if decoder_type == "skip" and level < len(channel_mult) - 1:
+                parts["aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
+                                         resample_filter=resample_filter)
+            parts["aux_norm"] = GroupNorm(channels, eps=1e-6)
+            parts["aux_conv"] = Conv2d(channels, out_channels, kernel=3, init=init_zero)
+            return parts
+
+        self.dec, cout = build_decoder(cout, skips, img_resolution, model_channels, channel_mult, num_blocks, cfg,
+                                       attention=lambda r, idx: idx == num_blocks and r in attn_resolutions,
+                                       outputs=image_output)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,35 +250,13 @@ class DhariwalUNet(nn.Module):
         label_init = Init("kaiming_normal", weight=math.sqrt(label_dim))
         self.map_label = Linear(label_dim, emb_channels, bias=False, init=label_init) if label_dim else None
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"] = Conv2d(cout, model_channels * mult, kernel=3, init=init)
-                cout = model_channels * mult
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, cfg, down=True)
-            for idx in range(num_blocks):
-                self.enc[f"{r}x{r}_block{idx}"] = UNetBlock(cout, model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        self.enc, cout = build_encoder(in_channels, model_channels * channel_mult[0], img_resolution, model_channels,
+                                       channel_mult, num_blocks, attn_resolutions, cfg, init)
         skips = [block.out_channels for block in self.enc.values()]
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, cfg, attention=True)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, cfg)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, cfg, up=True)
-            for idx in range(num_blocks + 1):
-                self.dec[f"{r}x{r}_block{idx}"] = UNetBlock(cout + skips.pop(), model_channels * mult, cfg,
-                                                            attention=r in attn_resolutions)
-                cout = model_channels * mult
+        # Decoder: attention in every block at the attention resolutions.
+        self.dec, cout = build_decoder(cout, skips, img_resolution, model_channels, channel_mult, num_blocks, cfg,
+                                       attention=lambda r, idx: r in attn_resolutions)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, init=init_zero)
 

@@ -1,7 +1,7 @@
 """An EDM-preconditioned MLP denoiser for vector data: the fake-score network of toy problems.
 
-D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))  with  c_skip = σ_d²/(σ² + σ_d²),
-c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²), c_noise = ln(σ)/4   (Karras et al. 2022, Table 1).
+D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)) with EDM's coefficients (Karras et al. 2022,
+Table 1; `teachers.edm_precond.edm_coefficients`); c_noise enters F through sinusoidal features.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from teachers.base import as_sigma
+from teachers.edm_precond import edm_coefficients
 
 
 class MLPDenoiser(nn.Module):
@@ -29,11 +30,7 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        sigma = as_sigma(sigma, x)[:, None]
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        angles = (sigma.log() / 4) * self.freqs[None]
+        c_skip, c_out, c_in, c_noise = edm_coefficients(as_sigma(sigma, x)[:, None], self.sigma_data)
+        angles = c_noise * self.freqs[None]
         emb = torch.cat([angles.cos(), angles.sin()], dim=1)
         return c_skip * x + c_out * self.net(torch.cat([c_in * x, emb], dim=1))

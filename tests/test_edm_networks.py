@@ -15,7 +15,7 @@ from torch import nn
 from fileformats import nvpickle
 from teachers.edm_layers import skip_init
 from teachers.edm_loader import build_network
-from teachers.edm_precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
+from teachers.edm_precond import EDMPrecond, VEPrecond, VPPrecond, edm_coefficients, iDDPMPrecond
 from teachers.edm_unets import DhariwalUNet, SongUNet
 
 FIXTURES = ["edm-small-ddpmpp-edm-cond", "edm-small-ncsnpp-edm-uncond"]
@@ -283,3 +283,16 @@ def test_reduced_precision_rule():
     assert net.model_dtype(cpu, False, torch.bfloat16) == torch.float32
     net.use_fp16 = False
     assert net.model_dtype(cuda, False, None) == torch.float32
+
+
+def test_edm_coefficients_closed_form():
+    """EDM Table 1 at σ = σ_d: c_skip = ½, c_out = σ_d/√2, c_in = 1/(σ_d√2), c_noise = ¼ ln σ_d; for every σ
+    c_in²(σ² + σ_d²) = 1 (unit-variance input) and c_out² = σ_d²(1 − c_skip) (Karras et al. 2022, App. B.6)."""
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = edm_coefficients(torch.tensor([sd], dtype=torch.float64), sd)
+    assert c_skip.item() == pytest.approx(0.5) and c_out.item() == pytest.approx(sd / math.sqrt(2))
+    assert c_in.item() == pytest.approx(1 / (sd * math.sqrt(2))) and c_noise.item() == pytest.approx(math.log(sd) / 4)
+    sigma = torch.tensor([0.002, 0.3, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in, _ = edm_coefficients(sigma, sd)
+    torch.testing.assert_close(c_in**2 * (sigma**2 + sd**2), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(c_skip + c_out**2 / sd**2, torch.ones(3, dtype=torch.float64))

@@ -23,9 +23,9 @@ import torch
 from click.testing import CliRunner
 
 from fileformats import module_sources, nvpickle
-from fileformats.arguments import check_ranges, meta_shapes
+from fileformats.arguments import check_ranges, meta_shapes, shape_mismatch
 from fileformats.errors import UserError
-from gan_adapters.stylegan2 import Generator, GeneratorConfig
+from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import ARGUMENT_BOUNDS as SG2_BOUNDS
 from refiner.cli import cli
 from teachers.edm_layers import skip_init
@@ -206,7 +206,7 @@ def test_published_stylegan2_config_passes():
     for group, bounds in SG2_BOUNDS.items():
         check_ranges("published", "G", values if group == "generator" else values[group], bounds)
     with torch.device("meta"):
-        network = Generator(cfg)
+        network = StyleGAN2Network(cfg)
     assert sum(p.numel() for p in network.parameters()) == 30_370_060  # as stylegan2-ada-pytorch reports
 
 
@@ -220,6 +220,16 @@ def test_arguments_are_checked_before_anything_is_allocated(monkeypatch):
     with pytest.raises(UserError, match=r"model_channels = 1048576 .*1 to 4,096"):
         build_network(data["ema"], "x.pkl")
     assert not built
+
+
+def test_shape_mismatch_names_what_differs():
+    """One message for every loader: counts, the first names of each kind, both shapes of a wrong one."""
+    built = {"a": (2, 3), "b": (4,), "c": (1,), "d": (5,), "e": (6,), "f": (7,)}
+    found = {"a": (2, 4), "x": (1,)}
+    assert shape_mismatch(built, dict(built)) is None
+    assert shape_mismatch(built, found) == ("5 entries missing ['b', 'c', 'd'] ...; 1 unexpected ['x']; "
+                                            "1 of wrong shape ['a: (2, 4) in the file, (2, 3) built']")
+    assert shape_mismatch({"a": (1,)}, {}) == "1 entry missing ['a']"
 
 
 # ------------------------------------------------------------------------------------------------

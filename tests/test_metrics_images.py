@@ -148,3 +148,11 @@ def test_image_grid_layouts_and_png(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary left
     with pytest.raises(ValueError, match="uint8"):
         image_grid(imgs.astype(np.float32))
+
+
+def test_image_grid_keeps_gray_when_asked():
+    gray = np.random.default_rng(3).integers(0, 256, (3, 1, 5, 5), dtype=np.uint8)  # NCHW, one channel
+    kept = image_grid(gray, keep_gray=True)
+    assert kept.mode == "L" and np.asarray(kept).shape == (10, 10)
+    np.testing.assert_array_equal(np.asarray(kept)[5:10, 0:5], gray[2, 0])
+    np.testing.assert_array_equal(np.asarray(image_grid(gray)), np.repeat(np.asarray(kept)[:, :, None], 3, axis=2))

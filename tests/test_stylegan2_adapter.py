@@ -13,8 +13,7 @@ from fileformats import nvpickle
 from fileformats.errors import UserError
 from gan_adapters.base import Generator
 from gan_adapters.loader import load_generator
-from gan_adapters.stylegan2 import Generator as StyleGAN2Network
-from gan_adapters.stylegan2 import GeneratorConfig
+from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import (
     StyleGAN2Generator,
     StyleGAN2Options,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fileformats import nvpickle
-from gan_adapters.stylegan2 import Generator, GeneratorConfig, SynthesisConfig
+from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network, SynthesisConfig
 
 DATA = Path(__file__).parent / "data"
 ARCH_CASES = ["orig_uncond", "resnet_cond_clamp", "skip_cond_fp16", "resnet_fp16_filter3_nonoise"]
@@ -28,8 +28,8 @@ def golden():
     return snapshot, ref
 
 
-def _build(record: nvpickle.PersistentObject) -> Generator:
-    G = Generator(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs)).eval()
+def _build(record: nvpickle.PersistentObject) -> StyleGAN2Network:
+    G = StyleGAN2Network(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs)).eval()
     G.load_state_dict(record.state_dict())
     return G
 
@@ -42,7 +42,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_state_dict_names_and_shapes_equal_the_record(golden):
     snapshot, ref = golden
     record = snapshot["G_ema"]
-    G = Generator(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs))
+    G = StyleGAN2Network(GeneratorConfig.from_init_kwargs(record.init_args, record.init_kwargs))
     stored = record.state_dict()
     assert [(k, tuple(v.shape)) for k, v in G.state_dict().items()] == \
            [(k, tuple(v.shape)) for k, v in stored.items()]
@@ -94,8 +94,8 @@ def arch_ref():
     return torch.load(DATA / "sg2ada-arch.ref.pt", weights_only=True)
 
 
-def _build_case(case: dict) -> Generator:
-    G = Generator(GeneratorConfig.from_init_kwargs((), json.loads(case["init_kwargs"]))).eval()
+def _build_case(case: dict) -> StyleGAN2Network:
+    G = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), json.loads(case["init_kwargs"]))).eval()
     assert list(G.state_dict()) == list(case["state_dict"])
     G.load_state_dict(case["state_dict"])
     return G
@@ -136,7 +136,7 @@ def test_fp16_blocks_are_used_unless_forced_fp32(arch_ref):
 def test_architecture_block_layout():
     base = dict(z_dim=4, c_dim=0, w_dim=4, img_resolution=16, img_channels=3)
     for arch, torgbs, skips, num_ws in [("skip", 3, 0, 6), ("orig", 1, 0, 6), ("resnet", 1, 2, 6)]:
-        G = Generator(GeneratorConfig(**base, synthesis=SynthesisConfig(channel_base=64, channel_max=8,
+        G = StyleGAN2Network(GeneratorConfig(**base, synthesis=SynthesisConfig(channel_base=64, channel_max=8,
                                                                          architecture=arch)))
         blocks = G.synthesis.blocks()
         assert sum(hasattr(b, "torgb") for b in blocks) == torgbs

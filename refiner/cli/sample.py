@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-import PIL.Image
 import torch
 
 from fileformats import nvpickle
@@ -18,6 +17,7 @@ from fileformats.progress import Progress
 from fileformats.torchfiles import is_torch_checkpoint
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import METADATA_KEY, onestep_from_snapshot
+from metrics.images import image_grid, quantize
 from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, fetch_source, sha256_option
 from teachers.base import resolve_device
 from teachers.edm_loader import teacher_from_pickle
@@ -67,19 +67,8 @@ def check_memory(count: int, shape: tuple[int, ...]) -> None:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW floats -> uint8 NHWC with (x·127.5 + 128).clamp(0, 255), as NVIDIA's code saves images."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray) -> PIL.Image.Image:
-    """uint8 NHWC images on a near-square grid (ceil(√N) columns), row by row; empty cells black."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * cols, h, w, c), dtype=np.uint8)
-    canvas[:n] = images
-    canvas = canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    return PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+    """[-1, 1] NCHW floats -> uint8 NHWC, quantised as NVIDIA's code saves images (`metrics.images.quantize`)."""
+    return quantize(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
@@ -164,5 +153,5 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
     with atomic_open(outputs[1]) as f:
         np.savez(f, **arrays)
     with atomic_open(outputs[0]) as f:
-        image_grid(x).save(f, format="PNG")
+        image_grid(x.transpose(0, 3, 1, 2), keep_gray=True).save(f, format="PNG")
     click.echo(f"wrote {len(x)} images: {outputs[0]} and {outputs[1]}")
