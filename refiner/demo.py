@@ -30,7 +30,7 @@ from torch import nn
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
 from fileformats.sources import file_sha256
-from gan_adapters.stylegan2 import Generator, GeneratorConfig
+from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import StyleGAN2Generator, StyleGAN2Options, _Snapshot
 from metrics.classifier import DomainClassifier, domain_scores, embed
 from metrics.evaluate import generated_batches
@@ -126,7 +126,7 @@ def load_assets(path: str | Path | None = None, device: torch.device | str = "cp
 def demo_generator(config: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
                    ) -> StyleGAN2Generator:
     """The demo's StyleGAN2 (our format: config = the original constructor kwargs, state = its tensors)."""
-    network = Generator(GeneratorConfig.from_init_kwargs((), config))
+    network = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), config))
     network.load_state_dict({k: v.float() for k, v in state.items()})
     return StyleGAN2Generator(network.eval(), _Snapshot({}, "demo generator"), StyleGAN2Options()).to(device)
 

@@ -24,9 +24,9 @@ from torch import nn
 from gan_adapters.stylegan2 import (
     Conv2dLayer,
     FullyConnectedLayer,
-    Generator,
     GeneratorConfig,
     MappingConfig,
+    StyleGAN2Network,
     SynthesisConfig,
 )
 from metrics.classifier import ClassifierConfig, DomainClassifier
@@ -57,8 +57,8 @@ def build_teacher(kwargs: dict[str, Any] = TEACHER_KWARGS) -> EDMPrecond:
     return EDMPrecond(**kwargs)
 
 
-def build_generator(config: GeneratorConfig = GAN_CONFIG) -> Generator:
-    return Generator(copy.deepcopy(config))
+def build_generator(config: GeneratorConfig = GAN_CONFIG) -> StyleGAN2Network:
+    return StyleGAN2Network(copy.deepcopy(config))
 
 
 @dataclass
@@ -188,7 +188,7 @@ class GANTraining:
     seed: int = 2
 
 
-def train_gan(G: Generator, images: torch.Tensor, cfg: GANTraining, budget: Budget,
+def train_gan(G: StyleGAN2Network, images: torch.Tensor, cfg: GANTraining, budget: Budget,
               echo: Callable[[str], None] = print
               ) -> tuple[dict[float, dict[str, torch.Tensor]], dict[str, Any]]:
     """Trains G against a fresh Discriminator; returns ({kimg: G_ema state dict (CPU)} at each of
