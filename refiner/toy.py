@@ -79,6 +79,7 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
     # busy core make each step up to ~50x slower: one thread is fastest here.
     torch.set_num_threads(1)
     run = RunDir(out)
+    config = config.for_device(resolve_device(config.device))
     checkpoint = run.prepare(config, resume=resume, force=force)
     try:
         return _train_toy(config, run, checkpoint, teacher, target, samples, on_snapshot)
