@@ -149,13 +149,16 @@ class TrainConfig:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run uses on `device`. auto: bf16 autocast on a CUDA device that supports it
-    (torch.cuda.is_bf16_supported(); NVIDIA Ampere and newer), where it runs the U-Nets' matrix products on
-    the tensor cores at the range of fp32 (no loss scaling); fp32 on CPUs and older GPUs (fp16 there would
-    need loss scaling tuned per loss). Any other value is returned as given (on a CPU the loop runs fp32)."""
+    """The precision a run uses on `device`. auto: bf16 autocast on a CUDA device with native bf16 (compute
+    capability 8 or newer, NVIDIA Ampere on, or ROCm: what torch.cuda.is_bf16_supported(including_emulation=False)
+    says, asked of this device), where the U-Nets' matrix products run on the tensor cores at fp32's range (no
+    loss scaling); fp32 on CPUs and older GPUs (which only emulate bf16, slowly; fp16 there would need loss
+    scaling tuned per loss). Any other value is returned as given (on a CPU the loop runs fp32)."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    native_bf16 = device.type == "cuda" and (torch.version.hip is not None
+                                              or torch.cuda.get_device_capability(device)[0] >= 8)
+    return "bf16" if native_bf16 else "fp32"
 
 
 # `refiner refine`'s (and `refiner.train`'s) defaults: a short fine-tuning of a trained GAN.

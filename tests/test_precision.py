@@ -1,6 +1,6 @@
 """Precision auto (the default): bf16 autocast on a CUDA device that supports bf16, fp32 on CPUs and older GPUs;
 an explicit --precision wins; config.json records the precision the run used and that auto chose it. The CUDA
-capability is monkeypatched (the decision is tested without a GPU; tests/test_cuda.py runs bf16 on one)."""
+compute capability is monkeypatched (the decision is tested without a GPU; tests/test_cuda.py runs bf16 on one)."""
 
 from __future__ import annotations
 
@@ -18,23 +18,25 @@ from refiner.presets import get_preset
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
 
-@pytest.mark.parametrize("bf16_supported, device, expected", [
-    (True, CUDA, "bf16"),  # Ampere and newer
-    (False, CUDA, "fp32"),  # e.g. a V100 or T4
-    (True, CPU, "fp32"),
-    (False, CPU, "fp32"),
+@pytest.mark.parametrize("capability, device, expected", [
+    ((9, 0), CUDA, "bf16"),  # H100
+    ((8, 0), CUDA, "bf16"),  # A100
+    ((7, 5), CUDA, "fp32"),  # T4: bf16 only emulated (torch.cuda.is_bf16_supported() would say True)
+    ((7, 0), CUDA, "fp32"),  # V100
+    ((9, 0), CPU, "fp32"),
 ])
-def test_auto_decision(monkeypatch, bf16_supported: bool, device: torch.device, expected: str):
-    asked: list[bool] = []
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: asked.append(True) or bf16_supported)
+def test_auto_decision(monkeypatch, capability: tuple[int, int], device: torch.device, expected: str):
+    asked: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.version, "hip", None)
     assert resolve_precision("auto", device) == expected
-    assert asked == ([True] if device.type == "cuda" else [])  # a CPU run never queries CUDA
+    assert asked == ([device] if device.type == "cuda" else [])  # asked of this device; a CPU run never asks
     for given in ("fp32", "bf16", "fp16"):  # an explicit choice is kept
         assert resolve_precision(given, device) == given
 
 
 def test_for_device_records_the_choice(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     config = TrainConfig(sources={"precision": "preset"})
     assert config.precision == REFINE_DEFAULTS.precision == get_preset(None).precision == "auto"
     on_gpu = config.for_device(CUDA)
