@@ -67,8 +67,10 @@ def largest_batch(points: list[tuple[int, float]], budget: float) -> int:
 
 def timed(networks, device: torch.device, precision: str, batch: int, warmup: int, iters: int):
     """(seconds per iteration, trainer, peak allocated CUDA bytes or None) of the loop at `batch`."""
+    from teachers.edm_loader import resolve_dtype
+
     teacher, generator, fake = networks
-    teacher.dtype = None if precision == "fp32" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])
+    teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)  # the teacher in the loop's precision
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
