@@ -74,7 +74,7 @@ BUCKET_BYTES = 25 * 2**20
 class GradientReducer:
     """The mean over processes of the gradients of `params`, all-reduced in buckets while the backward pass is
     still running: the overlap of PyTorch's DistributedDataParallel (Li et al. 2020, "PyTorch Distributed:
-    Experiences on Accelerating Data Parallel Training", §3.2.3), without wrapping the networks, which the
+    Experiences on Accelerating Data Parallel Training", section 3.2.3), without wrapping the networks, which the
     loop also calls outside their own optimiser's backward (the fake score in the generator step).
 
         with reducer:
