@@ -24,14 +24,14 @@ import torch
 from load import DDPMPP_CIFAR10  # benchmarks/load.py: EDM's CIFAR-10 DDPM++ configuration
 
 
-def build(device: torch.device, label_dim: int):
+def build(device: torch.device, label_dim: int, **overrides):
     from gan_adapters.onestep import OneStepGenerator
     from refiner.jobs import trainable_copy
     from teachers.edm_loader import EDMTeacher, network_record
     from teachers.edm_precond import EDMPrecond
 
     torch.manual_seed(0)
-    kwargs = {**DDPMPP_CIFAR10, "label_dim": label_dim}
+    kwargs = {**DDPMPP_CIFAR10, "label_dim": label_dim, **overrides}  # overrides: e.g. load.SMOKE_DDPMPP
     network = EDMPrecond(**kwargs).eval()
     record = network_record(network, kwargs)  # (what a snapshot would be written from; shares CPU tensors)
     teacher = EDMTeacher(network.to(device), record)

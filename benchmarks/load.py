@@ -30,6 +30,9 @@ DDPMPP_CIFAR10 = dict(img_resolution=32, img_channels=3, label_dim=0, use_fp16=F
                       channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
                       channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
                       augment_dim=9)
+# The same architecture at a tiny width (16 channels, two levels, one block per level; attention at 16x16): smoke
+# checks of the benchmarks on a CPU.
+SMOKE_DDPMPP = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)
 
 
 def write_pickle(path: Path) -> int:

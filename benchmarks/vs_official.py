@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))  # the repository root (running from a clon
 
 import torch  # noqa: E402
 from distill_step import seconds_per_call, time_iteration  # noqa: E402  benchmarks/distill_step.py
-from load import DDPMPP_CIFAR10  # noqa: E402  benchmarks/load.py: EDM's CIFAR-10 DDPM++ configuration
+from load import DDPMPP_CIFAR10, SMOKE_DDPMPP  # noqa: E402  benchmarks/load.py: EDM's CIFAR-10 DDPM++, tiny
 
 OFFICIAL_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
@@ -70,7 +70,7 @@ def make_teacher(args) -> None:
     torch.manual_seed(0)
     kwargs = {**DDPMPP_CIFAR10, "label_dim": args.classes}
     if args.smoke:  # a tiny network, to check that both sides run
-        kwargs.update(model_channels=16, channel_mult=[1, 2], num_blocks=1)
+        kwargs.update(SMOKE_DDPMPP)
     net = EDMPrecond(**kwargs).eval().requires_grad_(False)
     with open(args.teacher, "wb") as f:
         pickle.dump({"ema": net}, f)

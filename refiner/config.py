@@ -7,11 +7,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fileformats.errors import UserError
 from refiner.losses import GENERATOR_LOSSES, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# auto: bf16 autocast on a GPU that has it, else fp32 (resolve_precision); the others as named (on CUDA).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # How the generator step runs the teacher and the fake score: eval = both without dropout (our default);
 # train-shared-dropout = both in train mode with the same dropout masks (the official Diff-Instruct code).
 TEACHER_MODES = ("eval", "train-shared-dropout")
@@ -50,7 +53,7 @@ class TrainConfig:
     fake_loss_scale: float = 1.0  # fake loss multiplier (official --sgls)
     grad_clip: float | None = None  # clip each network's gradient norm (DMD2 uses 10)
     fake_warmup: int = 0  # fake-score steps before the first generator step
-    precision: str = "fp32"
+    precision: str = "auto"  # one of PRECISIONS; config.json records what auto became (for_device)
     teacher_mode: str = "eval"  # one of TEACHER_MODES
     augment: float = 0.0  # EDM AugmentPipe probability on the fake-score step (official: 0.12); 0 = off
     snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)
@@ -118,6 +121,15 @@ class TrainConfig:
             raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in unused)} not read by "
                             f"--sigma {self.sigma} / --fake-sigma {self.fake_sigma}")
 
+    def for_device(self, device: torch.device) -> TrainConfig:
+        """This configuration as it runs on `device`: precision auto replaced by `resolve_precision`'s choice,
+        its source marked "(auto on DEVICE)"; any other precision is kept as given."""
+        if self.precision != "auto":
+            return self
+        source = f"{self.sources.get('precision', 'default')} (auto on {device.type})"
+        return dataclasses.replace(self, precision=resolve_precision(self.precision, device),
+                                   sources={**self.sources, "precision": source})
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -134,6 +146,19 @@ class TrainConfig:
         a, b = self.to_json(), other.to_json()
         return [f"{k} (checkpoint {a[k]!r}, now {b[k]!r})" for k in a
                 if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses on `device`. auto: bf16 autocast on a CUDA device with native bf16 (compute
+    capability 8 or newer, NVIDIA Ampere on, or ROCm: what torch.cuda.is_bf16_supported(including_emulation=False)
+    says, asked of this device), where the U-Nets' matrix products run on the tensor cores at fp32's range (no
+    loss scaling); fp32 on CPUs and older GPUs (which only emulate bf16, slowly; fp16 there would need loss
+    scaling tuned per loss). Any other value is returned as given (on a CPU the loop runs fp32)."""
+    if precision != "auto":
+        return precision
+    native_bf16 = device.type == "cuda" and (torch.version.hip is not None
+                                              or torch.cuda.get_device_capability(device)[0] >= 8)
+    return "bf16" if native_bf16 else "fp32"
 
 
 # `refiner refine`'s (and `refiner.train`'s) defaults: a short fine-tuning of a trained GAN.

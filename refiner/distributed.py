@@ -67,17 +67,81 @@ def barrier() -> None:
         td.barrier()
 
 
-def average_gradients(grads: list[torch.Tensor]) -> None:
-    """Mean of every gradient over processes (one flattened all-reduce)."""
-    if not td.is_initialized() or td.get_world_size() == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    td.all_reduce(flat)
-    flat /= td.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+# Gradient bytes per bucket: DistributedDataParallel's default (bucket_cap_mb 25).
+BUCKET_BYTES = 25 * 2**20
+
+
+class GradientReducer:
+    """The mean over processes of the gradients of `params`, all-reduced in buckets while the backward pass is
+    still running: the overlap of PyTorch's DistributedDataParallel (Li et al. 2020, "PyTorch Distributed:
+    Experiences on Accelerating Data Parallel Training", section 3.2.3), without wrapping the networks, which the
+    loop also calls outside their own optimiser's backward (the fake score in the generator step).
+
+        with reducer:
+            loss.backward()
+        # every p.grad of `params` is now the mean over processes
+
+    Buckets of about `bucket_bytes` hold the parameters in reverse order, the order backward reaches them. A
+    hook after each parameter's gradient is accumulated counts it; a complete bucket is flattened and its
+    all-reduce launched asynchronously once every earlier bucket is launched, so all processes issue the
+    collectives in the same order. A bucket with a parameter that got no gradient (unused in this backward, on
+    every process alike) is launched after the backward, without that parameter (its grad stays None). The
+    hooks act only inside the `with`, so gradients other backward passes leave on these parameters launch
+    nothing. With one process nothing is registered and the `with` does nothing."""
+
+    def __init__(self, params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES):
+        self.buckets: list[list[nn.Parameter]] = []
+        self._bucket_of: dict[nn.Parameter, int] = {}
+        self._armed = False
+        if world_size() == 1:
+            return
+        size = 0
+        for p in reversed(params):
+            if not self.buckets or size + p.numel() * p.element_size() > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            self._bucket_of[p] = len(self.buckets) - 1
+            size += p.numel() * p.element_size()
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def __enter__(self) -> GradientReducer:
+        self._armed = bool(self.buckets)
+        self._waiting = [len(b) for b in self.buckets]  # parameters still without a gradient, per bucket
+        self._next = 0  # the next bucket to launch
+        self._launched: list[tuple[list[nn.Parameter], torch.Tensor, td.Work]] = []
+        return self
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        self._waiting[self._bucket_of[p]] -= 1
+        while self._next < len(self.buckets) and self._waiting[self._next] == 0:
+            self._launch()
+
+    def _launch(self) -> None:
+        params = [p for p in self.buckets[self._next] if p.grad is not None]
+        self._next += 1
+        if params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            self._launched.append((params, flat, td.all_reduce(flat, async_op=True)))
+
+    def __exit__(self, error_type, *_) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        if error_type is not None:  # the backward failed: nothing to average (the error is raised)
+            return
+        while self._next < len(self.buckets):
+            self._launch()
+        for params, flat, work in self._launched:
+            work.wait()
+            flat /= td.get_world_size()
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        self._launched = []
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -66,6 +66,7 @@ class ImageJob:
 
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Prepare and lock the run directory, train, write the outputs; the lock is released on any exit."""
+        self.config = self.config.for_device(self.device)  # config.json records the precision auto chose
         with open_run(self.out, self.config, resume=resume, force=force, inputs=self.inputs,
                       echo=self.echo) as (run, checkpoint):
             return self._run(run, checkpoint)

@@ -138,7 +138,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, generator: nn.Module, teacher: Callable, fake: nn.Module,
                  run: RunDir, device: torch.device, on_snapshot: tuple[Callable[[Trainer], None], ...] = (),
                  echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), real_data: RealData | None = None):
-        self.config = config.validate()
+        self.config = config = config.for_device(device).validate()
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.batch % self.world:
             raise UserError(f"--batch {config.batch} must be divisible by the number of processes ({self.world})")
@@ -156,6 +156,9 @@ class Trainer:
         self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad],
                                       lr=config.lr, betas=config.betas)
         self.opt_f = torch.optim.Adam(self.fake_params, lr=config.fake_lr, betas=config.betas)
+        # each optimiser's gradients averaged over processes while its backward runs (refiner.distributed)
+        self.reducers = {opt: dist.GradientReducer([p for group in opt.param_groups for p in group["params"]])
+                         for opt in (self.opt_g, self.opt_f)}
         self.rng = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(derived_seed(config.seed, f"global/{self.rank}"))  # CPU and every CUDA device
         self.teacher_id = getattr(teacher, "identity", None)  # recorded in checkpoints, checked on resume
@@ -218,11 +221,11 @@ class Trainer:
     # -- one optimiser step with gradient hygiene ------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                scale: float, scaler: torch.amp.GradScaler) -> tuple[float, bool]:
-        """Backward, average over processes, check, clip, step. Returns (grad norm, applied)."""
+        """Backward with the gradients' mean over processes, check, clip, step. Returns (grad norm, applied)."""
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss * scale).backward()
+        with self.reducers[opt]:
+            scaler.scale(loss * scale).backward()
         grads = [p.grad for p in params if p.grad is not None]
-        dist.average_gradients(grads)
         scaler.unscale_(opt)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
             if grads else torch.zeros(())

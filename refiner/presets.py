@@ -143,10 +143,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            dropout=0.10, kimg=299_900, snapshot_kimg=1000, loss="sida", shape=(64, 1000), fake_warmup_kimg=100),
 )}
 
-DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values in bf16 (on CUDA), "
+DEFAULT = Preset("default", "without --preset: Diff-Instruct's CIFAR-10 values with bf16 autocast on GPUs "
+                 "that support it (precision auto; fp32 elsewhere), "
                  "with the teacher's own dropout, teacher and fake score in eval mode in the generator step "
                  "and no augmentation (our choice, not the official code's)",
-                 batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="bf16", sigma_init=1.0,
+                 batch=128, lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), ema=500.0, precision="auto", sigma_init=1.0,
                  dropout=None, kimg=200_000, snapshot_kimg=500)
 
 

@@ -78,6 +78,7 @@ def run_toy(config: TrainConfig, out: str | Path, target: str = "ring", samples:
     # The toy networks are too small to gain from intra-op threads, and OpenMP threads that wait for a
     # busy core make each step up to ~50x slower: one thread is fastest here.
     torch.set_num_threads(1)
+    config = config.for_device(resolve_device(config.device))
     with open_run(out, config, resume=resume, force=force) as (run, checkpoint):
         return _train_toy(config, run, checkpoint, teacher, target, samples, on_snapshot)
 

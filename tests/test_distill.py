@@ -88,7 +88,7 @@ def test_presets_hold_the_published_values():
     cfg = sid.train_config()
     assert (cfg.batch, cfg.lr, cfg.fake_lr, cfg.precision, cfg.ema, sid.sigma_init, sid.dropout) == \
         (8192, 4e-6, 4e-6, "fp16", 2000.0, 2.5, 0.10)
-    assert get_preset("cifar10-cond").shape == (32, 10) and get_preset(None).precision == "bf16"
+    assert get_preset("cifar10-cond").shape == (32, 10) and get_preset(None).precision == "auto"
     with pytest.raises(UserError, match="did you mean cifar10-cond"):
         get_preset("cifar10_cond")
 

@@ -44,7 +44,7 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
 @sha256_option("teacher")
 @click.option("--preset", "preset_name", metavar="NAME", default=None,
               help=f"Published recipe: {', '.join(PRESETS)} (values below). Default: Diff-Instruct's "
-                   "CIFAR-10 values in bf16.")
+                   "CIFAR-10 values, bf16 on GPUs that have it.")
 @click.option("--sigma-init", type=FINITE_FLOAT, default=None,
               help="σ_init of the generator G(z) = D(σ_init·z; σ_init) [the loss's: 2.5 for sid, sim, uni; else "
                    "the preset's].")
@@ -98,6 +98,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
     config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
+    config = config.for_device(device)  # precision auto -> bf16 or fp32, before the teacher's dtype follows it
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
     default_dtype = None if config.precision == "fp32" else config.precision

@@ -163,7 +163,8 @@ def training_options(defaults: TrainConfig) -> Callable:
         click.option("--fake-warmup", type=int, default=None,
                      help="Fake-score updates before the first generator update." + shown(d.fake_warmup)),
         click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                     help="Mixed precision on CUDA (always fp32 on CPU)." + shown(d.precision)),
+                     help="Mixed precision on CUDA: auto = bf16 on GPUs that support it, else fp32 (always "
+                          "fp32 on CPU); config.json records the choice." + shown(d.precision)),
         click.option("--log-every", type=int, default=None,
                      help="Generator updates between log records." + shown(d.log_every)),
         click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default=None,
