@@ -146,7 +146,7 @@ class DemoResult:
     seconds: float
     report: str
     fd_during_training: list[dict[str, float]]  # {step, kimg, fd, cs, samples} from before to after
-    seconds_by_part: dict[str, float]  # loading, scoring, training, report, other: sums to `seconds`
+    seconds_by_part: dict[str, float]  # loading, scoring, training, report, setup: sums to `seconds`
     threads: int
 
     @property
@@ -261,7 +261,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     parts = {"loading": loaded - start, "scoring": scored - loaded + result["seconds"].get("scoring", 0.0),
              "training": result["seconds"].get("training", 0.0),
              "report": result["seconds"].get("report", 0.0) + end - report_start}
-    parts["other"] = max(0.0, end - start - sum(parts.values()))
+    parts["setup"] = max(0.0, end - start - sum(parts.values()))  # imports, network copies, run directory
     curve = [{**point, "samples": samples if point["step"] in (0, result["steps"]) else curve_samples}
              for point in image_job.metric_records()]
     return DemoResult(job=job, fd_before=result["before"]["fd"], fd_after=result["after"]["fd"],
