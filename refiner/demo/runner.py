@@ -235,10 +235,11 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",
             "noise floor FD (real test images)": f"{floor_scores['fd']:.4f} ({floor_source})",
             "metric": f"domain FD / classifier score, {samples} samples, reference: {reference} set",
-            "FD during training": f"every {config.snapshot_every} steps on {curve_samples} samples (the same "
-                                  f"latents); the first and last points are the measurements before and after "
-                                  f"({samples} samples)",
             "threads": torch.get_num_threads()}
+    if config.snapshot_every:
+        info["FD during training"] = (f"every {config.snapshot_every} steps on {curve_samples} samples (the same "
+                                      f"latents); the first and last points are the measurements before and "
+                                      f"after ({samples} samples)")
     grids = {"teacher (18-step Heun)": assets.teacher_samples[:GRID_IMAGES].numpy()}
     if real_images is not None:
         grids["real test images"] = real_images.numpy()
@@ -271,7 +272,6 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
                       samples=samples, steps=result["steps"], batch=config.batch, seconds=end - start,
                       report=str(out / "report.html"), fd_during_training=curve,
                       seconds_by_part={k: round(v, 2) for k, v in parts.items()}, threads=torch.get_num_threads())
-
 
 
 def save_side_by_side(panels: dict[str, Path], path: Path, scale: int = 2) -> None:
