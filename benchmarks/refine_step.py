@@ -20,14 +20,14 @@ CIFAR_SG2 = dict(z_dim=512, w_dim=512, c_dim=0, img_resolution=32, img_channels=
 
 def build(device: torch.device, label_dim: int = 0):
     from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
-    from gan_adapters.stylegan2_adapter import StyleGAN2Generator, StyleGAN2Options, _Snapshot
+    from gan_adapters.stylegan2_adapter import Snapshot, StyleGAN2Generator, StyleGAN2Options
     from refiner.jobs import trainable_copy
     from teachers.edm_loader import EDMTeacher
     from teachers.edm_precond import EDMPrecond
 
     torch.manual_seed(0)
     network = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), {**CIFAR_SG2, "c_dim": label_dim}))
-    generator = StyleGAN2Generator(network, _Snapshot({}, "benchmark"), StyleGAN2Options()).to(device).train()
+    generator = StyleGAN2Generator(network, Snapshot({}, "benchmark"), StyleGAN2Options()).to(device).train()
     teacher = EDMTeacher(EDMPrecond(**{**DDPMPP_CIFAR10, "label_dim": label_dim}).eval().to(device))
     return teacher, generator, trainable_copy(teacher)
 

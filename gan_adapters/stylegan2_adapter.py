@@ -86,7 +86,7 @@ class StyleGAN2Options:
         return options
 
 
-class _Snapshot:
+class Snapshot:
     """The loaded pickle (top-level dict of records), kept for writing back.
 
     Left as read (save() restores what it swaps in), so copies of the generator, such as the loop's
@@ -97,7 +97,7 @@ class _Snapshot:
         self.data = data
         self.name = name
 
-    def __deepcopy__(self, memo: dict) -> _Snapshot:
+    def __deepcopy__(self, memo: dict) -> Snapshot:
         return self
 
 
@@ -105,7 +105,7 @@ class StyleGAN2Generator(torch.nn.Module):
     """`Generator` interface over a StyleGAN2(-ADA) or StyleGAN3 G_ema. `.network` is the clean-room
     generator with the original forward(z, c, truncation_psi, truncation_cutoff, noise_mode, force_fp32)."""
 
-    def __init__(self, network: StyleGAN2Network | StyleGAN3Network, snapshot: _Snapshot, options: StyleGAN2Options):
+    def __init__(self, network: StyleGAN2Network | StyleGAN3Network, snapshot: Snapshot, options: StyleGAN2Options):
         super().__init__()
         self.network = network
         self.snapshot = snapshot
@@ -250,7 +250,7 @@ def stylegan2_from_snapshot(data: Any, options: StyleGAN2Options, name: str = "<
     network = build_network(record)
     network.load_state_dict(stored)
     network.eval()
-    adapter = StyleGAN2Generator(network, _Snapshot(data, name), options).eval()
+    adapter = StyleGAN2Generator(network, Snapshot(data, name), options).eval()
     return adapter.to(device) if device is not None else adapter
 
 

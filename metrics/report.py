@@ -1,5 +1,7 @@
 """The before / after report: `report.json` (numbers) and a self-contained `report.html` (table, image grids
-of the same seeds before and after, training curves; every image inlined as a base64 PNG)."""
+of the same seeds before and after beside the teacher's samples and real images when the run has them, the
+metrics measured during training as inline SVG curves, the training curves; every image inlined as a
+base64 PNG)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import PIL.Image
 
 from fileformats.atomic import atomic_write_text
 from metrics.images import ImageArray, image_grid
-from metrics.plots import Series, line_plot
+from metrics.plots import Series, line_plot, svg_line_plot
 
 # +1: higher is better, -1: lower is better, 0: neither (spread)
 DIRECTION = {"fid": -1, "kid": -1, "is_mean": +1, "is_std": 0, "fd": -1, "cs": +1}
@@ -65,7 +67,7 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weigh
 
 
 def _html(title: str, info: Mapping[str, object], rows: list[dict], grids: dict[str, str],
-          plots: dict[str, str]) -> str:
+          plots: dict[str, str], svgs: dict[str, str]) -> str:
     e = html.escape
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
            f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
@@ -83,9 +85,13 @@ def _html(title: str, info: Mapping[str, object], rows: list[dict], grids: dict[
                        f"</td><td>{fmt(r['after'])}</td><td>{change}</td><td>{pct}</td></tr>")
         out.append("</table>")
     if grids:
-        out.append("<h2>Samples (same seeds)</h2><div class='grids'>")
+        out.append("<h2>Samples (before and after: the same seeds)</h2><div class='grids'>")
         out += [f"<figure><figcaption>{e(k)}</figcaption><img class='grid' alt='{e(k)}' src='{uri}'></figure>"
                 for k, uri in grids.items()]
+        out.append("</div>")
+    if svgs:
+        out.append("<h2>Metrics during training</h2><div class='grids'>")
+        out += [f"<figure class='metric-curve'>{svg}</figure>" for svg in svgs.values()]
         out.append("</div>")
     if plots:
         out.append("<h2>Curves</h2>")
@@ -96,25 +102,33 @@ def _html(title: str, info: Mapping[str, object], rows: list[dict], grids: dict[
 
 def write_report(out_dir: str | os.PathLike, before: Mapping[str, float], after: Mapping[str, float], *,
                  grid_before: ImageArray | None = None, grid_after: ImageArray | None = None,
-                 curves: Mapping[str, Series] | None = None, xlabel: str = "kimg",
+                 reference_grids: Mapping[str, ImageArray] | None = None,
+                 curves: Mapping[str, Series] | None = None, metric_curves: Mapping[str, Series] | None = None,
+                 xlabel: str = "kimg",
                  title: str = "Diff-Instruct refinement", info: Mapping[str, object] | None = None
                  ) -> tuple[Path, Path]:
     """Write `report.json` and `report.html` into `out_dir` (atomically); returns their paths.
 
     before / after: metric dicts as `evaluate` returns them. grid_before / grid_after: uint8 images
-    [N, C, H, W] or [N, H, W, C] of the same seeds. curves: plot title -> {line name: (xs, ys)}, e.g.
-    {"loss": {"generator": (kimg, loss_g), "fake score": (kimg, loss_f)}, "FID": {"fid": (kimg, fid)}}.
-    info: free key/value lines shown at the top (sources, settings)."""
+    [N, C, H, W] or [N, H, W, C] of the same seeds. reference_grids: caption -> uint8 images shown beside
+    them (e.g. "teacher samples", "real images"). curves: plot title -> {line name: (xs, ys)}, e.g.
+    {"loss": {"generator": (kimg, loss_g), "fake score": (kimg, loss_f)}, "FID": {"fid": (kimg, fid)}}, drawn
+    as images; metric_curves: the same for metrics measured during training, drawn as inline SVG (one dot per
+    measurement). info: free key/value lines shown at the top (sources, settings)."""
     out_dir = Path(out_dir)
-    info, curves = dict(info or {}), dict(curves or {})
+    info, curves, metric_curves = dict(info or {}), dict(curves or {}), dict(metric_curves or {})
     rows = compare(before, after)
     grids = {name: _png_data_uri(image_grid(images)) for name, images in
-             (("before", grid_before), ("after", grid_after)) if images is not None}
+             (("before", grid_before), ("after", grid_after), *(reference_grids or {}).items())
+             if images is not None}
     plots = {name: _png_data_uri(line_plot(series, title=name, xlabel=xlabel, ylabel=name))
              for name, series in curves.items()}
+    svgs = {name: svg_line_plot(series, title=f"{LABELS.get(name, name)} during training", xlabel=xlabel,
+                                ylabel=LABELS.get(name, name)) for name, series in metric_curves.items()}
     data = dict(title=title, info={k: str(v) for k, v in info.items()}, metrics=rows,
                 curves={name: {line: dict(x=[_finite(x) for x in xs], y=[_finite(y) for y in ys])
-                               for line, (xs, ys) in series.items()} for name, series in curves.items()})
+                               for line, (xs, ys) in series.items()}
+                        for name, series in {**curves, **metric_curves}.items()})
     json_path = atomic_write_text(out_dir / "report.json", json.dumps(data, indent=2) + "\n")
-    html_path = atomic_write_text(out_dir / "report.html", _html(title, info, rows, grids, plots))
+    html_path = atomic_write_text(out_dir / "report.html", _html(title, info, rows, grids, plots, svgs))
     return json_path, html_path

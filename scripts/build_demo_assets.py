@@ -7,7 +7,7 @@
 `train` trains the classifier, the EDM teacher and the GAN (each time-boxed), draws the teacher's 18-step
 samples and scores everything into WORK/ (part-*.json record seeds, settings, wall times and the device;
 build.json adds the data's sha256). `finalize` writes the committed asset folder with one GAN snapshot
-(default: the rule of refiner.demo_build.select_snapshot) and CPU reference outputs. `sweep` runs the demo
+(default: the rule of refiner.demo.build.select_snapshot) and CPU reference outputs. `sweep` runs the demo
 on a few settings and records the FD reached every few steps: the evidence for the demo's defaults.
 
 The committed assets were made like this (the default time boxes):
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from fileformats.atomic import atomic_write_text
-from refiner.demo_build import PARTS, BuildSettings, build_part, finalize, merge_parts, select_snapshot
+from refiner.demo.build import PARTS, BuildSettings, build_part, finalize, merge_parts, select_snapshot
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +96,7 @@ DEFAULT_VARIANTS = [dict(job="refine"), dict(job="refine", p_mean=-1.2), dict(jo
 def sweep(work: Path, out: Path, variants: list[dict], steps: int, every: int, samples: int, device: str) -> None:
     """Run the demo (its own code path) for each variant, {job, lr, batch, loss, fake_lr, gan_kimg} with
     defaults from the job and the selection rule, recording FD and classifier score every `every` steps."""
-    from refiner.demo import JOBS, run_demo
+    from refiner.demo.runner import JOBS, run_demo
 
     build = merge_parts(work)
     chosen, _ = select_snapshot(build)
@@ -112,7 +112,7 @@ def sweep(work: Path, out: Path, variants: list[dict], steps: int, every: int, s
             config = replace(JOBS[job], steps=steps, snapshot_every=every, device=device, **variant)
             t0 = time.perf_counter()
             r = run_demo(Path(tmp) / "run", job=job, config=config, samples=samples, assets_path=assets,
-                         force=True, echo=lambda m: None, metrics_at_snapshots=True)
+                         force=True, echo=lambda m: None, curve_samples=samples)
             curve = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
             results.append({"job": job, "gan_kimg": kimg, **variant, "samples": samples,
                             "fd_before": round(r.fd_before, 4), "fd_teacher": round(r.fd_teacher, 4),

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from fileformats.errors import UserError
-from refiner.datasets import FASHION_MNIST
-from refiner.demo import DEFAULT_ASSETS, EVAL_SEED, load_assets, make_evaluator, score_images
-from refiner.demo_build import MAX_SHARE, MIN_SHARE, select_snapshot, teacher_samples
+from refiner.demo.assets import DEFAULT_ASSETS, EVAL_SEED, load_assets
+from refiner.demo.build import MAX_SHARE, MIN_SHARE, select_snapshot, teacher_samples
+from refiner.demo.fashion_mnist import FASHION_MNIST
+from refiner.demo.runner import make_evaluator, score_images
 
 
 @pytest.fixture(scope="module")

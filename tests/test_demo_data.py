@@ -1,4 +1,4 @@
-"""refiner.datasets: the IDX reader (on IDX files the tests write byte by byte), Fashion-MNIST lookup, the
+"""refiner.demo.fashion_mnist: the IDX reader (on IDX files the tests write byte by byte), Fashion-MNIST lookup, the
 checked download (from a local HTTP server) and the conversion to 32x32 images in [-1, 1]."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import refiner.datasets as ds
+import refiner.demo.fashion_mnist as ds
 from fileformats.errors import UserError
 from refiner.cli import cli
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from refiner.cli import cli
-from refiner.demo import GENERATOR_FORMAT, demo_generator
+from refiner.demo.assets import GENERATOR_FORMAT, demo_generator
 
 
 def test_twenty_refinement_steps_lower_the_training_set_fd(tmp_path: Path):

@@ -15,9 +15,9 @@ from gan_adapters.base import Generator
 from gan_adapters.loader import load_generator
 from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import (
+    Snapshot,
     StyleGAN2Generator,
     StyleGAN2Options,
-    _Snapshot,
     load_stylegan2,
     stylegan2_from_snapshot,
 )
@@ -64,7 +64,7 @@ def test_conditional_generator_labels(ref):
     case = torch.load(DATA / "sg2ada-arch.ref.pt", weights_only=True)["resnet_cond_clamp"]
     network = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), json.loads(case["init_kwargs"])))
     network.load_state_dict(case["state_dict"])
-    G = StyleGAN2Generator(network.eval(), _Snapshot({}, "memory"), StyleGAN2Options(force_fp32=True,
+    G = StyleGAN2Generator(network.eval(), Snapshot({}, "memory"), StyleGAN2Options(force_fp32=True,
                                                                                       noise_mode="const"))
     labels = G.sample_labels(6, torch.Generator().manual_seed(0))
     assert labels.shape == (6, 5) and torch.equal(labels.sum(dim=1), torch.ones(6))

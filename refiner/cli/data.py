@@ -19,7 +19,7 @@ def fashion_mnist(root: str | None) -> None:
     Looked for, in order: $REFINER_FASHION_MNIST, /usr/share/datasets/fashion-mnist (Debian/Ubuntu:
     apt-get install dataset-fashion-mnist), the download cache ($REFINER_CACHE, default ~/.cache/refiner).
     """
-    from refiner.datasets import download
+    from refiner.demo.fashion_mnist import download
 
     for name, path in download(root).items():
         click.echo(f"{name}: {path}")

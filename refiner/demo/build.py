@@ -4,7 +4,7 @@ stopped early on purpose) and a small domain classifier (metrics/classifier.py).
 
 Every trainer is time-boxed (`seconds`) and step-capped (`max_steps`), draws all its randomness from
 generators seeded by its config, and reports what it did (steps, images, seconds) for the manifest.
-`scripts/build_demo_assets.py` drives the whole build; refiner/demo.py loads the result.
+`scripts/build_demo_assets.py` drives the whole build; refiner.demo.assets loads the result.
 """
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ class _Work:
     """The work folder of a build: the data on the build device and file helpers."""
 
     def __init__(self, work: Path, settings: BuildSettings):
-        from refiner.datasets import load_split, to_images
+        from refiner.demo.fashion_mnist import load_split, to_images
 
         self.path, self.settings = work, settings
         self.device = torch.device(settings.device)
@@ -432,7 +432,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
                                     for kimg, state in snapshots.items()})
     elif part == "scores":
         from metrics.evaluate import generated_batches
-        from refiner.demo import EVAL_SEED, demo_generator
+        from refiner.demo.assets import EVAL_SEED, demo_generator
 
         config = json.loads((work / "part-classifier.json").read_text())["config"]
         classifier = DomainClassifier.from_state(config, w.load("classifier.pt")).to(w.device)
@@ -463,7 +463,7 @@ def build_part(part: str, work: Path, settings: BuildSettings, echo: Callable[[s
 def merge_parts(work: Path) -> dict[str, Any]:
     """build.json: settings, data hashes, versions, every part's report and the scores."""
     from fileformats.atomic import atomic_write_text
-    from refiner.datasets import data_hash
+    from refiner.demo.fashion_mnist import data_hash
 
     parts = {p: json.loads((work / f"part-{p}.json").read_text()) for p in PARTS}
     settings = parts["classifier"].pop("settings")
@@ -529,7 +529,7 @@ def finalize(work: Path, out: Path, gan_kimg: str, selection: str, extra: dict[s
     files, reference outputs and manifest.json. Returns the manifest."""
     from fileformats.atomic import atomic_copy, atomic_open, atomic_write_text
     from fileformats.sources import file_sha256
-    from refiner.demo import ASSETS_FORMAT, demo_generator
+    from refiner.demo.assets import ASSETS_FORMAT, demo_generator
 
     build = json.loads((work / "build.json").read_text())
     snapshots = torch.load(work / "gan_snapshots.pt", map_location="cpu", weights_only=True)

@@ -1,50 +1,37 @@
-"""The built-in demo (`refiner demo`, what `make demo` runs): the whole mission on real images, offline, on
-a laptop CPU in minutes.
-
-The committed assets (assets/demo/, built by scripts/build_demo_assets.py) hold a small EDM teacher and a
-small, deliberately under-trained StyleGAN2 generator, both trained on Fashion-MNIST (32x32, one channel),
-a Fashion-MNIST classifier whose penultimate features give a domain Fréchet distance (FD) and whose
-softmax gives a classifier score (metrics/classifier.py), reference statistics, and the teacher's own
-samples (18-step Heun sampler, 35 network calls each: made at build time, as on two CPU cores they would
-take longer than the whole demo).
+"""The demo run (`refiner demo`, what `make demo` runs): the whole mission on real images, offline, on a
+laptop CPU in minutes, with the committed assets (refiner.demo.assets).
 
 The demo measures FD and classifier score of the generator, of the teacher's samples and of real test
 images (the noise floor: one half of the test set against the statistics of the other half), refines the
 generator with the Diff-Instruct loop (job 'refine'), or distils the teacher into a one-step generator
-(job 'distill'), measures again and writes a report with grids of the same seeds before and after.
+(job 'distill'), measuring the FD at every quarter of the training too, measures again and writes a report
+with grids of the same seeds before and after beside the teacher's samples and real images, the FD curve,
+and where the wall time went (loading, scoring, training, report).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import psutil
 import torch
 from torch import nn
 
 from fileformats.atomic import atomic_open
 from fileformats.errors import UserError
-from fileformats.sources import file_sha256
-from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
-from gan_adapters.stylegan2_adapter import StyleGAN2Generator, StyleGAN2Options, _Snapshot
-from metrics.classifier import DomainClassifier, domain_scores, embed
+from metrics.classifier import domain_scores, embed
 from metrics.evaluate import generated_batches
 from metrics.images import quantize, save_image_grid
 from refiner.config import TrainConfig
+from refiner.demo.assets import DEFAULT_ASSETS, EVAL_SEED, DemoAssets, load_assets, save_demo_generator
 from refiner.losses import get_loss
 from refiner.realdata import RealData, TensorData, check_data_option, open_real_data
-from teachers.edm_loader import EDMTeacher, network_record
-from teachers.edm_precond import EDMPrecond
-
-DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-ASSETS_FORMAT = "refiner-demo-assets/1"
-GENERATOR_FORMAT = "refiner-demo-generator/1"
-EVAL_SEED = 1  # latents of the metric samples (the grids use seed 0, as every image job)
 
 # The demo's refinement: sized so that it ends in minutes on two CPU cores. From the sweep in the manifest
 # (`sweep`, 34 runs): σ drawn around 1 (ln σ ~ N(0, 1.2²)) rather than EDM's training distribution
@@ -56,87 +43,16 @@ DEMO_DISTILL = TrainConfig(steps=150, batch=16, lr=1e-4, fake_lr=1e-4, betas=(0.
                            fake_warmup=20, log_every=10, device="cpu")
 JOBS = {"refine": DEMO_REFINE, "distill": DEMO_DISTILL}
 
+# The FD during training: measured at every quarter of the steps, the first and the last point being the
+# measurements before and after (on --samples images); the points between on CURVE_SAMPLES images with the
+# same latents (a 2000-image measurement costs about as much as 40 training steps).
+CURVE_POINTS = 4
+CURVE_SAMPLES = 500
+GRID_IMAGES = 64  # images in each grid of the report
+
 
 def echo_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Assets
-
-@dataclass
-class DemoAssets:
-    """Everything the demo loads from assets/demo (manifest.json says what each file is)."""
-
-    path: Path
-    manifest: dict[str, Any]
-    teacher: EDMTeacher
-    classifier: DomainClassifier
-    stats: dict[str, np.ndarray]  # test_mu / test_cov (reference half of the test set), train_mu / train_cov
-    teacher_samples: torch.Tensor  # uint8 [N, 1, 32, 32]
-    generator_state: dict[str, torch.Tensor]
-    reference: dict[str, torch.Tensor]  # fixed inputs and the outputs the networks gave at build time
-
-    def generator(self, device: torch.device | str = "cpu") -> StyleGAN2Generator:
-        """A fresh trainable copy of the demo GAN behind the Generator interface."""
-        return demo_generator(self.manifest["networks"]["generator"]["config"], self.generator_state, device)
-
-
-def _load_tensors(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or git-lfs pointer file: say which and what to do
-        raise UserError(f"cannot read demo asset {path} ({type(e).__name__}: {e}); restore it from the "
-                        "repository or rebuild with scripts/build_demo_assets.py") from None
-
-
-def load_assets(path: str | Path | None = None, device: torch.device | str = "cpu", check: bool = True
-                ) -> DemoAssets:
-    """Load and (with `check`) verify the sha256 of every asset file against the manifest."""
-    path = Path(path) if path is not None else DEFAULT_ASSETS
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"no demo assets in {path} (manifest.json missing); give --assets DIR or rebuild "
-                        "them with scripts/build_demo_assets.py")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != ASSETS_FORMAT:
-        raise UserError(f"{manifest_path}: format {manifest.get('format')!r}, expected {ASSETS_FORMAT!r}; "
-                        "rebuild the assets with this version's scripts/build_demo_assets.py")
-    files = manifest["files"]
-    if check:
-        for name, digest in files.items():
-            if not (path / name).is_file() or file_sha256(path / name) != digest:
-                raise UserError(f"demo asset {path / name} is missing or differs from the manifest (sha256); "
-                                "restore it from the repository or rebuild with scripts/build_demo_assets.py")
-    nets = manifest["networks"]
-    teacher_net = EDMPrecond(**nets["teacher"]["init_kwargs"])
-    teacher_state = _load_tensors(path / nets["teacher"]["file"])
-    teacher_net.load_state_dict({k: v.float() for k, v in teacher_state.items()})
-    record = network_record(teacher_net.eval(), nets["teacher"]["init_kwargs"])
-    teacher = EDMTeacher(teacher_net.to(device), record)
-    classifier = DomainClassifier.from_state(nets["classifier"]["config"],
-                                             _load_tensors(path / nets["classifier"]["file"])).to(device)
-    stats = {k: v.numpy() for k, v in _load_tensors(path / manifest["stats"]["file"]).items()}
-    samples = _load_tensors(path / manifest["teacher_samples"]["file"])["images"]
-    return DemoAssets(path, manifest, teacher, classifier, stats, samples,
-                      _load_tensors(path / nets["generator"]["file"]),
-                      _load_tensors(path / manifest["reference"]["file"]))
-
-
-def demo_generator(config: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
-                   ) -> StyleGAN2Generator:
-    """The demo's StyleGAN2 (our format: config = the original constructor kwargs, state = its tensors)."""
-    network = StyleGAN2Network(GeneratorConfig.from_init_kwargs((), config))
-    network.load_state_dict({k: v.float() for k, v in state.items()})
-    return StyleGAN2Generator(network.eval(), _Snapshot({}, "demo generator"), StyleGAN2Options()).to(device)
-
-
-def save_demo_generator(generator: nn.Module, path: Path) -> None:
-    """Write a demo StyleGAN2 in our format (torch.load(weights_only=True) reads it)."""
-    network = generator.network
-    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    with atomic_open(path) as f:
-        torch.save({"format": GENERATOR_FORMAT, "config": network.cfg.to_init_kwargs(), "state": state}, f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,21 +82,47 @@ def score_images(assets: DemoAssets, images: torch.Tensor, reference: str = "tes
 
 
 def noise_floor(assets: DemoAssets, samples: int, reference: str, echo: Callable[[str], None]
-                ) -> tuple[dict[str, float], str]:
+                ) -> tuple[dict[str, float], str, torch.Tensor | None]:
     """Real test images (the half not in the reference) scored like a generator, live when Fashion-MNIST
-    is installed, else the value measured at build time. Returns (scores, where they come from)."""
-    from refiner.datasets import load_split, to_images
+    is installed, else the value measured at build time. Returns (scores, where they come from, the first
+    GRID_IMAGES of those images as uint8, or None without Fashion-MNIST)."""
+    from refiner.demo.fashion_mnist import load_split, to_images
 
     split = assets.manifest["split"]
     try:
         images, _ = load_split("test")
     except UserError:
         echo("  Fashion-MNIST is not installed: the noise floor is the value measured at build time")
-        return dict(assets.manifest["measured"]["floor"][reference]), "measured at build time"
+        return dict(assets.manifest["measured"]["floor"][reference]), "measured at build time", None
     held_out = torch.randperm(len(images), generator=torch.Generator().manual_seed(split["seed"]))
-    held_out = held_out[:split["held_out"]][:samples]
+    held_out = held_out[:split["held_out"]][:max(samples, GRID_IMAGES)]
     real = quantize(to_images(images[held_out.numpy()]))
-    return score_images(assets, real, reference), "live"
+    return score_images(assets, real[:samples], reference), "live", real[:GRID_IMAGES]
+
+
+def with_curve_snapshots(config: TrainConfig) -> TrainConfig:
+    """Snapshots (and so FD measurements) at every quarter of the steps, rounded up, unless the configuration
+    sets its own cadence. Snapshot callbacks run on a forked random state: the training does not change."""
+    if config.snapshot_every or config.steps < 2:
+        return config
+    return dataclasses.replace(config, snapshot_every=-(-config.steps // CURVE_POINTS),
+                               sources={**config.sources, "snapshot_every": "demo: a quarter of the steps"})
+
+
+def default_threads(physical_cores: int | None = None, usable_cpus: int | None = None,
+                    load: float | None = None, cap: int = 4) -> int:
+    """Threads for torch on this machine: the idle physical cores (physical cores usable by this process
+    minus the 1-minute load average, rounded), at least 1 and at most `cap` (the demo's networks are small:
+    more threads mostly add synchronisation). An idle 8-core laptop gets 4, a shared machine whose cores
+    are busy gets 1. Arguments default to psutil's and os's view of this machine."""
+    logical = psutil.cpu_count(logical=True) or 1
+    physical_cores = physical_cores or psutil.cpu_count(logical=False) or logical
+    if usable_cpus is None:
+        usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = min(physical_cores, usable_cpus)
+    return max(1, min(cap, round(cores - load)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,6 +145,9 @@ class DemoResult:
     batch: int
     seconds: float
     report: str
+    fd_during_training: list[dict[str, float]]  # {step, kimg, fd, cs, samples} from before to after
+    seconds_by_part: dict[str, float]  # loading, scoring, training, report, setup: sums to `seconds`
+    threads: int
 
     @property
     def fd_change_pct(self) -> float:
@@ -224,8 +169,16 @@ class DemoResult:
                  f"{self.samples} samples per metric, {self.seconds:.0f} s",
                  f"{'':28s}{'domain FD':>10s}{'class. score':>14s}",
                  *(f"{name:28s}{fd:10.3f}{cs:14.3f}   {note}".rstrip() for name, fd, cs, note in rows),
+                 "FD during training: " + ", ".join(f"step {p['step']:.0f} {p['fd']:.2f}"
+                                                    for p in self.fd_during_training) + self.curve_note(),
+                 f"time: {self.seconds:.0f} s on {self.threads} thread{'s' * (self.threads > 1)} = "
+                 + ", ".join(f"{part} {t:.0f} s" for part, t in self.seconds_by_part.items()),
                  f"report: {self.report}"]
         return "\n".join(lines)
+
+    def curve_note(self) -> str:
+        counts = sorted({p["samples"] for p in self.fd_during_training[1:-1]})
+        return f" (between first and last: {counts[0]:.0f} samples)" if counts and counts != [self.samples] else ""
 
 
 def demo_real_data(loss: str, data: str | None, teacher: nn.Module) -> RealData | None:
@@ -236,7 +189,7 @@ def demo_real_data(loss: str, data: str | None, teacher: nn.Module) -> RealData 
         return open_real_data(data, teacher.data_shape, teacher.label_dim)
     if not get_loss(loss).needs_data:
         return None
-    from refiner.datasets import load_split, to_images
+    from refiner.demo.fashion_mnist import load_split, to_images
 
     images, labels = load_split("train")
     one_hot = torch.eye(teacher.label_dim)[torch.from_numpy(labels)] if teacher.label_dim else None
@@ -245,16 +198,19 @@ def demo_real_data(loss: str, data: str | None, teacher: nn.Module) -> RealData 
 
 def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainConfig | None = None,
              samples: int = 2000, reference: str = "test", assets_path: str | Path | None = None,
-             force: bool = False, resume: bool = False, metrics_at_snapshots: bool = False,
+             force: bool = False, resume: bool = False, curve_samples: int = CURVE_SAMPLES,
              echo: Callable[[str], None] = echo_err, data: str | None = None) -> DemoResult:
-    """Measure, refine (or distil), measure again, write OUT/report.html; returns the numbers. `data`: real
-    images for the adversarial losses (default: Fashion-MNIST's training set)."""
+    """Measure, refine (or distil) measuring at every quarter of the steps (on min(samples, curve_samples)
+    images; the configuration's own snapshot_every, if set, instead), measure again, write OUT/report.html;
+    returns the numbers. `data`: real images for the adversarial losses (default: Fashion-MNIST's training
+    set)."""
     from gan_adapters.writeback import WriteBack
     from refiner.jobs import ImageJob, trainable_copy
     from teachers.base import resolve_device
 
     start = time.perf_counter()
-    config = (config or JOBS[job]).validate()
+    config = with_curve_snapshots((config or JOBS[job]).validate())
+    curve_samples = min(samples, curve_samples)
     device = resolve_device(config.device)
     out = Path(out)
     echo(f"demo: loading the assets ({assets_path or DEFAULT_ASSETS})")
@@ -262,9 +218,11 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     if samples > len(assets.teacher_samples):
         raise UserError(f"--samples {samples}: the assets hold {len(assets.teacher_samples)} teacher "
                         "samples; use at most that many")
+    loaded = time.perf_counter()
     echo(f"demo: scoring the teacher's samples and real test images ({samples} each)")
     teacher_scores = score_images(assets, assets.teacher_samples[:samples], reference)
-    floor_scores, floor_source = noise_floor(assets, samples, reference, echo)
+    floor_scores, floor_source, real_images = noise_floor(assets, samples, reference, echo)
+    scored = time.perf_counter()
     teacher = assets.teacher
     if job == "refine":
         generator = assets.generator(device)
@@ -277,25 +235,44 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     info = {"job": job, "data": "Fashion-MNIST, 32x32 (28 px padded), one channel",
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",
             "noise floor FD (real test images)": f"{floor_scores['fd']:.4f} ({floor_source})",
-            "metric": f"domain FD / classifier score, {samples} samples, reference: {reference} set"}
+            "metric": f"domain FD / classifier score, {samples} samples, reference: {reference} set",
+            "threads": torch.get_num_threads()}
+    if config.snapshot_every:
+        info["FD during training"] = (f"every {config.snapshot_every} steps on {curve_samples} samples (the same "
+                                      f"latents); the first and last points are the measurements before and "
+                                      f"after ({samples} samples)")
+    grids = {"teacher (18-step Heun)": assets.teacher_samples[:GRID_IMAGES].numpy()}
+    if real_images is not None:
+        grids["real test images"] = real_images.numpy()
     refine = job == "refine"
     image_job = ImageJob(config=config, generator=generator, teacher=teacher, fake=fake, out=out,
                          device=device, writer=WriteBack("generator-refined.pt", save_demo_generator) if refine
                          else WriteBack("generator-onestep.pkl"),
-                         evaluate=make_evaluator(assets, samples, reference),
-                         metrics_at_snapshots=metrics_at_snapshots,
-                         title=f"refiner demo ({job}): Fashion-MNIST", info=info, echo=echo, real_data=real_data)
+                         evaluate=make_evaluator(assets, samples, reference), metrics_at_snapshots=True,
+                         evaluate_at_snapshots=make_evaluator(assets, curve_samples, reference),
+                         reference_grids=grids, title=f"refiner demo ({job}): Fashion-MNIST", info=info,
+                         echo=echo, real_data=real_data)
     result = image_job.run(resume=resume, force=force)
-    save_image_grid(assets.teacher_samples[:64], out / "grid-teacher.png")
-    panels = {"before": out / "grid-before.png", "after": out / "grid-after.png",
-              "teacher (18-step Heun)": out / "grid-teacher.png"}
+    report_start = time.perf_counter()
+    panels = {"before": out / "grid-before.png", "after": out / "grid-after.png"}
+    for (name, images), file in zip(grids.items(), ("grid-teacher.png", "grid-real.png")):
+        save_image_grid(images, out / file)
+        panels[name] = out / file
     save_side_by_side(panels, out / "grids.png")
+    end = time.perf_counter()
+    parts = {"loading": loaded - start, "scoring": scored - loaded + result["seconds"].get("scoring", 0.0),
+             "training": result["seconds"].get("training", 0.0),
+             "report": result["seconds"].get("report", 0.0) + end - report_start}
+    parts["setup"] = max(0.0, end - start - sum(parts.values()))  # imports, network copies, run directory
+    curve = [{**point, "samples": samples if point["step"] in (0, result["steps"]) else curve_samples}
+             for point in image_job.metric_records()]
     return DemoResult(job=job, fd_before=result["before"]["fd"], fd_after=result["after"]["fd"],
                       fd_teacher=teacher_scores["fd"], fd_floor=floor_scores["fd"],
                       cs_before=result["before"]["cs"], cs_after=result["after"]["cs"],
                       cs_teacher=teacher_scores["cs"], cs_floor=floor_scores["cs"], floor_source=floor_source,
-                      samples=samples, steps=result["steps"], batch=config.batch,
-                      seconds=time.perf_counter() - start, report=str(out / "report.html"))
+                      samples=samples, steps=result["steps"], batch=config.batch, seconds=end - start,
+                      report=str(out / "report.html"), fd_during_training=curve,
+                      seconds_by_part={k: round(v, 2) for k, v in parts.items()}, threads=torch.get_num_threads())
 
 
 def save_side_by_side(panels: dict[str, Path], path: Path, scale: int = 2) -> None:
