@@ -215,3 +215,26 @@ def test_augmented_fake_step_with_a_discriminator(tmp_path):
     state = torch.load(out / "checkpoints" / "state-00000001.pt", weights_only=True)
     assert state["config"]["augment"] == 0.5 and {k.split(".")[0] for k in state["adversary"]} == {"head"}
 
+
+
+def test_refine_refuses_missing_unreadable_or_unused_data_with_one_line_and_writes_nothing(tmp_path):
+    from tests.helpers import write_edm_teacher
+
+    teacher = write_edm_teacher(tmp_path / "edm32.pkl")  # 32x32, unconditional, like the GAN
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    np.savez(tmp_path / "small.npz", x=np.zeros((2, 24, 24, 3), np.uint8))  # below the teacher's 32x32
+    np.savez(tmp_path / "ok.npz", x=np.zeros((2, 32, 32, 3), np.uint8))
+    out = tmp_path / "run"
+    for args, needle in [
+        (["--loss", "uni", "--divergence", "fkl"], "--loss uni with --divergence fkl trains a discriminator"),
+        (["--loss", "sida", "--data", str(tmp_path / "bad.npz")], "not a readable .npz"),
+        (["--loss", "uni", "--divergence", "js", "--data", str(tmp_path / "small.npz")], "cannot be area-downsampled"),
+        (["--loss", "sid", "--data", str(tmp_path / "ok.npz")], "--data is read by the losses that train a"),
+    ]:
+        result = CliRunner().invoke(cli, ["refine", "--generator", str(DATA / "sg2ada-small-uncond.pkl"), "--teacher",
+                                          str(teacher), "--out", str(out), "--steps", "1", "--batch", "2",
+                                          "--device", "cpu", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], (args, result.output)
+        assert not out.exists()
