@@ -173,13 +173,13 @@ def uni_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
     'uni'). For rkl the ratio is not needed and the loss is unchanged by it.
     Choices where the paper is open to us (or we could not read its details): (1) the terms of the gradient
     through r itself are dropped (h is stopped, like f-distill's weighting of the DMD gradient, Xu et al.
-    2025); (2) the weights are divided by their batch mean (self-normalised importance weights: E_q[r] = 1
-    for the exact ratio), which makes a constant error in the discriminator's bias harmless and keeps the
-    gradient's scale that of rkl; log r is clamped to [−10, 10]; (3) the discriminator is SiDA's
-    parameter-free head (the channel mean of the fake network's bottleneck, trained through the fake network
-    with SiDA's discriminator loss), and no adversarial term is added to the generator's loss; (4) SIM's
-    stop-gradient form rather than SiD's α form, SiD's per-sample normalisation, σ distributions and
-    σ_init 2.5. The divergence defaults to rkl because it needs no real data."""
+    2025); (2) the weights are divided by their batch mean (each process's own batch under data parallelism;
+    self-normalised importance weights: E_q[r] = 1 for the exact ratio), which makes a constant error in the
+    discriminator's bias harmless and keeps the gradient's scale that of rkl; log r is clamped to [−10, 10];
+    (3) the discriminator is SiDA's parameter-free head (the channel mean of the fake network's bottleneck,
+    trained through the fake network with SiDA's discriminator loss), and no adversarial term is added to the
+    generator's loss; (4) SIM's stop-gradient form rather than SiD's α form, SiD's per-sample normalisation,
+    σ distributions and σ_init 2.5. The divergence defaults to rkl because it needs no real data."""
     w = uni_weight(log_ratio, divergence)
     y = d_real - d_fake
     return _score_implicit(x, d_real, y if w is None else _per_sample(w.to(y), x) * y)
