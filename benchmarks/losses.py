@@ -6,8 +6,11 @@ on an EDM U-Net (the back-propagation through the networks' inputs shows there, 
 (`--demo refine,distill`; ~3.5 min per run on a free CPU): domain FD before/after and seconds, same steps,
 seeds and sample counts for every loss. Usage:
 
-    OMP_NUM_THREADS=1 python benchmarks/losses.py [--losses ikl,sid] [--targets ring,grid] [--steps N]
+    OMP_NUM_THREADS=1 python benchmarks/losses.py [--losses ikl,sid,uni:fkl] [--targets ring,grid] [--steps N]
                                                    [--demo refine,distill] [--demo-steps N] [--cost]
+
+A loss written `uni:fkl` / `uni:js` is uni with that --divergence (its density ratio from a discriminator on
+real samples: the toy's target, the demo's Fashion-MNIST training set).
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from refiner.config import resolve_config
 from refiner.losses import GENERATOR_LOSSES
 from refiner.toy import TOY_DEFAULTS, run_toy
 
+LOSSES = (*GENERATOR_LOSSES, "uni:fkl", "uni:js")
+
+
+def loss_options(label: str) -> dict[str, str]:
+    """The --loss (and --divergence) of a loss label: 'sid' or 'uni:fkl'."""
+    name, _, divergence = label.partition(":")
+    return {"loss": name, **({"divergence": divergence} if divergence else {})}
+
 
 def toy_row(loss: str, target: str, steps: int | None, seed: int) -> dict:
-    config = resolve_config(TOY_DEFAULTS, {"loss": loss, "device": "cpu", "steps": steps, "seed": seed})
+    config = resolve_config(TOY_DEFAULTS, {**loss_options(loss), "device": "cpu", "steps": steps, "seed": seed})
     with tempfile.TemporaryDirectory() as out:
         start = time.process_time()  # CPU time: comparable between losses on a shared machine
         result = run_toy(config, out, target=target)
@@ -76,7 +87,8 @@ def cost_rows(losses: list[str], teacher_path: str, batch: int, repeats: int) ->
 
 def demo_row(loss: str, job: str, steps: int | None) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        args = [sys.executable, "-m", "refiner", "demo", "--job", job, "--loss", loss, "--out", out, "--json"]
+        args = [sys.executable, "-m", "refiner", "demo", "--job", job, "--out", out, "--json"]
+        args += [a for k, v in loss_options(loss).items() for a in (f"--{k}", v)]
         args += ["--steps", str(steps)] if steps else []
         start = time.perf_counter()
         proc = subprocess.run(args, capture_output=True, text=True)
@@ -89,7 +101,7 @@ def demo_row(loss: str, job: str, steps: int | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--losses", default=",".join(GENERATOR_LOSSES))
+    ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--targets", default="ring,grid")
     ap.add_argument("--steps", type=int, default=None, help="toy steps (default: refiner toy's)")
     ap.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,11 @@ after the encoder where only the logits are needed (the decoder is not run).
   The head is trained with the fake-score network (DMD2's guidance optimiser holds both).
 - SiDA (Zhou et al. 2025, mingyuanzhou/SiD branch `sida`, sida_training/sida_networks.py): no parameters:
   the logits are the bottleneck's mean over channels, one per position ([N, 1, h, w]).
+- Uni-Instruct's density ratio (`uni --divergence fkl|js`, refiner.losses.uni_loss): SiDA's head and SiDA's
+  discriminator loss, used as a ratio estimator only: trained with the logistic loss to tell real images from
+  the generator's at the same σ, its logit estimates log p_σ/q_σ (the optimal discriminator is p/(p + q));
+  the per-sample log ratio is the mean of the logits over positions of the generator step's own fake pass on
+  x_t. It adds no adversarial term to the generator's loss.
 
 Where the loop differs from the authors' code: the generator's labels come from its own prior (uniform
 classes), the real images keep theirs (SiDA conditions the generator on the real batch's labels; DMD2 does
@@ -118,14 +123,15 @@ class ChannelMeanHead(nn.Module):
         return features.float().mean(dim=1, keepdim=True)
 
 
-HEADS = ("dmd2", "sida")
+HEADS = ("dmd2", "sida", "uni")
+_CHANNEL_MEAN = ("sida", "uni")  # the kinds with SiDA's parameter-free head and discriminator loss
 
 
 def make_head(kind: str, fake: nn.Module, seed: int) -> nn.Module:
     """The head for `fake`'s bottleneck; its shape is read from one encoder-only pass of one sample (in eval
     mode: no dropout draws), its initial weights (PyTorch's defaults, as DMD2) drawn from `seed`; the global
     random state is left as it was."""
-    if kind == "sida":
+    if kind in _CHANNEL_MEAN:
         return ChannelMeanHead()
     if kind != "dmd2":
         raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
@@ -182,8 +188,9 @@ def sida_discriminator_gan(logits_real: torch.Tensor, logits_fake: torch.Tensor,
 
 @dataclass(frozen=True)
 class GanOptions:
-    """`kind` 'dmd2' or 'sida'; the options of loss `kind` (refiner.losses registry, CLI names with '-'),
-    weights in the authors' units (see `Adversary`):
+    """`kind` 'dmd2', 'sida' or 'uni' (the density ratio of uni --divergence fkl|js: SiDA's discriminator,
+    no generator term); the options of loss `kind` (refiner.losses registry, CLI names with '-'), weights in
+    the authors' units (see `Adversary`):
 
     gen_weight (--gan-weight): DMD2 --gen_cls_loss_weight (ImageNet script 3e-3); SiDA --lsg_gan / --lsg
         (run_sida.sh: 0.01 / 100 = 1e-4; the loop's loss scale 100 is SiDA's --lsg).
@@ -220,6 +227,7 @@ class Adversary(nn.Module):
         self.tap = BottleneckTap(fake)
         grid = karras_schedule(KARRAS_LEVELS).flip(0).to(torch.float32)  # ascending, DMD2's karras_sigmas
         self.register_buffer("grid", grid[:max(options.noise_levels, 1)], persistent=False)
+        self.ratio_stats: dict[str, float] = {}
 
     def draws(self, n: int, data_shape: tuple[int, ...], generator: torch.Generator, count: int
               ) -> list[torch.Tensor]:
@@ -248,7 +256,7 @@ class Adversary(nn.Module):
         fake step's pass on x + σε (its bottleneck gives the fake logits); the real images get the same σ
         and ε. DMD2: fresh noise levels for both (`draws` from `draws(count=2)`)."""
         numel = x[0].numel()
-        if self.options.kind == "sida":
+        if self.options.kind in _CHANNEL_MEAN:
             logits_fake = self.head(self.tap.take())
             logits_real = self.head(self.tap.encode(fake, real + _per_sample(sigma, real) * noise, sigma,
                                                     real_labels))
@@ -261,14 +269,24 @@ class Adversary(nn.Module):
                  "d_fake": float(torch.sigmoid(logits_fake.detach()).mean())}
         return self.options.disc_weight * loss, stats
 
+    def log_ratio(self) -> torch.Tensor:
+        """Per-sample log p_σ/q_σ from the latest pass of the fake network: the logits' mean over positions."""
+        log_ratio = self.head(self.tap.take()).detach().flatten(1).mean(1)
+        self.ratio_stats = {"log_ratio": float(log_ratio.mean()), "log_ratio_std": float(log_ratio.std())
+                            if log_ratio.numel() > 1 else 0.0}
+        return log_ratio
+
     def generator_loss(self, fake: nn.Module, score_loss: torch.Tensor, x: torch.Tensor,
                        labels: torch.Tensor | None, draws: list[torch.Tensor], d_real: torch.Tensor,
                        kimg: float) -> tuple[torch.Tensor, dict[str, float]]:
         """The generator's total loss from its score loss. DMD2: score + w·C·H·W·softplus(−ℓ(x + σε)) with a
         fresh σ (`draws(count=1)`). SiDA: the logits of the score loss's own pass on x_t (with gradient to x),
         normalised by SiD's sg[mean|x − D_r|]; before `start_kimg` the score loss alone, then
-        0.5·score + 0.5·w·C·H·W·GAN."""
+        0.5·score + 0.5·w·C·H·W·GAN. Uni: the score loss unchanged (its pass's logits were read by
+        `log_ratio`)."""
         numel = x[0].numel()
+        if self.options.kind == "uni":
+            return score_loss, self.ratio_stats
         if self.options.kind == "sida":
             logits = self.head(self.tap.take())
             if kimg < self.options.start_kimg:
@@ -285,8 +303,10 @@ class Adversary(nn.Module):
 def gan_options(loss: str, options: dict[str, Any]) -> GanOptions | None:
     """The discriminator of loss `loss` with its resolved options (None for a loss without one)."""
     spec = get_loss(loss)
-    if not spec.needs_discriminator:
+    if not spec.uses_discriminator(options):
         return None
     o = spec.resolve(options)
+    if loss == "uni":  # a ratio estimator: SiDA's discriminator loss at weight 1 (SiDA --lsd), no generator term
+        return GanOptions(loss, 0.0, 1.0, noise_levels=0)
     return GanOptions(loss, o["gan_weight"], o["disc_weight"], noise_levels=o.get("gan_levels", 0),
                       start_kimg=o.get("gan_start_kimg", 0.0))

@@ -37,6 +37,8 @@ class TrainConfig:
     ema_rampup: float | None = 0.05
     loss: str = "ikl"
     loss_options: dict[str, Any] = field(default_factory=dict)  # the loss's own options (refiner.losses)
+    # A job's defaults for loss options, over the chosen loss's own where it takes them (`resolve_config`).
+    loss_option_defaults: dict[str, Any] = field(default_factory=dict)
     sigma: str = "lognormal"  # σ of the generator step (refiner.sigma.SIGMA_SAMPLERS)
     fake_sigma: str = SAME  # σ of the fake-score step: "same" as the generator step, or a sampler name
     # Options of the samplers (None: the sampler's default; an option neither sampler reads must be None).
@@ -63,7 +65,7 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
-    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources")
+    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults")
 
     def samplers(self) -> dict[str, str]:
         """The sampler of each step: {"generator": name, "fake": name}."""
@@ -161,9 +163,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16 else "fp32"
 
 
+# Loss options for runs that start from a trained generator or last a few kimg (refinement, the demo): SiDA's
+# adversarial term from the first generator step. SiDA delays it by 100 kimg (--gan-start-kimg) because its
+# one-step generator starts as a copy of the teacher; a refined GAN needs no delay, and a run of 64 kimg
+# (`refiner refine`'s default) or of 2.4-9.6 kimg (the demo) would otherwise never use the term at all.
+# The presets keep SiDA's 100.
+SHORT_RUN_LOSS_OPTIONS: dict[str, Any] = {"gan_start_kimg": 0.0}
+
 # `refiner refine`'s (and `refiner.train`'s) defaults: a short fine-tuning of a trained GAN.
 REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=10.0, snapshot_every=250,
-                              log_every=10)
+                              log_every=10, loss_option_defaults=SHORT_RUN_LOSS_OPTIONS)
 
 # The options of a training run by name (the CLI's, with underscores; refiner.train takes the same).
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
@@ -177,8 +186,9 @@ def _flag(name: str) -> str:
 
 def resolve_config(base: TrainConfig, given: dict[str, Any], preset_values: dict[str, Any] | None = None,
                    **extra: Any) -> TrainConfig:
-    """The run's TrainConfig: the job's defaults (`base`) → the preset's values → the loss's defaults →
-    the options the user gave (`given`, None = not given; beta1/beta2 and the loss options by name). An
+    """The run's TrainConfig: the job's defaults (`base`) → the preset's values → the loss's defaults (its
+    options: then the job's `loss_option_defaults` that it takes) → the options the user gave (`given`, None =
+    not given; beta1/beta2 and the loss options by name). An
     option that the chosen loss or σ samplers do not read is refused when the user gave it, and dropped
     when it came from a default. `sources` records where every value came from."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("extra", "sources")]
@@ -196,6 +206,9 @@ def resolve_config(base: TrainConfig, given: dict[str, Any], preset_values: dict
         values[k], sources[k] = v, f"loss {loss}"
     loss_options = dict(spec.options)
     sources.update({f"loss_options.{k}": f"loss {loss}" for k in spec.options})
+    for k, v in base.loss_option_defaults.items():
+        if k in spec.options:
+            loss_options[k], sources[f"loss_options.{k}"] = v, "default"
     users = loss_option_users()
     betas = list(values["betas"])
     for k, v in given.items():

@@ -147,7 +147,7 @@ class Trainer:
         self.echo = echo if self.rank == 0 else (lambda s: None)
         self.ema = copy.deepcopy(generator).requires_grad_(False).eval()
         # Adversarial losses: a discriminator head on the fake network's bottleneck, trained with it.
-        require_data(config.loss, real_data)
+        require_data(config.loss, real_data, config.loss_options)
         self.real_data = real_data
         options = gan_options(config.loss, config.loss_options)
         self.adversary = None if options is None else Adversary(options, fake, config.seed)
@@ -272,6 +272,7 @@ class Trainer:
             x = self.generator(z, c).float()
             parts: dict[str, torch.Tensor] = {}
             loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, fake, c, parts=parts,
+                                       discriminator=getattr(self.adversary, "log_ratio", None),
                                        **self.config.loss_options)
         gan_stats = {}
         if self.adversary is not None:

@@ -10,7 +10,8 @@ declaration of what it needs (gradients into x through the networks' inputs, rea
 and of its defaults (σ distributions, generator loss scale, σ_init for distillation, its own options). The loop
 and `generator_grad` both evaluate it with `generator_objective`, so a gradient checked here is the one the
 loop applies. An adversarial term (a discriminator on the fake network's features) adds to the score part
-in the loop; a loss that needs one says so with `needs_discriminator`.
+in the loop; a loss that needs one says so with `needs_discriminator` (or, for some of its options only,
+`discriminator_when`).
 """
 
 from __future__ import annotations
@@ -131,32 +132,57 @@ def sim_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma:
 
 
 UNI_DIVERGENCES = ("rkl", "fkl", "js")
+LOG_RATIO_CLAMP = 10.0  # |log r| at most this (SiDA clamps its discriminator logits to [−10, 10] likewise)
 
 
-def uni_weight(log_ratio: torch.Tensor | None, divergence: str, n: int) -> torch.Tensor:
-    """f″(r)·r² for r = p_σ/q_σ: 1 for reverse KL (f = −log r), r for forward KL (f = r log r),
-    r/(1 + r) for Jensen–Shannon (f = r log r − (1 + r) log((1 + r)/2)); r = 1 when no ratio is known."""
-    r = torch.ones(n) if log_ratio is None else log_ratio.detach().float().exp()
-    return {"rkl": torch.ones_like(r), "fkl": r, "js": r / (1 + r)}[divergence]
+def uni_weight(log_ratio: torch.Tensor | None, divergence: str) -> torch.Tensor | None:
+    """h(r) = f″(r)·r² for r = p_σ/q_σ, divided by its batch mean (self-normalised; see `uni_loss`):
+    reverse KL f = −log r: h = 1; forward KL f = r log r: h = r; Jensen–Shannon f = r log r − (1 + r) log((1 + r)/2):
+    h = r/(1 + r) = sigmoid(log r). None for rkl (no weight); a ValueError when fkl / js get no ratio."""
+    if divergence == "rkl":
+        return None
+    if log_ratio is None:
+        raise ValueError(f"--divergence {divergence} weighs samples by the density ratio p/q: give log_ratio (per "
+                         "sample log p/q, e.g. a discriminator's logit), or use --divergence rkl")
+    logit = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    h = logit.exp() if divergence == "fkl" else torch.sigmoid(logit)
+    return h / h.mean()
 
 
 def uni_loss(x: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor, sigma: torch.Tensor,
              divergence: str = "rkl", log_ratio: torch.Tensor | None = None) -> torch.Tensor:
-    """Uni-Instruct (Wang et al. 2025, arXiv 2505.20755), the score part. Its expansion of an f-divergence
-    along the diffusion (the generalised de Bruijn identity dD_f(p_σ‖q_σ)/dσ² = −½ E_q[f″(r) r² ‖s_p − s_q‖²],
-    r = p_σ/q_σ) makes the divergence a σ-integral of ratio-weighted Fisher divergences; its generator loss is
-    the score-implicit surrogate of `sim_loss` with d = ‖·‖² and the per-sample weight sg[f″(r)·r²]:
+    """Uni-Instruct (Wang et al. 2025, arXiv 2505.20755; no official code found), the score part, with the
+    density ratio of a discriminator for the forward-KL and Jensen–Shannon members.
 
-        L(θ) = (1/N) Σ_n sg[f″(r_n) r_n²] ⟨sg[D_r − D_f], D_r(x_t) − x⟩ / sg[mean|x − D_r|].
+    Derivation followed. p_σ = teacher (data) marginal, q_σ = the generator's, both diffused by x_t = x + σε;
+    r = p_σ/q_σ; D_f(p‖q) = E_q f(r). Along the heat flow ∂_{σ²} p = ½Δp (same for q) one has
+    d/dσ² D_f(p_σ‖q_σ) = −½ E_q[f″(r) ‖∇r‖²] = −½ E_q[h(r) ‖s_p − s_q‖²], h(r) = f″(r) r² (∇r = r (s_p − s_q)), so
+    the paper's diffusion expansion of the f-divergence (its Thm 3.1) reads
+        D_f(p_0‖q_0) = ½ ∫ E_{q_σ}[h(r) ‖s_p − s_q‖²] dσ²:
+    a σ-integral of Fisher divergences weighted by h(r), which is 1 for reverse KL (SIM/SiD's L2 case), r for
+    forward KL and r/(1 + r) for Jensen–Shannon. Its θ-gradient (the paper's Thm 3.2) has a part through the
+    scores, which SIM's score-projection identity makes tractable, and parts through r. We keep the former with
+    h(r) held fixed at the current ratio: the score-implicit surrogate of `sim_loss` with d = ‖·‖² and the
+    per-sample weight sg[h(r)]; in denoiser units y = D_r − D_f = σ²(s_p − s_q):
 
-    r comes from a density-ratio estimate (`log_ratio` = log r per sample, e.g. the logit of a discriminator
-    on x_t); without one r = 1, where every f gives the same weight and the loss is the Fisher (SiD/SIM-L2)
-    member. The weight is stopped: the gradient through r itself is not taken here.
-    Choices where we could not confirm the paper's details: the SIM form (stop-gradient on the score
-    difference, not SiD's α form), SiD's per-sample normalisation and σ distributions, σ_init 2.5; the
-    divergence defaults to reverse KL because it needs no ratio. `fkl` and `js` need the discriminator head."""
-    w = _per_sample(uni_weight(log_ratio, divergence, x.shape[0]).to(x.device), x)
-    return _score_implicit(x, d_real, w * (d_real - d_fake))
+        L(θ) = (1/N) Σ_n sg[h(r_n)/h̄] ⟨sg[D_r − D_f], D_r(x_t) − x⟩ / sg[mean|x − D_r|],   h̄ = (1/N) Σ_n h(r_n),
+
+    gradients into x directly and through the teacher's input. r comes from `log_ratio` (per sample log p/q at
+    x_t and σ): in the loop, the logit of a discriminator trained with the logistic loss to tell real images
+    (at the same σ) from the generator's, whose optimum is exactly log p_σ/q_σ (refiner.adversarial, kind
+    'uni'). For rkl the ratio is not needed and the loss is unchanged by it.
+    Choices where the paper is open to us (or we could not read its details): (1) the terms of the gradient
+    through r itself are dropped (h is stopped, like f-distill's weighting of the DMD gradient, Xu et al.
+    2025); (2) the weights are divided by their batch mean (each process's own batch under data parallelism;
+    self-normalised importance weights: E_q[r] = 1 for the exact ratio), which makes a constant error in the
+    discriminator's bias harmless and keeps the gradient's scale that of rkl; log r is clamped to [−10, 10];
+    (3) the discriminator is SiDA's parameter-free head (the channel mean of the fake network's bottleneck,
+    trained through the fake network with SiDA's discriminator loss), and no adversarial term is added to the
+    generator's loss; (4) SIM's stop-gradient form rather than SiD's α form, SiD's per-sample normalisation,
+    σ distributions and σ_init 2.5. The divergence defaults to rkl because it needs no real data."""
+    w = uni_weight(log_ratio, divergence)
+    y = d_real - d_fake
+    return _score_implicit(x, d_real, y if w is None else _per_sample(w.to(y), x) * y)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,6 +208,17 @@ class GeneratorLoss:
     check: Callable[[dict[str, Any]], str | None] = lambda options: None  # a message if options are invalid
     tensor_options: tuple[str, ...] = ()  # per-sample tensors the loop (a discriminator) may pass, not CLI options
     discriminator_options: tuple[str, ...] = ()  # of `options`: the discriminator's (refiner.adversarial), not fn's
+    # A loss that needs real data and a discriminator only with some of its options (uni --divergence fkl|js).
+    discriminator_when: Callable[[dict[str, Any]], bool] | None = None
+
+    def uses_discriminator(self, options: dict[str, Any] | None = None) -> bool:
+        """Whether a run with these options trains a discriminator on real data (and so needs --data)."""
+        return self.needs_discriminator or (self.discriminator_when is not None
+                                             and self.discriminator_when(self.resolve(options or {})))
+
+    def uses_data(self, options: dict[str, Any] | None = None) -> bool:
+        """Whether a run with these options reads real samples (--data, or the toy's target)."""
+        return self.needs_data or self.uses_discriminator(options)
 
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """Its options with defaults filled in; ValueError for an option it does not take."""
@@ -199,9 +236,6 @@ class GeneratorLoss:
 def _check_uni(o: dict[str, Any]) -> str | None:
     if o["divergence"] not in UNI_DIVERGENCES:
         return f"--divergence must be one of {', '.join(UNI_DIVERGENCES)} (got {o['divergence']!r})"
-    if o["divergence"] != "rkl" and o.get("log_ratio") is None:
-        return (f"--divergence {o['divergence']} weighs samples by the density ratio p/q, which needs a "
-                "discriminator head (not in this build); use --divergence rkl")
     return None
 
 
@@ -226,11 +260,11 @@ GENERATOR_LOSSES: dict[str, GeneratorLoss] = {spec.name: spec for spec in (
                   input_grad=True, drop_nonfinite=True, options={"huber_c": 0.00054},
                   defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
                   check=lambda o: None if o["huber_c"] > 0 else f"--huber-c must be > 0 (got {o['huber_c']})"),
-    GeneratorLoss("uni", uni_loss, "Uni-Instruct, score part (Wang et al. 2025)",
-                  "arXiv 2505.20755 (f-divergence expansion; no official code found)",
+    GeneratorLoss("uni", uni_loss, "Uni-Instruct, score part; fkl/js weighted by a discriminator's density ratio "
+                  "(Wang et al. 2025)", "arXiv 2505.20755 (f-divergence expansion; no official code found)",
                   input_grad=True, drop_nonfinite=True, options={"divergence": "rkl"}, tensor_options=("log_ratio",),
                   defaults={**_SID_SIGMA, "loss_scale": 1.0}, sigma_init=2.5,
-                  check=_check_uni),
+                  check=_check_uni, discriminator_when=lambda o: o["divergence"] != "rkl"),
     GeneratorLoss("dmd2", dmd_loss, "DMD2: dmd plus a GAN head on the fake network's bottleneck (Yin et al. 2024)",
                   "tianweiy/DMD2 main/edm/edm_guidance.py, train_edm.py, experiments/imagenet/*.sh",
                   needs_data=True, needs_discriminator=True,
@@ -301,18 +335,23 @@ def frozen(*modules: Any) -> Iterator[None]:
 
 def generator_objective(loss: str | GeneratorLoss, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
                         teacher: Callable, fake: Callable, labels: torch.Tensor | None = None,
-                        parts: dict[str, torch.Tensor] | None = None, **options: Any) -> torch.Tensor:
+                        parts: dict[str, torch.Tensor] | None = None,
+                        discriminator: Callable[[], torch.Tensor] | None = None, **options: Any) -> torch.Tensor:
     """The score part of generator loss `loss` for the batch x (what the loop back-propagates into G):
     x_t = x + σε; D_r, D_f at x_t, with gradients into x through their inputs when the loss asks for it and
     without any otherwise; non-finite samples dropped where the loss says so (the mean still divides by
     the whole batch, as SiD does); then the loss's function. `parts`, when given, receives D_r (a
-    discriminator term uses it). The discriminator's options are not the function's."""
+    discriminator term uses it). `discriminator`, when given, is called right after the fake network's pass on
+    x_t and returns the per-sample log p/q there (a discriminator on that pass's features) for a loss that
+    weighs by it (uni --divergence fkl|js). The discriminator's options are not the function's."""
     spec = loss if isinstance(loss, GeneratorLoss) else get_loss(loss)
     options = {k: v for k, v in spec.resolve(options).items() if k not in spec.discriminator_options}
     x_t = add_noise(x if spec.input_grad else x.detach(), sigma, noise)
     with frozen(teacher, fake), (contextlib.nullcontext() if spec.input_grad else torch.no_grad()):
         d_real = teacher(x_t, sigma, labels).float()
         d_fake = fake(x_t, sigma, labels).float()
+        if discriminator is not None and "log_ratio" in spec.tensor_options and options.get("log_ratio") is None:
+            options["log_ratio"] = discriminator().detach()
     if parts is not None:
         parts["d_real"] = d_real
     if spec.drop_nonfinite:
@@ -335,7 +374,7 @@ def generator_grad(name: str, x: torch.Tensor, sigma: torch.Tensor, noise: torch
     (ikl, dmd, sid, sim, uni) at noise levels σ [N] and noise ε (x's shape), computed by the code the loop
     uses (`generator_objective`). L is the batch mean of per-sample sums, so each row carries a 1/N.
     `teacher` and `fake` are Denoisers; `options` by their CLI names (alpha=1.2, huber_c=..., divergence=...;
-    uni also takes log_ratio, a per-sample log p/q)."""
+    uni with divergence fkl or js also takes log_ratio, a per-sample log p_σ/q_σ at x_t)."""
     x = x.detach().requires_grad_(True)
     loss = generator_objective(name, x, sigma, noise, teacher, fake, labels, **options)
     return torch.autograd.grad(loss, x)[0]

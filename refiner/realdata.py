@@ -11,7 +11,7 @@ agree with that in distribution and need no epoch state in the checkpoint).
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -130,18 +130,27 @@ def open_real_data(path: str | os.PathLike, data_shape: tuple[int, ...], classes
     return ImageData(open_image_set(path), tuple(data_shape), classes)
 
 
-def require_data(loss: str, data: object | None) -> None:
-    """A UserError when loss `loss` trains a discriminator on real samples and none are given (`data`: the
-    --data path or the opened data)."""
-    if get_loss(loss).needs_data and data is None:
-        raise UserError(f"--loss {loss} trains a discriminator on real images: give them with --data (an image "
+def _readers() -> str:
+    """The losses (and options) that read real images, for messages."""
+    names = [name for name, s in GENERATOR_LOSSES.items() if s.needs_data]
+    names += [f"{name} --divergence fkl|js" for name, s in GENERATOR_LOSSES.items() if s.discriminator_when]
+    return ", ".join(names)
+
+
+def require_data(loss: str, data: object | None, options: dict[str, Any] | None = None) -> None:
+    """A UserError when loss `loss` with its `options` trains a discriminator on real samples and none are
+    given (`data`: the --data path or the opened data)."""
+    spec = get_loss(loss)
+    if spec.uses_data(options) and data is None:
+        what = f"--loss {loss}" + ("" if spec.needs_data else " with " + ", ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in spec.resolve(options or {}).items()))
+        raise UserError(f"{what} trains a discriminator on real images: give them with --data (an image "
                         "folder, a dataset .zip with dataset.json labels, or an .npz of uint8 images)")
 
 
-def check_data_option(loss: str, path: str | None) -> None:
-    """--data must be given exactly when the loss reads real images."""
-    require_data(loss, path)
-    if path is not None and not get_loss(loss).needs_data:
-        readers = [name for name, s in GENERATOR_LOSSES.items() if s.needs_data]
-        raise UserError(f"--data is read by the adversarial losses ({', '.join(readers)}) only and this run uses "
-                        f"--loss {loss}; drop --data or choose one of them")
+def check_data_option(loss: str, path: str | None, options: dict[str, Any] | None = None) -> None:
+    """--data must be given exactly when the loss (with its options) reads real images."""
+    require_data(loss, path, options)
+    if path is not None and not get_loss(loss).uses_data(options):
+        raise UserError(f"--data is read by the losses that train a discriminator ({_readers()}) only and this "
+                        f"run uses --loss {loss}; drop --data or choose one of them")

@@ -212,3 +212,48 @@ def test_dmd2_terms_are_scaled_by_the_elements_per_sample():
     score = torch.tensor(1.5)
     total, _ = adversary.generator_loss(fake, score, x, None, draws[:2], x, kimg=0.0)
     assert total.item() == pytest.approx(1.5 + 0.5 * 2 * dmd2_generator_gan(lf).item(), rel=1e-5)
+
+
+def test_uni_generator_grad_with_a_fixed_ratio_head_equals_a_hand_computation():
+    # uni --divergence fkl|js: log r per sample = the channel mean of the fake MLP's last hidden layer on the
+    # generator step's own pass at x_t (a fixed, untrained head); teacher D_r = A x_t + b (exact Jacobian).
+    # ∂L_n/∂x = h_n/h̄ · (A − I)ᵀ (D_r − D_f) / (N · mean|x − D_r|),  h = r (fkl) or r/(1 + r) (js).
+    from refiner.losses import generator_objective
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 6, 2
+    a, b = torch.eye(d) * 0.8 + 0.1 * torch.randn(d, d, generator=g), torch.randn(d, generator=g)
+    teacher = lambda v, s, labels=None: v @ a.T + b  # noqa: E731
+    x, noise = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    sigma = torch.tensor([0.05, 0.2, 0.5, 1.0, 2.0, 4.0])
+    x_t = x + sigma[:, None] * noise
+    for divergence in ("fkl", "js"):
+        adversary, fake = _adversary("uni", divergence=divergence)
+        with torch.no_grad():
+            log_r = fake.net[:-1](torch.cat([x_t / (sigma[:, None] ** 2 + 0.25).sqrt(),
+                                             _noise_embedding(fake, sigma)], 1)).mean(1)
+            d_r, d_f = teacher(x_t, sigma), fake(x_t, sigma)
+        h = log_r.exp() if divergence == "fkl" else torch.sigmoid(log_r)
+        w = (x - d_r).abs().mean(1, keepdim=True)
+        expected = (h / h.mean())[:, None] * ((d_r - d_f) @ (a - torch.eye(d))) / w / n
+        xg = x.clone().requires_grad_(True)
+        loss = generator_objective("uni", xg, sigma, noise, teacher, fake, divergence=divergence,
+                                   discriminator=adversary.log_ratio)
+        torch.testing.assert_close(torch.autograd.grad(loss, xg)[0], expected, rtol=1e-5, atol=1e-7)
+        assert adversary.ratio_stats["log_ratio"] == pytest.approx(log_r.mean().item(), rel=1e-5)
+        # the generator's total loss is the score loss: no adversarial term
+        total, stats = adversary.generator_loss(fake, loss, xg, None, [], d_r, kimg=0.0)
+        assert total is loss and "log_ratio" in stats
+    assert list(adversary.head.parameters()) == [] and adversary.options.gen_weight == 0
+
+
+def test_uni_needs_a_discriminator_only_for_fkl_and_js():
+    from refiner.adversarial import gan_options
+    from refiner.losses import get_loss
+
+    uni = get_loss("uni")
+    assert gan_options("uni", {}) is None and not uni.uses_data({"divergence": "rkl"})
+    for divergence in ("fkl", "js"):
+        assert uni.uses_data({"divergence": divergence}) and uni.uses_discriminator({"divergence": divergence})
+        options = gan_options("uni", {"divergence": divergence})
+        assert (options.kind, options.gen_weight, options.disc_weight) == ("uni", 0.0, 1.0)

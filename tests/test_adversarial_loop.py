@@ -64,9 +64,10 @@ def test_loss_defaults_are_the_authors(loss):
         assert config.loss_options == {"alpha": 1.0, "gan_weight": 1e-4, "disc_weight": 1.0, "gan_start_kimg": 100.0}
 
 
-@pytest.mark.parametrize("loss", ["dmd2", "sida"])
+@pytest.mark.parametrize("loss", ["dmd2", "sida", "uni"])
 def test_head_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, loss):
-    config = _toy_config(loss, ratio=2, gan_start_kimg=0.0) if loss == "sida" else _toy_config(loss, ratio=2)
+    own = {"sida": {"gan_start_kimg": 0.0}, "uni": {"divergence": "fkl"}}.get(loss, {})
+    config = _toy_config(loss, ratio=2, **own)
     run_toy(config, tmp_path / "straight", samples=32)
     run_toy(replace(config, steps=2), tmp_path / "resumed", samples=32)
     run_toy(config, tmp_path / "resumed", samples=32, resume=True)
@@ -85,7 +86,9 @@ def test_head_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(tmp_
     else:
         assert a["adversary"] == {}  # SiDA's logits are the channel mean: no parameters
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
-    assert all("loss_disc" in r and "loss_gan" in r for r in log)
+    # uni: the discriminator only estimates the density ratio (no generator term)
+    generator_term = "log_ratio" if loss == "uni" else "loss_gan"
+    assert all("loss_disc" in r and generator_term in r for r in log)
 
 
 @pytest.mark.parametrize("loss", ["dmd2", "sida"])
@@ -106,8 +109,19 @@ def test_distill_without_data_refuses_and_writes_nothing(tmp_path):
         "Error: --loss dmd2 trains a discriminator on real images: give them with --data (an image folder, a "
         "dataset .zip with dataset.json labels, or an .npz of uint8 images)"]
     assert not out.exists()
-    result = _distill(out, "--loss", "ikl", "--steps", "1", "--data", str(_zip_dataset(tmp_path / "d.zip")))
-    assert result.exit_code == 2 and "--data is read by the adversarial losses (dmd2, sida) only" in result.output
+    data = str(_zip_dataset(tmp_path / "d.zip"))
+    for loss in (["--loss", "ikl"], ["--loss", "uni"]):
+        result = _distill(out, *loss, "--steps", "1", "--data", data)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            f"Error: --data is read by the losses that train a discriminator (dmd2, sida, uni --divergence fkl|js) "
+            f"only and this run uses {' '.join(loss)}; drop --data or choose one of them"]
+        assert not out.exists()
+    # uni's forward KL and JS members weigh by a density ratio: a discriminator trained on real images
+    result = _distill(out, "--loss", "uni", "--divergence", "js", "--steps", "1")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "Error: --loss uni with --divergence js trains a discriminator on real images: give them with --data (an "
+        "image folder, a dataset .zip with dataset.json labels, or an .npz of uint8 images)"]
     assert not out.exists()
 
 
@@ -117,11 +131,12 @@ def test_distill_without_data_refuses_and_writes_nothing(tmp_path):
     (lambda p: _zip_dataset(p / "d.zip", labels=(0, 1, 12)), "labels range over 0..12 but the teacher has 10"),
     (lambda p: (p / "d.npz").write_bytes(b"garbage"), "not a readable .npz"),
 ])
-def test_unreadable_or_mismatched_data_exits_2_with_one_line_and_nothing_written(tmp_path, make, needle):
+@pytest.mark.parametrize("loss", [["--loss", "sida"], ["--loss", "uni", "--divergence", "fkl"]], ids=["sida", "uni"])
+def test_unreadable_or_mismatched_data_exits_2_with_one_line_and_nothing_written(tmp_path, make, needle, loss):
     make(tmp_path)
     data = tmp_path / ("d.zip" if (tmp_path / "d.zip").exists() else "d.npz")
     out = tmp_path / "run"
-    result = _distill(out, "--loss", "sida", "--steps", "1", "--data", str(data))
+    result = _distill(out, *loss, "--steps", "1", "--data", str(data))
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
@@ -200,3 +215,26 @@ def test_augmented_fake_step_with_a_discriminator(tmp_path):
     state = torch.load(out / "checkpoints" / "state-00000001.pt", weights_only=True)
     assert state["config"]["augment"] == 0.5 and {k.split(".")[0] for k in state["adversary"]} == {"head"}
 
+
+
+def test_refine_refuses_missing_unreadable_or_unused_data_with_one_line_and_writes_nothing(tmp_path):
+    from tests.helpers import write_edm_teacher
+
+    teacher = write_edm_teacher(tmp_path / "edm32.pkl")  # 32x32, unconditional, like the GAN
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    np.savez(tmp_path / "small.npz", x=np.zeros((2, 24, 24, 3), np.uint8))  # below the teacher's 32x32
+    np.savez(tmp_path / "ok.npz", x=np.zeros((2, 32, 32, 3), np.uint8))
+    out = tmp_path / "run"
+    for args, needle in [
+        (["--loss", "uni", "--divergence", "fkl"], "--loss uni with --divergence fkl trains a discriminator"),
+        (["--loss", "sida", "--data", str(tmp_path / "bad.npz")], "not a readable .npz"),
+        (["--loss", "uni", "--divergence", "js", "--data", str(tmp_path / "small.npz")], "cannot be area-downsampled"),
+        (["--loss", "sid", "--data", str(tmp_path / "ok.npz")], "--data is read by the losses that train a"),
+    ]:
+        result = CliRunner().invoke(cli, ["refine", "--generator", str(DATA / "sg2ada-small-uncond.pkl"), "--teacher",
+                                          str(teacher), "--out", str(out), "--steps", "1", "--batch", "2",
+                                          "--device", "cpu", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], (args, result.output)
+        assert not out.exists()

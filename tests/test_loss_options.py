@@ -38,7 +38,8 @@ def test_every_training_command_offers_the_losses_and_refuses_what_they_do_not_u
                           (["--loss", "sid", "--huber-c", "0.1"], ["--huber-c", "loss sim"]),
                           (["--sigma", "karras", "--p-mean", "0"], ["--p-mean", "lognormal", "--sigma karras"]),
                           (["--loss", "sid", "--min-percent", "0.1"], ["--min-percent", "karras"]),
-                          (["--loss", "uni", "--divergence", "fkl"], ["--divergence fkl", "discriminator"]),
+                          (["--loss", "uni", "--divergence", "kl"], ["--divergence must be one of rkl, fkl, js"]),
+                          (["--loss", "sid", "--divergence", "fkl"], ["--divergence", "loss uni", "--loss sid"]),
                           (["--loss", "sid", "--alpha", "1", "--sigma", "karras", "--t-max", "500"], ["--t-max"])]:
         result = runner.invoke(cli, [*COMMANDS[command], "--out", str(out), *args])
         assert result.exit_code == 2, (command, args, result.output)
@@ -148,3 +149,25 @@ def test_sigma_init_comes_from_the_user_then_the_loss_then_the_preset():
     assert resolve_sigma_init(None, get_preset("cifar10-cond"), "ikl") == (1.0, "preset")
     assert resolve_sigma_init(None, get_preset("cifar10-cond"), "uni") == (2.5, "loss uni")
     assert resolve_sigma_init(3.0, get_preset("cifar10-cond-sid"), "sid") == (3.0, "user")
+
+
+def test_short_runs_start_sidas_adversarial_term_at_once_and_user_values_win():
+    # refinement (from a trained GAN) and the demo (2.4-9.6 kimg) would never reach SiDA's 100 kimg; the presets
+    # keep it (tests/test_adversarial_loop.py::test_adversarial_presets_follow_the_authors_scripts)
+    from dataclasses import replace
+
+    from refiner.config import REFINE_DEFAULTS, TrainConfig
+    from refiner.demo import JOBS
+
+    for base in (REFINE_DEFAULTS, *JOBS.values()):
+        config = resolve_config(base, {"loss": "sida"})
+        assert config.loss_options["gan_start_kimg"] == 0.0 and config.sources["loss_options.gan_start_kimg"] == \
+            "default"
+        assert resolve_config(base, {"loss": "dmd2"}).loss_options == {"gan_weight": 3e-3, "disc_weight": 1e-2,
+                                                                       "gan_levels": 1000}
+        assert resolve_config(base, {}).loss_options == {}
+    user = resolve_config(REFINE_DEFAULTS, {"loss": "sida", "gan_start_kimg": 5.0})
+    assert user.loss_options["gan_start_kimg"] == 5.0 and user.sources["loss_options.gan_start_kimg"] == "user"
+    assert resolve_config(TrainConfig(), {"loss": "sida"}).loss_options["gan_start_kimg"] == 100.0
+    # a checkpoint written before the job had these defaults still resumes (the effective options are compared)
+    assert replace(user, loss_option_defaults={}).differences(user) == []

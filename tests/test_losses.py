@@ -179,12 +179,31 @@ def test_generator_grad_of_sim_and_uni_goes_through_the_teachers_input_only():
     u = y / (y.square().sum(1, keepdim=True) + c * c).sqrt()
     got = generator_grad("sim", x, sigma, noise, teacher, fake, huber_c=0.3)
     assert torch.allclose(got, u @ (A - eye) / w / n, atol=1e-12)
-    # uni: the weight f''(r) r² = 1 (rkl), r (fkl), r / (1 + r) (js) on the L2 direction y
-    log_ratio = torch.tensor([-1.0, 0.0, 0.5, 2.0, -0.3, 1.0], dtype=torch.float64)
-    r = log_ratio.exp()[:, None]
-    for divergence, weight in (("rkl", torch.ones_like(r)), ("fkl", r), ("js", r / (1 + r))):
+    # uni: the weight h(r) = f''(r) r² = 1 (rkl), r (fkl), r / (1 + r) (js) over its batch mean, on the L2
+    # direction y; log r = 12 counts as 10 (the clamp)
+    log_ratio = torch.tensor([-1.0, 0.0, 0.5, 2.0, -0.3, 12.0], dtype=torch.float64)
+    r = log_ratio.clamp(max=10.0).exp()[:, None]
+    for divergence, h in (("rkl", torch.ones_like(r)), ("fkl", r), ("js", r / (1 + r))):
         got = generator_grad("uni", x, sigma, noise, teacher, fake, divergence=divergence, log_ratio=log_ratio)
-        assert torch.allclose(got, weight * (y @ (A - eye)) / w / n, atol=1e-12), divergence
+        assert torch.allclose(got, h / h.mean() * (y @ (A - eye)) / w / n, atol=1e-12), divergence
+
+
+def test_uni_reduces_to_its_reverse_kl_member_and_refuses_a_missing_ratio():
+    # rkl: the Fisher (SIM-L2) member, whatever ratio is given; fkl and js with a constant ratio (p = q up to a
+    # constant: every h(r) equal) give the same gradient, since the weights are self-normalised
+    teacher, fake, x, sigma, noise, d_r, d_f, w = _linear_case(11)
+    n, d = x.shape
+    expected = (d_r - d_f) @ (teacher.a.detach() - torch.eye(d, dtype=torch.float64)) / w / n
+    assert torch.allclose(generator_grad("uni", x, sigma, noise, teacher, fake), expected, atol=1e-12)
+    varied = torch.linspace(-3, 3, n, dtype=torch.float64)
+    assert torch.allclose(generator_grad("uni", x, sigma, noise, teacher, fake, divergence="rkl",
+                                         log_ratio=varied), expected, atol=1e-12)
+    for divergence in ("fkl", "js"):
+        got = generator_grad("uni", x, sigma, noise, teacher, fake, divergence=divergence,
+                             log_ratio=torch.full((n,), 0.7, dtype=torch.float64))
+        assert torch.allclose(got, expected, atol=1e-12), divergence
+        with pytest.raises(ValueError, match=f"--divergence {divergence} weighs samples by the density ratio"):
+            generator_grad("uni", x, sigma, noise, teacher, fake, divergence=divergence)
 
 
 def test_sim_reaches_the_fisher_divergence_and_sid_as_the_huber_constant_grows():

@@ -93,7 +93,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
         raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
                             dropout=dropout, teacher_dtype=teacher_dtype, data=data_src)
-    check_data_option(config.loss, data_src)
+    check_data_option(config.loss, data_src, config.loss_options)
     given_sigma_init = sigma_init
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
     config.extra["sigma_init"] = sigma_init

@@ -17,8 +17,9 @@ from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS
 LOSS_OPTION_HELP = {
     "alpha": "SiD's α in (D_r − D_f)·[(D_r − x) − α(D_r − D_f)] [loss sid: 1.2].",
     "huber_c": "SIM's pseudo-Huber constant per element: c = huber-c·√dim [loss sim: 0.00054].",
-    "divergence": "Uni-Instruct's f-divergence: rkl, fkl, js (fkl/js need a discriminator's density ratio) "
-                  "[loss uni: rkl].",
+    "divergence": "Uni-Instruct's f-divergence: rkl, fkl, js. fkl and js weigh each sample by f''(r)·r² of the "
+                  "density ratio r = p/q that a discriminator on the fake network's bottleneck estimates from "
+                  "real images (--data) [loss uni: rkl].",
     "gan_weight": "Weight of the generator's adversarial term, in the authors' units [loss dmd2: 3e-3 (DMD2 "
                   "--gen_cls_loss_weight); loss sida: 1e-4 (SiDA --lsg_gan 0.01 / --lsg 100)].",
     "disc_weight": "Weight of the discriminator's loss next to the fake-score loss [loss dmd2: 1e-2 (DMD2 "
@@ -201,7 +202,8 @@ def run_options(kwargs: dict[str, Any]) -> tuple[str, bool, bool]:
 def data_option(f: Callable) -> Callable:
     """--data: real images for the adversarial losses (what `refiner metrics` reads)."""
     return click.option("--data", "data_src", default=None, metavar="PATH",
-                        help="Real images for the adversarial losses (dmd2, sida): an image folder, a dataset .zip "
+                        help="Real images for the losses that train a discriminator (dmd2, sida, uni --divergence "
+                             "fkl|js): an image folder, a dataset .zip "
                              "with dataset.json labels (conditional teachers) or an .npz of uint8 images; "
                              "area-downsampled to the teacher's resolution.")(f)
 

@@ -80,7 +80,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
                                         ("truncation", truncation), ("sigma_init", sigma_init)) if v is not None}
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
                                  keep_G=keep_g, resize_to_teacher=resize_to_teacher, data=data_src, **family_options)
-    check_data_option(config.loss, data_src)
+    check_data_option(config.loss, data_src, config.loss_options)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
     backup = in_place_backup(generator_src) if in_place else None

@@ -28,7 +28,7 @@ from fileformats.errors import UserError
 from metrics.classifier import domain_scores, embed
 from metrics.evaluate import generated_batches
 from metrics.images import quantize, save_image_grid
-from refiner.config import TrainConfig
+from refiner.config import SHORT_RUN_LOSS_OPTIONS, TrainConfig
 from refiner.demo.assets import DEFAULT_ASSETS, EVAL_SEED, DemoAssets, load_assets, save_demo_generator
 from refiner.losses import get_loss
 from refiner.realdata import RealData, TensorData, check_data_option, open_real_data
@@ -38,9 +38,9 @@ from refiner.realdata import RealData, TensorData, check_data_option, open_real_
 # (N(−1.2, 1.2²)) is what made the FD fall steadily: at small σ the fake score's error, not the generator's,
 # dominates D_fake − D_teacher. Learning rates above 3e-4 or a faster fake network made the FD oscillate.
 DEMO_REFINE = TrainConfig(steps=600, batch=16, lr=3e-4, fake_lr=3e-4, betas=(0.0, 0.99), ema=0.0, p_mean=0.0,
-                          fake_warmup=20, log_every=10, device="cpu")
+                          fake_warmup=20, log_every=10, device="cpu", loss_option_defaults=SHORT_RUN_LOSS_OPTIONS)
 DEMO_DISTILL = TrainConfig(steps=150, batch=16, lr=1e-4, fake_lr=1e-4, betas=(0.0, 0.99), ema=0.0,
-                           fake_warmup=20, log_every=10, device="cpu")
+                           fake_warmup=20, log_every=10, device="cpu", loss_option_defaults=SHORT_RUN_LOSS_OPTIONS)
 JOBS = {"refine": DEMO_REFINE, "distill": DEMO_DISTILL}
 
 # The FD during training: measured at every quarter of the steps, the first and the last point being the
@@ -181,13 +181,13 @@ class DemoResult:
         return f" (between first and last: {counts[0]:.0f} samples)" if counts and counts != [self.samples] else ""
 
 
-def demo_real_data(loss: str, data: str | None, teacher: nn.Module) -> RealData | None:
+def demo_real_data(loss: str, data: str | None, teacher: nn.Module, options: dict | None = None) -> RealData | None:
     """Real images for the adversarial losses: --data, else the demo's own data, Fashion-MNIST's training set
     (padded to 32 px like the teacher's); None for the other losses."""
     if data is not None:
-        check_data_option(loss, data)
+        check_data_option(loss, data, options)
         return open_real_data(data, teacher.data_shape, teacher.label_dim)
-    if not get_loss(loss).needs_data:
+    if not get_loss(loss).uses_data(options):
         return None
     from refiner.demo.fashion_mnist import load_split, to_images
 
@@ -231,7 +231,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
         sigma_init = assets.manifest["distill"]["sigma_init"]
         generator = OneStepGenerator.from_teacher(teacher, sigma_init=sigma_init, name="demo teacher")
     fake = trainable_copy(teacher, config.augment > 0)
-    real_data = demo_real_data(config.loss, data, teacher)
+    real_data = demo_real_data(config.loss, data, teacher, config.loss_options)
     info = {"job": job, "data": "Fashion-MNIST, 32x32 (28 px padded), one channel",
             "teacher FD (18-step Heun samples)": f"{teacher_scores['fd']:.4f}",
             "noise floor FD (real test images)": f"{floor_scores['fd']:.4f} ({floor_source})",
