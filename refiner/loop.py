@@ -132,10 +132,12 @@ class _Compiled:
 class _Calls:
     """How the loop calls the generator, the teacher and the fake score: the modules themselves, or with
     --compile each through `_Compiled` (nn.Modules only; without a C++ compiler a CPU run warns and stays
-    eager). The modules, their parameters and modes are the same either way."""
+    eager). The modules, their parameters and modes are the same either way. With `shared_dropout` the
+    teacher and the fake score stay eager: compiled dropout draws from its own generator, so restoring the
+    RNG state would not give the two calls the same masks."""
 
     def __init__(self, generator: nn.Module, teacher: Callable, fake: nn.Module, compile: bool,
-                 device: torch.device, echo: Callable[[str], None]):
+                 device: torch.device, echo: Callable[[str], None], shared_dropout: bool = False):
         self.generator, self.teacher, self.fake = generator, teacher, fake
         if not compile:
             return
@@ -143,6 +145,9 @@ class _Calls:
             echo("warning: --compile needs a C++ compiler on CPU (none on PATH: set CXX or install g++); "
                  "running eagerly")
             return
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True  # dropout draws what eager draws: the same trajectory
         warned: list[str] = []
 
         def warn_once(message: str) -> None:
@@ -150,9 +155,11 @@ class _Calls:
                 warned.append(message)
                 echo(message)
 
-        self.generator, self.fake = _Compiled(generator, warn_once), _Compiled(fake, warn_once)
-        if isinstance(teacher, nn.Module):
-            self.teacher = _Compiled(teacher, warn_once)
+        self.generator = _Compiled(generator, warn_once)
+        if not shared_dropout:
+            self.fake = _Compiled(fake, warn_once)
+            if isinstance(teacher, nn.Module):
+                self.teacher = _Compiled(teacher, warn_once)
 
 
 @dataclass
@@ -217,7 +224,8 @@ class Trainer:
         self.opt_g = _adam([p for p in generator.parameters() if p.requires_grad], config.lr, config.betas)
         self.opt_f = _adam(self.fake_params, config.fake_lr, config.betas)
         self.reused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # --reuse-images: G's last batch
-        self.calls = _Calls(generator, teacher, fake, config.compile, device, self.echo)
+        self.calls = _Calls(generator, teacher, fake, config.compile, device, self.echo,
+                            shared_dropout=config.teacher_mode == "train-shared-dropout")
         self.rng = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(derived_seed(config.seed, f"global/{self.rank}"))  # CPU and every CUDA device
         self.teacher_id = getattr(teacher, "identity", None)  # recorded in checkpoints, checked on resume
