@@ -129,37 +129,26 @@ class _Compiled:
         return self.module(*args, **kwargs)
 
 
-class _Calls:
-    """How the loop calls the generator, the teacher and the fake score: the modules themselves, or with
-    --compile each through `_Compiled` (nn.Modules only; without a C++ compiler a CPU run warns and stays
-    eager). The modules, their parameters and modes are the same either way. With `shared_dropout` the
-    teacher and the fake score stay eager: compiled dropout draws from its own generator, so restoring the
-    RNG state would not give the two calls the same masks."""
+def _compile_networks(networks: dict[str, Callable], device: torch.device, echo: Callable[[str], None]
+                      ) -> dict[str, _Compiled]:
+    """--compile: each nn.Module of `networks` through `_Compiled` (one warning at most for all of them);
+    none without a C++ compiler on a CPU run (a warning; the loop stays eager). The modules, their parameters
+    and modes are the same either way; dropout in compiled code draws from torch's generator as eager does
+    (TorchInductor's fallback_random), so the trajectory is the eager one."""
+    if device.type == "cpu" and not _has_cxx_compiler():
+        echo("warning: --compile needs a C++ compiler on CPU (none on PATH: set CXX or install g++); running eagerly")
+        return {}
+    import torch._inductor.config as inductor_config
 
-    def __init__(self, generator: nn.Module, teacher: Callable, fake: nn.Module, compile: bool,
-                 device: torch.device, echo: Callable[[str], None], shared_dropout: bool = False):
-        self.generator, self.teacher, self.fake = generator, teacher, fake
-        if not compile:
-            return
-        if device.type == "cpu" and not _has_cxx_compiler():
-            echo("warning: --compile needs a C++ compiler on CPU (none on PATH: set CXX or install g++); "
-                 "running eagerly")
-            return
-        import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    warned: list[str] = []
 
-        inductor_config.fallback_random = True  # dropout draws what eager draws: the same trajectory
-        warned: list[str] = []
+    def warn_once(message: str) -> None:
+        if not warned:
+            warned.append(message)
+            echo(message)
 
-        def warn_once(message: str) -> None:
-            if not warned:
-                warned.append(message)
-                echo(message)
-
-        self.generator = _Compiled(generator, warn_once)
-        if not shared_dropout:
-            self.fake = _Compiled(fake, warn_once)
-            if isinstance(teacher, nn.Module):
-                self.teacher = _Compiled(teacher, warn_once)
+    return {name: _Compiled(module, warn_once) for name, module in networks.items() if isinstance(module, nn.Module)}
 
 
 @dataclass
@@ -224,8 +213,11 @@ class Trainer:
         self.opt_g = _adam([p for p in generator.parameters() if p.requires_grad], config.lr, config.betas)
         self.opt_f = _adam(self.fake_params, config.fake_lr, config.betas)
         self.reused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # --reuse-images: G's last batch
-        self.calls = _Calls(generator, teacher, fake, config.compile, device, self.echo,
-                            shared_dropout=config.teacher_mode == "train-shared-dropout")
+        # --compile; with shared dropout masks the teacher and the fake score stay eager (their masks come from
+        # restoring the RNG state between the two calls).
+        shared = config.teacher_mode == "train-shared-dropout"
+        compiled = {"generator": generator, **({} if shared else {"teacher": teacher, "fake": fake})}
+        self.compiled = _compile_networks(compiled, device, self.echo) if config.compile else {}
         self.rng = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(derived_seed(config.seed, f"global/{self.rank}"))  # CPU and every CUDA device
         self.teacher_id = getattr(teacher, "identity", None)  # recorded in checkpoints, checked on resume
@@ -252,6 +244,10 @@ class Trainer:
         dist.broadcast_module(self.ema)
         if self.adversary is not None:
             dist.broadcast_module(self.adversary)
+
+    def _call(self, name: str) -> Callable:
+        """How the loop calls network `name` (generator, teacher, fake): compiled with --compile, else itself."""
+        return self.compiled.get(name) or getattr(self, name)
 
     # -- randomness: global draws, local slices --------------------------------------------------------
     def _local(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -319,7 +315,7 @@ class Trainer:
         else:
             with torch.no_grad(), self._autocast():
                 self.generator.eval()
-                x = self.calls.generator(z, c).float()
+                x = self._call("generator")(z, c).float()
                 self.generator.train()
         augment: dict[str, torch.Tensor] = {}
         if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
@@ -327,7 +323,7 @@ class Trainer:
             x, augment["augment_labels"] = self.augment(x, params)
         self.fake.train()
         with self._autocast():
-            denoised = self.calls.fake(add_noise(x, sigma, noise), sigma, c, **augment).float()
+            denoised = self._call("fake")(add_noise(x, sigma, noise), sigma, c, **augment).float()
         loss = denoising_loss(denoised, x, sigma, self.sigma_data)
         stats = {"loss_fake": float(loss.detach())}
         if self.adversary is not None:
@@ -344,7 +340,7 @@ class Trainer:
     def generator_step(self) -> dict[str, float]:
         z, c, sigma, noise = self._draw(self.sigma_sampler)
         with self._autocast(), self._networks() as (teacher, fake):
-            x = self.calls.generator(z, c).float()
+            x = self._call("generator")(z, c).float()
             parts: dict[str, torch.Tensor] = {}
             loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, fake, c, parts=parts,
                                        **self.config.loss_options)
@@ -409,11 +405,11 @@ class Trainer:
             teacher.train(shared)
         try:
             if not shared:
-                yield self.calls.teacher, self.calls.fake
+                yield self._call("teacher"), self._call("fake")
             else:
                 memory: dict[str, torch.Tensor] = {}
-                yield (_SharedDropout(self.calls.teacher, self.device, memory, record=True),
-                       _SharedDropout(self.calls.fake, self.device, memory, record=False))
+                yield (_SharedDropout(self._call("teacher"), self.device, memory, record=True),
+                       _SharedDropout(self._call("fake"), self.device, memory, record=False))
         finally:
             if teacher is not None:
                 teacher.eval()
