@@ -4,6 +4,7 @@ plain implementation of Diff-Instruct's Algorithm 1 written out here, and the co
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,20 @@ def test_reuse_images_resumes_exactly(tmp_path: Path):
             for r in ("straight", "resumed"))
     assert a["reused"]["x"].shape == (32, 2)
     assert_states_equal({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+
+
+def test_the_options_reach_the_config_and_demo_has_them(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from refiner.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["toy", "--out", str(out), "--steps", "2", "--batch", "8", "--samples", "50",
+                                      "--reuse-images"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["reuse_images"] is True and config["compile"] is False
+    assert config["sources"]["reuse_images"] == "user"
+    for command in ("toy", "refine", "distill", "demo"):
+        text = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "--reuse-images" in text and "--compile" in text, command
