@@ -19,8 +19,11 @@ What one iteration is on each side (printed with the results):
 - `--match` runs the official loop with our settings (dropout probabilities set to 0, augmentation off),
   so both sides do the same work.
 
-Each side prints one JSON line; the summary gives mean s/iter, img/s and peak RSS (VmHWM) per side, peak
-GPU memory on CUDA, and the ratio ours / official of img/s.
+Each side prints one JSON line; the summary gives mean s/iter (wall and CPU process time), img/s and peak RSS
+(VmHWM) per side, peak GPU memory on CUDA, and the ratio ours / official of img/s.
+
+Measured (random CIFAR-10 DDPM++, batch 8, fp32, --threads 1 --iters 1 --warmup 1, a shared two-core machine, so
+CPU seconds compare): official 96.1 CPU s/iter, 3838 MB; ours 94.7 CPU s/iter, 3627 MB.
 """
 
 from __future__ import annotations
