@@ -4,9 +4,11 @@ attention at 16x16; random weights, built with our code), generator and fake sco
 
     python benchmarks/distill_step.py [--batch 8] [--iters 3] [--warmup 1]              # CPU
     python benchmarks/distill_step.py --device cuda --batch 128 --precision bf16,fp32     # GPU
+    OMP_NUM_THREADS=1 python benchmarks/distill_step.py --threads 1 [--reuse-images] [--compile]
 
 For each precision it runs `--warmup` iterations, then times `--iters` and prints img/s (generator
-images per second), seconds per iteration, peak resident memory of the process and, on CUDA, the peak
+images per second), seconds per iteration (wall clock, and the process's CPU time: on a shared machine
+compare `cpu_s_per_iter` at one thread), peak resident memory of the process and, on CUDA, the peak
 GPU memory of that precision's run; the teacher runs in the training precision (what `refiner distill`
 does). Also printed: generator steps skipped for non-finite gradients (fp16 loss scaling skips its
 first steps while the scale settles).
@@ -39,29 +41,32 @@ def build(device: torch.device, label_dim: int, **overrides):
     return teacher, generator, trainable_copy(teacher)
 
 
-def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> float:
-    """Seconds per call of `step` after `warmup` untimed calls (CUDA work synchronised at both ends)."""
+def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) per call of `step` after `warmup` untimed calls
+    (CUDA work synchronised at both ends)."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / iters, (time.process_time() - cpu) / iters
 
 
 def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
-    """(seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults: one fake-score step
-    and one generator step, `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
+    """((wall, CPU) seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults (and
+    `args.reuse_images`, `args.compile` where given): one fake-score step and one generator step,
+    `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
     from refiner.rundir import RunDir
 
     config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
-                         device=device.type, log_every=1)
+                         device=device.type, log_every=1, reuse_images=getattr(args, "reuse_images", False),
+                         compile=getattr(args, "compile", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
         if device.type == "cuda":
@@ -75,9 +80,11 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     from teachers.edm_loader import resolve_dtype
 
     teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
-    seconds, trainer = time_iteration(teacher, generator, fake, device, args, precision)
+    (seconds, cpu), trainer = time_iteration(teacher, generator, fake, device, args, precision)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
-              "s_per_iter": round(seconds, 4), "img_per_s": round(args.batch / seconds, 2),
+              "reuse_images": args.reuse_images, "compile": args.compile, "threads": torch.get_num_threads(),
+              "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
+              "img_per_s": round(args.batch / seconds, 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "skipped_generator": trainer.counters.skipped_generator,
               "skipped_fake": trainer.counters.skipped_fake}
@@ -97,7 +104,12 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--cond", action="store_true", help="10 classes (CIFAR-10 cond) instead of none")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reuse-images", action="store_true", help="the loop's --reuse-images")
+    parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     teacher, generator, fake = build(device, args)
     print(f"# {describe(teacher, generator, fake)}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

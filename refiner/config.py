@@ -58,6 +58,8 @@ class TrainConfig:
     precision: str = "auto"  # one of PRECISIONS; config.json records what auto became (for_device)
     teacher_mode: str = "eval"  # one of TEACHER_MODES
     augment: float = 0.0  # EDM AugmentPipe probability on the fake-score step (official: 0.12); 0 = off
+    reuse_images: bool = False  # the fake step after a generator step trains on its images (DMD2), not new ones
+    compile: bool = False  # torch.compile the three networks (eager where compiling fails)
     snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)
     log_every: int = 10
     device: str = "auto"
@@ -65,7 +67,8 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
-    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults")
+    RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults",
+                         "compile")
 
     def samplers(self) -> dict[str, str]:
         """The sampler of each step: {"generator": name, "fake": name}."""
@@ -177,7 +180,7 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 # The options of a training run by name (the CLI's, with underscores; refiner.train takes the same).
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
                  "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2", "teacher_mode",
-                 "augment", *ALL_SAMPLER_OPTIONS, *loss_option_users())
+                 "augment", "reuse_images", "compile", *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 
 def _flag(name: str) -> str:

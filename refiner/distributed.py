@@ -149,3 +149,12 @@ def broadcast_module(module: nn.Module) -> None:
     if td.is_initialized() and td.get_world_size() > 1:
         for t in list(module.parameters()) + list(module.buffers()):
             td.broadcast(t.data, src=0)
+
+
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Every process's `t` (same shape on each) concatenated along dim 0 in rank order; `t` with one process."""
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(td.get_world_size())]
+    td.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

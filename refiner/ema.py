@@ -17,8 +17,11 @@ def ema_beta(batch: int, cur_nimg: int, halflife_kimg: float, rampup_ratio: floa
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """ema ← β·ema + (1 − β)·model for parameters; buffers are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
+    """ema ← β·ema + (1 − β)·model for parameters (one multi-tensor lerp, no copies where the dtypes agree);
+    buffers are copied."""
+    pairs = [(p_ema, p.detach() if p.dtype == p_ema.dtype else p.detach().to(p_ema.dtype))
+             for p_ema, p in zip(ema.parameters(), model.parameters())]
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
