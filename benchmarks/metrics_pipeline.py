@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics.detector import load_detector
 from metrics.evaluate import evaluate, generated_batches
 from metrics.features import FeatureCollector, collect

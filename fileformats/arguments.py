@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Callable
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 OUT_ADVICE = "choose another --out"  # where else to write, for files of a run or a command's output
 TEMP_NAME = re.compile(r"^\..+\.tmp$")  # .NAME.XXXXXXXX.tmp, as atomic_open and atomic_folder name them

@@ -19,8 +19,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 
 
 @dataclass(frozen=True)

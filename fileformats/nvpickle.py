@@ -43,8 +43,8 @@ from typing import IO, Any, Union
 import numpy as np
 import torch
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open
-from fileformats.errors import UserError
 from fileformats.sources import open_source
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]

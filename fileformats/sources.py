@@ -34,8 +34,8 @@ from typing import IO
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open, remove_stale_temps
-from fileformats.errors import UserError
 from fileformats.progress import Progress
 
 DEFAULT_TIMEOUT = 60.0  # seconds to connect, to get an answer, and without progress while receiving

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import UserError
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.atomic import atomic_folder, atomic_write
-from fileformats.errors import UserError
 from fileformats.torchfiles import save_legacy
 from gan_adapters.base import uniform_one_hot
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Union
 
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from fileformats.torchfiles import is_torch_checkpoint, local_path
 from gan_adapters.base import Generator
 from gan_adapters.biggan import is_biggan_folder, load_biggan

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
 from teachers import edm2
 from teachers.edm_layers import UNetBlock

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from fileformats.arguments import shape_mismatch
-from fileformats.errors import UserError
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator, onestep_from_snapshot
 from teachers import edm2
 from teachers.edm_layers import skip_init

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 
 def area_factor(height: int, width: int, size: int) -> int:

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
-from fileformats.errors import UserError
 from gan_adapters.base import standard_normal, uniform_one_hot
 from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network

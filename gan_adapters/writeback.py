@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.atomic import atomic_copy
-from fileformats.errors import UserError
 from fileformats.torchfiles import is_torch_checkpoint
 from gan_adapters.biggan import BigGANGenerator
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator

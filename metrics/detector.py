@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from fileformats.sources import open_source
 from metrics.frontends import FRONTENDS
 from metrics.inception import NUM_FEATURES, FIDInception, build, from_nvidia_names

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from fileformats.progress import Progress
 from metrics.stats import FeatureStats, Reservoir
 

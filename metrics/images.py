@@ -25,8 +25,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open
-from fileformats.errors import UserError
 from fileformats.sources import file_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 NUM_FEATURES = 2048
 NUM_CLASSES = 1008

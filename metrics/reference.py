@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open, remove_stale_temps
-from fileformats.errors import UserError
 from fileformats.sources import CACHE_ADVICE, STALE_TEMP_AGE, cache_root
 from metrics.features import FeatureCollector, collect
 from metrics.images import ImageSet, open_image_set

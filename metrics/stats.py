@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.losses import _mean_abs, _per_sample, edm_weight, frozen, get_loss
 from teachers.edm_unets import UNETS
 from teachers.mlp import MLPDenoiser

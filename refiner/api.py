@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 
 def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, resume: bool = False,
@@ -35,11 +35,11 @@ def train(generator: nn.Module, teacher: nn.Module, out: str | os.PathLike, *, r
     underscores (`steps`, `batch`, `seed`, `lr`, `fake_lr`, `loss`, `alpha`, `sigma`, `p_mean`, `ema`,
     `snapshot_every`, `device`, ...; `refiner refine --help` lists them), with `refine`'s defaults. The
     refined generator is also written to `out` at every snapshot, as `refine` does."""
+    from common.devices import resolve_device
     from gan_adapters.writeback import writeback_for
     from refiner import distributed as dist
     from refiner.config import REFINE_DEFAULTS, TRAINING_KEYS, resolve_config
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
-    from teachers.base import resolve_device
 
     unknown = sorted(set(options) - set(TRAINING_KEYS))
     if unknown:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.losses import GENERATOR_LOSSES, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 

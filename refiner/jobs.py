@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import UserError
 from fileformats.atomic import append_text
-from fileformats.errors import UserError
 from gan_adapters.base import seeded_global_rng
 from gan_adapters.writeback import WriteBack
 from metrics.evaluate import generated_batches

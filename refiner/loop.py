@@ -41,7 +41,7 @@ import psutil
 import torch
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from fileformats.progress import Progress
 from gan_adapters.base import derived_seed
 from refiner import distributed as dist

@@ -21,7 +21,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.config import TrainConfig
 
 

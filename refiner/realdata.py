@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics.images import ImageSet, open_image_set
 from refiner.losses import GENERATOR_LOSSES, get_loss
 

@@ -18,8 +18,8 @@ from typing import IO, Any, Callable
 import numpy as np
 import torch
 
+from common.errors import UserError
 from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
-from fileformats.errors import UserError
 from refiner import distributed as dist
 from refiner.config import TrainConfig
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, ImageDraw
 
+from common.devices import resolve_device
 from fileformats.atomic import atomic_open, atomic_write_text
 from gan_adapters.mlp import MLPGenerator
 from metrics.energy import energy_distance, modes_covered
@@ -24,7 +25,6 @@ from refiner.loop import Trainer
 from refiner.realdata import TargetData
 from refiner.rundir import RunDir, open_run
 from teachers.analytic import GaussianMixtureDenoiser, grid, ring
-from teachers.base import resolve_device
 from teachers.mlp import MLPDenoiser
 
 TARGETS: dict[str, Callable[[], GaussianMixtureDenoiser]] = {"ring": lambda: ring(std=0.1), "grid": grid}

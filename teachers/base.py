@@ -14,8 +14,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from fileformats.errors import UserError
-
 
 @runtime_checkable
 class Denoiser(Protocol):
@@ -43,22 +41,3 @@ def score(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
     sigma = as_sigma(sigma, x)
     s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
     return (denoiser(x, sigma, labels) - x) / s**2
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CPU; 'auto' -> CUDA when available, else CPU; a CUDA device this machine lacks is a UserError.
-    The one check of a --device value, for every command."""
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {device} requested but this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from teachers import edm_layers
 from teachers.edm_precond import precond_inputs
 

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.devices import resolve_device
+from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
-from fileformats.errors import UserError
 from fileformats.sources import file_sha256, open_source
 from fileformats.torchfiles import is_torch_checkpoint
 from teachers import edm2
-from teachers.base import as_sigma, resolve_device
+from teachers.base import as_sigma
 from teachers.edm_layers import skip_init
 from teachers.edm_precond import PRECONDS, Precond
 

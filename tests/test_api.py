@@ -46,7 +46,7 @@ def test_readme_example_refines_writes_back_and_measures(tmp_path: Path):
 
 def test_unknown_option_is_refused(tmp_path: Path):
     import refiner
-    from fileformats.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="unknown options \\['stepz'\\]"):
         refiner.train(None, None, tmp_path, stepz=3)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from common.errors import UserError
 from fileformats.atomic import append_text, atomic_open, atomic_write_text, remove_stale_temps
-from fileformats.errors import UserError
 from refiner.cli import cli
 from refiner.config import TrainConfig
 from refiner.rundir import RunDir

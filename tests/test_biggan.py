@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from gan_adapters.base import Generator
 from gan_adapters.biggan import (
     BigGANGenerator,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.demo.assets import DEFAULT_ASSETS, EVAL_SEED, load_assets
 from refiner.demo.build import MAX_SHARE, MIN_SHARE, select_snapshot, teacher_samples
 from refiner.demo.fashion_mnist import FASHION_MNIST

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import refiner.demo.fashion_mnist as ds
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.cli import cli
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
 from refiner.cli import cli

@@ -14,8 +14,8 @@ from helpers import DATA, write_edm2_teacher
 from metrics_helpers import StandInDetector
 
 import refiner.cli.metrics as cli_metrics
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
 from refiner.cli import cli

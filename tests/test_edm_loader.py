@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from teachers.base import Denoiser
 from teachers.edm_loader import (
     EDMTeacher,

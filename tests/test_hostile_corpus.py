@@ -22,9 +22,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from common.errors import UserError
 from fileformats import module_sources, nvpickle
 from fileformats.arguments import check_ranges, meta_shapes, shape_mismatch
-from fileformats.errors import UserError
 from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import ARGUMENT_BOUNDS as SG2_BOUNDS
 from refiner.cli import cli

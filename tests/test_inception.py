@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics import detector as det
 from metrics.frontends import nvidia, pytorch_fid
 from metrics.inception import FIDInception, conv_names

@@ -7,7 +7,7 @@ import pytest
 import torch
 from metrics_helpers import StandInDetector, TinyGenerator, random_images, write_folder
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics.evaluate import MetricRequest, evaluate, generated_batches, parse_metrics
 from metrics.images import quantize
 from metrics.reference import ReferenceStats, detector_fingerprint, load_reference

@@ -12,7 +12,7 @@ import pytest
 import torch
 from metrics_helpers import random_images, write_folder
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics.images import image_grid, open_image_set, quantize, save_image_grid, to_rgb
 
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from metrics.stats import FeatureStats, Reservoir, fid, inception_score, kid
 
 METHODS = ["sqrtm", "eig"]

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from fileformats.nvpickle import EasyDict, PersistentObject
 
 DATA = Path(__file__).parent / "data"

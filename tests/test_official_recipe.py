@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from gan_adapters.onestep import OneStepGenerator
 from refiner.augment import AugmentPipe
 from refiner.cli import cli

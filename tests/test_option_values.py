@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from gan_adapters.mlp import MLPGenerator
 from refiner.cli import cli
 from refiner.cli.sample import check_memory, parse_seeds

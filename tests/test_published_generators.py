@@ -21,7 +21,7 @@ from helpers import DATA, seeded_state_dict
 from metrics_helpers import StandInDetector, random_images, write_folder
 
 import refiner.cli.metrics as cli_metrics
-from fileformats.errors import UserError
+from common.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
 from gan_adapters.published import cm_to_edm_names, infer_consistency_unet, infer_edm_dhariwal

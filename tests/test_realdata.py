@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner.realdata import TargetData, open_real_data, require_data
 from teachers.analytic import ring
 

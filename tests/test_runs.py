@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 import refiner.cli.metrics as cli_metrics
 import refiner.loop as loop
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import OneStepGenerator
 from gan_adapters.writeback import replace_input

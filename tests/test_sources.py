@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from fileformats.sources import cached_path, content_problem, open_source
 
 BODY = pickle.dumps({"weights": bytes(range(256)) * 40, "name": "net"}, protocol=4)  # ~10 KiB pickle

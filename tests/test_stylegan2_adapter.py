@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.base import Generator
 from gan_adapters.loader import load_generator
 from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network

@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.stylegan2 import SG2ADA_REPO, SG3_REPO, GeneratorConfig
 from gan_adapters.stylegan2_adapter import STYLEGAN3, build_network, stylegan_kind

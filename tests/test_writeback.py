@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters.loader import load_generator
 from gan_adapters.resize import Resized
 from gan_adapters.writeback import in_place_backup, replace_input, writeback_for

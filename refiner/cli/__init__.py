@@ -7,8 +7,8 @@ import sys
 
 import click
 
+from common.errors import UserError
 from fileformats.atomic import os_error_message
-from fileformats.errors import UserError
 
 # command name -> module that defines `command` (a click.Command). Imported on first use.
 COMMANDS: dict[str, str] = {

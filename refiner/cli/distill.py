@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
@@ -79,11 +79,11 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     and SiD code load; plus grid-NNNNNNNNN.png of fixed seeds. At the end: grid-before/after.png,
     log.jsonl and report.html. Several GPUs: torchrun --nproc_per_node N -m refiner distill ...
     """
+    from common.devices import resolve_device
     from gan_adapters.loader import load_generator
     from gan_adapters.onestep import OneStepGenerator, set_dropout
     from gan_adapters.writeback import writeback_for
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
-    from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
     preset = get_preset(preset_name)

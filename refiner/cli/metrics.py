@@ -6,10 +6,10 @@ import json
 
 import click
 
-from fileformats.errors import UserError
+from common.devices import resolve_device
+from common.errors import UserError
 from metrics.evaluate import evaluate, parse_metrics
 from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED, fetch_source, sha256_option
-from teachers.base import resolve_device
 
 DEFAULT_IMAGE_METRICS = "fid,is"
 DEFAULT_GENERATOR_METRICS = "fid50k_full,is50k"

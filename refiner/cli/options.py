@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from fileformats.errors import UserError
+from common.errors import UserError
 from fileformats.sources import check_sha256_text, is_url, open_source
 from refiner.config import PRECISIONS, TEACHER_MODES, TRAINING_KEYS, TrainConfig, resolve_config
 from refiner.losses import GENERATOR_LOSSES, describe_losses, loss_option_users
@@ -109,7 +109,7 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from teachers.base import resolve_device
+        from common.devices import resolve_device
 
         try:
             resolve_device(str(value))

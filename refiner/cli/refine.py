@@ -68,11 +68,11 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     OUT/biggan-refined (BigGAN-deep) at every snapshot and at the end, before/after grids of the same
     seeds, log.jsonl, checkpoints and report.html. StyleGAN2 truncation is off during training.
     """
+    from common.devices import resolve_device
     from gan_adapters.loader import load_generator
     from gan_adapters.resize import Resized
     from gan_adapters.writeback import in_place_backup, replace_input, writeback_for
     from refiner.jobs import ImageJob, check_compatible, trainable_copy
-    from teachers.base import resolve_device
     from teachers.edm_loader import load_teacher
 
     out, resume, force = run_options(kwargs)

@@ -10,16 +10,16 @@ import click
 import numpy as np
 import torch
 
+from common.devices import resolve_device
+from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.atomic import atomic_open
-from fileformats.errors import UserError
 from fileformats.progress import Progress
 from fileformats.torchfiles import is_torch_checkpoint
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import METADATA_KEY, onestep_from_snapshot
 from metrics.images import image_grid, quantize
 from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, fetch_source, sha256_option
-from teachers.base import resolve_device
 from teachers.edm_loader import teacher_from_pickle
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.errors import UserError
 from gan_adapters import published
 from gan_adapters.onestep import METADATA_KEY, PUBLISHED_SIGMA_INIT
 from gan_adapters.stylegan2_adapter import stylegan_snapshot_kind

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open
-from fileformats.errors import UserError
 from fileformats.sources import file_sha256
 from gan_adapters.stylegan2 import GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan2_adapter import Snapshot, StyleGAN2Generator, StyleGAN2Options

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError
 from fileformats.atomic import atomic_write
-from fileformats.errors import UserError
 from fileformats.sources import cache_root, cached_path, file_sha256, open_source
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

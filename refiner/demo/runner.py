@@ -23,8 +23,8 @@ import psutil
 import torch
 from torch import nn
 
+from common.errors import UserError
 from fileformats.atomic import atomic_open
-from fileformats.errors import UserError
 from metrics.classifier import domain_scores, embed
 from metrics.evaluate import generated_batches
 from metrics.images import quantize, save_image_grid
@@ -204,9 +204,9 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     images; the configuration's own snapshot_every, if set, instead), measure again, write OUT/report.html;
     returns the numbers. `data`: real images for the adversarial losses (default: Fashion-MNIST's training
     set)."""
+    from common.devices import resolve_device
     from gan_adapters.writeback import WriteBack
     from refiner.jobs import ImageJob, trainable_copy
-    from teachers.base import resolve_device
 
     start = time.perf_counter()
     config = with_curve_snapshots((config or JOBS[job]).validate())
