@@ -74,8 +74,9 @@ def timed(networks, device: torch.device, precision: str, batch: int, warmup: in
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    seconds, trainer = time_iteration(teacher, generator, fake, device,
-                                      SimpleNamespace(batch=batch, warmup=warmup, iters=iters), precision)
+    (seconds, _cpu_seconds), trainer = time_iteration(teacher, generator, fake, device,
+                                                       SimpleNamespace(batch=batch, warmup=warmup, iters=iters),
+                                                       precision)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return seconds, trainer, peak
 

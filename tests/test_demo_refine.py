@@ -21,7 +21,8 @@ def test_twenty_refinement_steps_lower_the_training_set_fd(tmp_path: Path):
     r = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"fd_before", "fd_after", "fd_teacher", "fd_floor", "seconds"} <= set(r)
     assert r["steps"] == 20 and r["samples"] == 500
-    assert r["fd_after"] < 0.95 * r["fd_before"], r  # measured: 65.7 -> 58.2 with the committed assets
+    # the default loss (sid since the loss comparison; ikl gave 65.7 -> 58.2)
+    assert r["fd_after"] < 0.95 * r["fd_before"], r
     assert r["fd_floor"] < r["fd_teacher"] < r["fd_before"], r
     for name in ("report.html", "grid-before.png", "grid-after.png", "grid-teacher.png", "log.jsonl"):
         assert (out / name).is_file(), name

@@ -157,7 +157,7 @@ def test_short_runs_start_sidas_adversarial_term_at_once_and_user_values_win():
     from dataclasses import replace
 
     from refiner.config import REFINE_DEFAULTS, TrainConfig
-    from refiner.demo import JOBS
+    from refiner.demo.runner import JOBS
 
     for base in (REFINE_DEFAULTS, *JOBS.values()):
         config = resolve_config(base, {"loss": "sida"})

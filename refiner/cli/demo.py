@@ -24,10 +24,12 @@ from refiner.demo.runner import JOBS, REFERENCES
 def _defaults_help() -> str:
     def sigma(c) -> str:
         options = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.sampler_options().items())
-        return f"σ {c.sigma}" + (f" ({options})" if options else "")
+        fake = "" if c.fake_sigma in ("same", c.sigma) else f", fake-score σ {c.fake_sigma}"
+        return f"σ {c.sigma}{fake}" + (f" ({options})" if options else "")
 
     return "; ".join(f"{job}: {c.steps} steps, batch {c.batch}, lr {c.lr:g}, fake-lr {c.fake_lr:g}, "
-                     f"loss {c.loss}, {sigma(c)}, {c.fake_warmup} fake warm-up steps" for job, c in JOBS.items())
+                     f"loss {c.loss}, {sigma(c)}, {c.fake_warmup} fake warm-up steps"
+                     for job, c in ((job, resolve_config(c, {})) for job, c in JOBS.items()))
 
 
 @click.command("demo", epilog=f"Defaults per job: {_defaults_help()}.")
