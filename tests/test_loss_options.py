@@ -21,7 +21,9 @@ COMMANDS = {  # each training command with arguments that would fail late (missi
     "toy": ["toy", "--steps", "1", "--batch", "8", "--samples", "20", "--fake-warmup", "0"],
     "refine": ["refine", "--generator", "missing.pkl", "--teacher", "missing.pkl", "--device", "cpu"],
     "distill": ["distill", "--teacher", "missing.pkl", "--device", "cpu"],
-    "demo": ["demo", "--assets", "missing-assets"],
+    # the demo's default loss is sid: give it the other commands' default (ikl) so that the same refusals apply;
+    # a later --loss in the cases below wins
+    "demo": ["demo", "--assets", "missing-assets", "--loss", "ikl"],
 }
 
 
@@ -165,7 +167,7 @@ def test_short_runs_start_sidas_adversarial_term_at_once_and_user_values_win():
             "default"
         assert resolve_config(base, {"loss": "dmd2"}).loss_options == {"gan_weight": 3e-3, "disc_weight": 1e-2,
                                                                        "gan_levels": 1000}
-        assert resolve_config(base, {}).loss_options == {}
+        assert resolve_config(base, {"loss": "ikl"}).loss_options == {}
     user = resolve_config(REFINE_DEFAULTS, {"loss": "sida", "gan_start_kimg": 5.0})
     assert user.loss_options["gan_start_kimg"] == 5.0 and user.sources["loss_options.gan_start_kimg"] == "user"
     assert resolve_config(TrainConfig(), {"loss": "sida"}).loss_options["gan_start_kimg"] == 100.0
