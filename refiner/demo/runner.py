@@ -3,10 +3,11 @@ laptop CPU in minutes, with the committed assets (refiner.demo.assets).
 
 The demo measures FD and classifier score of the generator, of the teacher's samples and of real test
 images (the noise floor: one half of the test set against the statistics of the other half), refines the
-generator with the Diff-Instruct loop (job 'refine'), or distils the teacher into a one-step generator
-(job 'distill'), measuring the FD at every quarter of the training too, measures again and writes a report
-with grids of the same seeds before and after beside the teacher's samples and real images, the FD curve,
-and where the wall time went (loading, scoring, training, report).
+generator with the loop (job 'refine'; loss sid by default, ikl for Diff-Instruct's), or distils the
+teacher into a one-step generator (job 'distill'; loss dmd by default), measuring the FD at every quarter
+of the training too, measures again and writes a report with grids of the same seeds before and after
+beside the teacher's samples and real images, the FD curve, and where the wall time went (loading,
+scoring, training, report).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def default_threads(physical_cores: int | None = None, usable_cpus: int | None =
 @dataclass
 class DemoResult:
     job: str
+    loss: str
     fd_before: float
     fd_after: float
     fd_teacher: float
@@ -165,8 +167,8 @@ class DemoResult:
         return {**vars(self), "fd_change_pct": self.fd_change_pct}
 
     def table(self) -> str:
-        what = {"refine": "StyleGAN2 refined by the EDM teacher (Diff-Instruct)",
-                "distill": "EDM teacher distilled into a one-step generator (Diff-Instruct)"}[self.job]
+        what = {"refine": f"StyleGAN2 refined by the EDM teacher (loss {self.loss})",
+                "distill": f"EDM teacher distilled into a one-step generator (loss {self.loss})"}[self.job]
         before = {"refine": "GAN before", "distill": "one-step before"}[self.job]
         after = {"refine": "GAN after refinement", "distill": "one-step after distillation"}[self.job]
         rows = [(before, self.fd_before, self.cs_before, ""),
@@ -274,7 +276,7 @@ def run_demo(out: str | Path = "runs/demo", job: str = "refine", config: TrainCo
     parts["setup"] = max(0.0, end - start - sum(parts.values()))  # imports, network copies, run directory
     curve = [{**point, "samples": samples if point["step"] in (0, result["steps"]) else curve_samples}
              for point in image_job.metric_records()]
-    return DemoResult(job=job, fd_before=result["before"]["fd"], fd_after=result["after"]["fd"],
+    return DemoResult(job=job, loss=config.loss, fd_before=result["before"]["fd"], fd_after=result["after"]["fd"],
                       fd_teacher=teacher_scores["fd"], fd_floor=floor_scores["fd"],
                       cs_before=result["before"]["cs"], cs_after=result["after"]["cs"],
                       cs_teacher=teacher_scores["cs"], cs_floor=floor_scores["cs"], floor_source=floor_source,
