@@ -69,18 +69,28 @@ def seeded_state_dict(ref: dict) -> dict[str, torch.Tensor]:
     return {name: ref["buffers"][name] if name in ref["buffers"] else drawn[name] for name in ref["shapes"]}
 
 
-def assert_states_equal(a, b, path: str = "") -> None:
-    """Two training states (nested dicts / lists of tensors and plain data) are equal bit for bit; a
-    difference names its path."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{path}[{i}]")
+def assert_same(a, b, where: str = "top") -> None:
+    """Deep equality of two objects (training states, unpickled records, nested dicts / lists of tensors and
+    plain data): types, key order, tensor bits, dtypes and layout, records field by field; a difference names
+    its path."""
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, nvpickle.PersistentObject):
+        assert (a.class_name, a.module_src, a.version) == (b.class_name, b.module_src, b.version), where
+        assert_same(a.state, b.state, f"{where}<{a.class_name}>")
     elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), where
+        assert a.requires_grad == b.requires_grad and torch.equal(a, b), where
+    elif isinstance(a, torch.nn.Module):
+        assert_same(a.__dict__, b.__dict__, f"{where}<{type(a).__name__}>")
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and a != a:
+        assert b != b, where
     else:
-        assert a == b, path
+        assert a == b, f"{where}: {a!r} != {b!r}"

@@ -17,7 +17,7 @@ from refiner.loop import Trainer, make_sigma_sampler
 from refiner.rundir import RunDir
 from refiner.toy import run_toy
 from teachers.mlp import MLPDenoiser
-from tests.helpers import assert_states_equal
+from tests.helpers import assert_same
 
 CONFIG = TrainConfig(steps=4, batch=16, lr=3e-3, fake_lr=2e-3, betas=(0.5, 0.99), ema=0.05, ema_rampup=0.5,
                      grad_clip=0.5, device="cpu")
@@ -129,7 +129,7 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(tmp_path: Path, monkeypat
     assert len(messages) == 1 and "running it eagerly" in messages[0] and "CppCompileError" in messages[0]
     eager = _trainer(tmp_path / "b", CONFIG)
     _iterate(eager, 2)
-    assert_states_equal({k: v for k, v in compiled.state().items() if k != "config"},
+    assert_same({k: v for k, v in compiled.state().items() if k != "config"},
                         {k: v for k, v in eager.state().items() if k != "config"})
 
 
@@ -171,7 +171,7 @@ def test_reuse_images_resumes_exactly(tmp_path: Path):
     a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000006.pt", weights_only=True)
             for r in ("straight", "resumed"))
     assert a["reused"]["x"].shape == (32, 2)
-    assert_states_equal({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+    assert_same({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
 
 
 def test_the_options_reach_the_config_and_demo_has_them(tmp_path: Path):

@@ -20,7 +20,7 @@ from refiner.rundir import RunDir
 from refiner.toy import run_toy
 from teachers.analytic import ring
 from teachers.mlp import MLPDenoiser
-from tests.helpers import assert_states_equal
+from tests.helpers import assert_same
 
 SMALL = TrainConfig(steps=12, batch=32, lr=1e-3, fake_lr=1e-3, ema=1.0, fake_warmup=3, log_every=2,
                     snapshot_every=6, device="cpu")
@@ -47,7 +47,7 @@ def test_resume_after_hard_kill_is_bit_exact(tmp_path: Path):
     run_toy(SMALL, killed, samples=64, resume=True)
     a = torch.load(straight / "checkpoints" / "state-00000012.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "state-00000012.pt", weights_only=True)
-    assert_states_equal(a, b)
+    assert_same(a, b)
     assert json.loads((straight / "toy.json").read_text()) == json.loads((killed / "toy.json").read_text())
     steps = [r["step"] for r in RunDir(killed).read_log()]
     assert steps == [r["step"] for r in RunDir(straight).read_log()] == [2, 4, 6, 8, 10, 12]

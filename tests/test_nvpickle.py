@@ -23,6 +23,7 @@ import torch
 from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.nvpickle import EasyDict, PersistentObject
+from tests.helpers import assert_same
 
 DATA = Path(__file__).parent / "data"
 SG2 = DATA / "sg2ada-small-uncond.pkl"
@@ -51,29 +52,6 @@ def n_params(record: PersistentObject) -> int:
     return sum(t.numel() for t in record.named_parameters().values())
 
 
-def assert_same(a, b, where: str = "top") -> None:
-    """Deep equality: types, key order, tensor bits and dtypes, records field by field."""
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(a, PersistentObject):
-        assert (a.class_name, a.module_src, a.version) == (b.class_name, b.module_src, b.version), where
-        assert_same(a.state, b.state, f"{where}<{a.class_name}>")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), where
-        assert a.requires_grad == b.requires_grad and torch.equal(a, b), where
-    elif isinstance(a, torch.nn.Module):
-        assert_same(a.__dict__, b.__dict__, f"{where}<{type(a).__name__}>")
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and a != a:
-        assert b != b, where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def as_torch_module(node) -> torch.nn.Module:

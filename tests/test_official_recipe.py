@@ -27,7 +27,7 @@ from refiner.presets import DEFAULT, PRESETS, get_preset
 from refiner.rundir import RunDir
 from teachers.edm_loader import load_teacher
 from teachers.edm_precond import EDMPrecond
-from tests.helpers import DATA, assert_states_equal, small_edm_kwargs
+from tests.helpers import DATA, assert_same, small_edm_kwargs
 
 TEACHER = DATA / "edm-small-ddpmpp-edm-cond.pkl"
 CPU = torch.device("cpu")
@@ -165,7 +165,7 @@ def test_official_mode_resumes_bit_exactly(tmp_path: Path):
     resumed.train()
     a, b = straight.state(), resumed.state()
     for key in ("generator", "fake", "ema", "opt_g", "opt_f", "rng", "counters"):
-        assert_states_equal(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     assert any(k.endswith("map_augment.weight") for k in a["fake"])
 
 

@@ -32,7 +32,7 @@ from refiner.rundir import LOCK, MARKER, RunDir
 from teachers.edm_loader import build_network, network_record
 from teachers.edm_precond import EDMPrecond
 from teachers.sampler import SeededNoise
-from tests.helpers import DATA, assert_states_equal, small_edm_kwargs, write_edm_teacher
+from tests.helpers import DATA, assert_same, small_edm_kwargs, write_edm_teacher
 
 SG2 = DATA / "sg2ada-small-uncond.pkl"  # 32x32, unconditional
 EDM16 = DATA / "edm-small-ddpmpp-edm-cond.pkl"  # 16x16, 10 classes, dropout 0.13
@@ -80,7 +80,7 @@ def test_toy_same_seed_twice_is_byte_identical(tmp_path: Path):
     for i, out in enumerate(runs):
         assert _cli(*args, "--out", str(out), seed_before=i).exit_code == 0
     assert _files(runs[0], "toy.*") == _files(runs[1], "toy.*")
-    assert_states_equal(_final_state(runs[0]), _final_state(runs[1]))
+    assert_same(_final_state(runs[0]), _final_state(runs[1]))
 
 
 def test_refine_same_seed_twice_and_resume_equal_an_uninterrupted_run(tmp_path: Path, teacher32: Path):
@@ -92,13 +92,13 @@ def test_refine_same_seed_twice_and_resume_equal_an_uninterrupted_run(tmp_path: 
         assert result.exit_code == 0, result.output
     outputs = ("before.npz", "grid-before.png", "grid-after.png", "network-refined.pkl")
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in outputs)
-    assert_states_equal(_final_state(a), _final_state(b))
+    assert_same(_final_state(a), _final_state(b))
     # 1 step, then resumed to 2 in a "new process" == the uninterrupted 2 steps
     assert _refine(SG2, teacher32, resumed, "--steps", "1", "--snapshot-every", "1").exit_code == 0
     more = _refine(SG2, teacher32, resumed, "--steps", "2", "--snapshot-every", "1", "--resume", seed_before=7)
     assert more.exit_code == 0, more.output
     assert all((a / n).read_bytes() == (resumed / n).read_bytes() for n in outputs)
-    assert_states_equal(_final_state(a), _final_state(resumed))
+    assert_same(_final_state(a), _final_state(resumed))
 
 
 def test_distill_same_seed_twice_and_resume_after_a_hard_kill(tmp_path: Path):
@@ -116,7 +116,7 @@ def test_distill_same_seed_twice_and_resume_after_a_hard_kill(tmp_path: Path):
     assert list(_files(a, "grid-0*.png")) == ["grid-000000002.png", "grid-000000004.png"]
     assert snapshots == _files(b, "network-snapshot-*.pkl")
     assert _files(a, "*.png") == _files(b, "*.png") and _files(a, "*.npz") == _files(b, "*.npz")
-    assert_states_equal(_final_state(a), _final_state(b))
+    assert_same(_final_state(a), _final_state(b))
     script = textwrap.dedent("""
         import os, signal, sys
         import refiner.loop as loop
@@ -139,7 +139,7 @@ def test_distill_same_seed_twice_and_resume_after_a_hard_kill(tmp_path: Path):
     assert _distill(killed, *args, "--resume", seed_before=3).exit_code == 0
     assert _files(killed, "network-snapshot-*.pkl") == snapshots
     assert _files(killed, "grid-0*.png") == _files(a, "grid-0*.png")
-    assert_states_equal(_final_state(a), _final_state(killed))
+    assert_same(_final_state(a), _final_state(killed))
 
 
 def test_sample_same_seeds_twice_is_byte_identical(tmp_path: Path):
