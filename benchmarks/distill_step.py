@@ -4,7 +4,7 @@ attention at 16x16; random weights, built with our code), generator and fake sco
 
     python benchmarks/distill_step.py [--batch 8] [--iters 3] [--warmup 1]              # CPU
     python benchmarks/distill_step.py --device cuda --batch 128 --precision bf16,fp32     # GPU
-    OMP_NUM_THREADS=1 python benchmarks/distill_step.py --threads 1 [--reuse-images] [--compile]
+    OMP_NUM_THREADS=1 python benchmarks/distill_step.py --threads 1 [--reuse-images | --reuse-pass] [--compile]
 
 For each precision it runs `--warmup` iterations, then times `--iters` and prints img/s (generator
 images per second), seconds per iteration (wall clock, and the process's CPU time: on a shared machine
@@ -58,7 +58,7 @@ def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> tup
 
 def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
     """((wall, CPU) seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults (and
-    `args.reuse_images`, `args.compile` where given): one fake-score step and one generator step,
+    `args.reuse_images`, `args.reuse_pass`, `args.compile` where given): one `Trainer.iteration`,
     `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
@@ -66,12 +66,13 @@ def time_iteration(teacher, generator, fake, device: torch.device, args, precisi
 
     config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
                          device=device.type, log_every=1, reuse_images=getattr(args, "reuse_images", False),
+                         reuse_pass=getattr(args, "reuse_pass", False),
                          compile=getattr(args, "compile", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = seconds_per_call(lambda: (trainer.fake_step(), trainer.generator_step()), args.warmup,
+        seconds = seconds_per_call(trainer.iteration, args.warmup,
                                    args.iters, device)
     return seconds, trainer
 
@@ -82,7 +83,8 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
     (seconds, cpu), trainer = time_iteration(teacher, generator, fake, device, args, precision)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
-              "reuse_images": args.reuse_images, "compile": args.compile, "threads": torch.get_num_threads(),
+              "reuse_images": args.reuse_images, "reuse_pass": args.reuse_pass, "compile": args.compile,
+              "threads": torch.get_num_threads(),
               "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
               "img_per_s": round(args.batch / seconds, 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -106,6 +108,7 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--cond", action="store_true", help="10 classes (CIFAR-10 cond) instead of none")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--reuse-images", action="store_true", help="the loop's --reuse-images")
+    parser.add_argument("--reuse-pass", action="store_true", help="the loop's --reuse-pass")
     parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
     args = parser.parse_args()
     if args.threads:

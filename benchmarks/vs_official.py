@@ -3,7 +3,8 @@ precision, same threads or GPU; each side in a fresh process, interleaved (offic
 
     git clone https://github.com/pkulwj1994/diff_instruct /tmp/diff_instruct     # never vendored
     python benchmarks/vs_official.py --official /tmp/diff_instruct [--teacher edm-cifar10-32x32-uncond-vp.pkl]
-        [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--device cuda --precision bf16]
+        [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--reuse-images | --reuse-pass]
+        [--device cuda --precision bf16]
 
 Without --teacher the official code builds a random CIFAR-10 DDPM++ teacher (EDM's --arch=ddpmpp, dropout
 0.13) and pickles it with its own persistence, so both sides read the same NVIDIA-written file.
@@ -190,6 +191,8 @@ def main() -> None:
     parser.add_argument("--match", action="store_true", help="run the official loop with our settings")
     parser.add_argument("--reuse-images", action="store_true",
                         help="our side with --reuse-images (8 network passes per iteration instead of 9)")
+    parser.add_argument("--reuse-pass", action="store_true",
+                        help="our side with --reuse-pass (7 network passes per iteration instead of 9)")
     parser.add_argument("--side", choices=["official", "ours", "make-teacher"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "make-teacher":
@@ -207,7 +210,9 @@ def main() -> None:
         results: dict[str, list[dict]] = {"official": [], "ours": []}
         print(f"# batch {args.batch}, {args.threads} threads, {args.device} {args.precision}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations per process, {args.rounds} rounds"
-              + (", --match (official loop with our settings)" if args.match else ""), flush=True)
+              + (", --match (official loop with our settings)" if args.match else "")
+              + (", ours with --reuse-images (8 network passes, official 9)" if args.reuse_images else "")
+              + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else ""), flush=True)
         for _ in range(args.rounds):
             for name in ("official", "ours"):
                 out = subprocess.run([sys.executable, __file__, *forwarded, "--side", name], env=env,

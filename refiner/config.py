@@ -59,6 +59,9 @@ class TrainConfig:
     teacher_mode: str = "eval"  # one of TEACHER_MODES
     augment: float = 0.0  # EDM AugmentPipe probability on the fake-score step (official: 0.12); 0 = off
     reuse_images: bool = False  # the fake step after a generator step trains on its images (DMD2), not new ones
+    # One fake-network pass serves both updates: the fake score's denoising step trains on the generator step's
+    # x_t (its images, σ and ε), the generator step reads D_f from that same pass (refiner.loop, `reuse_pass`).
+    reuse_pass: bool = False
     compile: bool = False  # torch.compile the three networks (eager where compiling fails)
     snapshot_every: int = 0  # generator updates between checkpoints (0 = only at the end)
     log_every: int = 10
@@ -111,7 +114,29 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         self._validate_loss_and_sigma()
+        for ok, message in self._reuse_pass_checks():
+            if not ok:
+                raise UserError(message)
         return self
+
+    def _reuse_pass_checks(self) -> list[tuple[bool, str]]:
+        """What --reuse-pass needs: the fake step's σ, images and inputs must be the generator step's."""
+        if not self.reuse_pass:
+            return []
+        samplers = self.samplers()
+        return [
+            (samplers["generator"] == samplers["fake"],
+             f"--reuse-pass trains the fake score at the generator step's σ, so both steps must draw σ alike; "
+             f"this run draws the generator's from {samplers['generator']} and the fake score's from "
+             f"{samplers['fake']} (loss {self.loss}'s default): add --fake-sigma same, or drop --reuse-pass"),
+            (not self.reuse_images, "--reuse-pass already trains the fake score on the generator step's images: "
+                                    "drop --reuse-images"),
+            (self.augment == 0, "--reuse-pass shares the fake network's pass with the generator step, which is "
+                                "not augmented: use --augment 0, or drop --reuse-pass"),
+            (not get_loss(self.loss).uses_discriminator(self.loss_options),
+             f"--reuse-pass does not apply to loss {self.loss}: its fake step also trains a discriminator on real "
+             f"images; drop --reuse-pass"),
+        ]
 
     def _validate_loss_and_sigma(self) -> None:
         try:
@@ -180,7 +205,7 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 # The options of a training run by name (the CLI's, with underscores; refiner.train takes the same).
 TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
                  "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2", "teacher_mode",
-                 "augment", "reuse_images", "compile", *ALL_SAMPLER_OPTIONS, *loss_option_users())
+                 "augment", "reuse_images", "reuse_pass", "compile", *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 
 def _flag(name: str) -> str:

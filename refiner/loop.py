@@ -6,6 +6,10 @@ One iteration = `ratio` fake-score steps, then one generator step:
 2. generator step:  x = G(z', c'), x_t = x + σ'ε';  D_r = teacher(x_t), D_f = fake(x_t) without gradients;
    L(θ) = ⟨sg[D_f − D_r], x⟩ / N  (or another loss of refiner.losses); both networks in eval mode, or in
    train mode with shared dropout masks as the official code (`teacher_mode`).
+With `reuse_pass` the last fake step of an iteration is done on the generator step's pass instead: its
+x_t = x + σ'ε' (x detached as the target) and its D_φ(x_t) with gradients, which the generator loss reads too
+(7 network passes per iteration for ikl instead of 9; the fake score then trains in the generator step's
+network mode and at its σ).
 The adversarial losses (dmd2, sida) add a discriminator on the fake network's bottleneck (refiner.adversarial):
 its loss on real images (`real_data`) and generated ones joins the fake step's loss, its generator term the
 generator step's; its head trains with the fake network's optimiser and is part of the checkpoints.
@@ -180,6 +184,20 @@ class _Window:
 
 
 STATE_FORMAT = "refiner-training-state/2"  # /2: one fp16 loss scaler per loss ("scalers")
+class _KeptPass:
+    """--reuse-pass: the fake network as the generator loss calls it, but with autograd on (whatever the
+    caller's context) and its weights trainable (not an nn.Module, so `losses.frozen` leaves them), its output
+    kept for the fake step's denoising loss on the same pass."""
+
+    def __init__(self, network: Callable):
+        self.network, self.output = network, None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.enable_grad():
+            self.output = self.network(x, sigma, labels)
+        return self.output
+
+
 # Consecutive generator steps with a non-finite gradient that stop a run; with fp16 loss scaling 32 more, the
 # steps its scale may need to back off from 2^16 after overflows.
 MAX_NONFINITE_STEPS = 10
@@ -288,11 +306,12 @@ class Trainer:
 
     # -- one optimiser step with gradient hygiene ------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-               scale: float, scaler: torch.amp.GradScaler) -> tuple[float, bool]:
-        """Backward with the gradients' mean over processes, check, clip, step. Returns (grad norm, applied)."""
+               scale: float, scaler: torch.amp.GradScaler, retain_graph: bool = False) -> tuple[float, bool]:
+        """Backward into `params` only, with the gradients' mean over processes, check, clip, step. Returns
+        (grad norm, applied). `retain_graph` keeps the graph for a second loss on the same pass (--reuse-pass)."""
         opt.zero_grad(set_to_none=True)
         with self.reducers[opt]:
-            scaler.scale(loss * scale).backward()
+            scaler.scale(loss * scale).backward(inputs=params, retain_graph=retain_graph)
         grads = [p.grad for p in params if p.grad is not None]
         scaler.unscale_(opt)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
@@ -335,17 +354,23 @@ class Trainer:
                     self.fake, x, c, real, c_real, sigma, noise, draws, self.sigma_data)
             loss = loss + loss_disc
             stats.update(disc_stats)
+        return self._fake_update(loss, stats)
+
+    def _fake_update(self, loss: torch.Tensor, stats: dict[str, float]) -> dict[str, float]:
+        """Apply the fake step's loss (the denoising loss, with the discriminator's where there is one)."""
         norm, ok = self._apply(loss, self.fake_params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
         self.counters.fake_steps += 1
         self.counters.skipped_fake += not ok
         return {**stats, "grad_norm_fake": norm}
 
     def generator_step(self) -> dict[str, float]:
+        """One generator update; with --reuse-pass also the fake step, on the fake network's pass of this step."""
         z, c, sigma, noise = self._draw(self.sigma_sampler)
         with self._autocast(), self._networks() as (teacher, fake):
+            kept = _KeptPass(fake) if self.config.reuse_pass else None
             x = self._call("generator")(z, c).float()
             parts: dict[str, torch.Tensor] = {}
-            loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, fake, c, parts=parts,
+            loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, kept or fake, c, parts=parts,
                                        discriminator=getattr(self.adversary, "log_ratio", None),
                                        **self.config.loss_options)
         gan_stats = {}
@@ -357,7 +382,12 @@ class Trainer:
         if self.config.reuse_images:
             self.reused = (x.detach(), c)
         params = self.opt_g.param_groups[0]["params"]
-        norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"])
+        norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"],
+                               retain_graph=kept is not None)
+        fake_stats = {}
+        if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
+            loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma, self.sigma_data)
+            fake_stats = self._fake_update(loss_fake, {"loss_fake": float(loss_fake.detach())})
         if not ok:
             self.counters.skipped_generator += 1
             self.echo(f"warning: step {self.counters.step + 1}: non-finite generator gradient; the update "
@@ -371,8 +401,8 @@ class Trainer:
             update_ema(self.ema, self.generator, 0.0)
         self.counters.nimg += self.config.batch  # after the EMA: its β uses the count before this batch (EDM)
         self.counters.step += 1
-        return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, **gan_stats, "sigma_mean": float(sigma.mean()),
-                "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
+        return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, **gan_stats, **fake_stats,
+                "sigma_mean": float(sigma.mean()), "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
 
     def _stop_if_diverged(self, applied: bool, loss: float) -> None:
         """A UserError after MAX_NONFINITE_STEPS skipped generator steps in a row: the weights or the loss
@@ -496,6 +526,12 @@ class Trainer:
         self.echo(f"resumed from {path} at step {self.counters.step}")
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def iteration(self) -> list[dict[str, float]]:
+        """`ratio` fake steps, then the generator step (with --reuse-pass the last fake step is inside it);
+        their statistics, the generator step's last."""
+        fake = [self.fake_step() for _ in range(self.config.ratio - self.config.reuse_pass)]
+        return [*fake, self.generator_step()]
+
     def train(self) -> Counters:
         cfg = self.config
         while self.counters.fake_steps < cfg.fake_warmup:
@@ -504,10 +540,9 @@ class Trainer:
         with Progress(cfg.steps, desc="train", unit="step", initial=self.counters.step,
                       enabled=None if self.rank == 0 else False) as bar:
             while self.counters.step < cfg.steps:
-                for _ in range(cfg.ratio):
-                    window.add(**self.fake_step())
-                stats = self.generator_step()
-                window.add(**stats)
+                *fake_stats, stats = self.iteration()
+                for step_stats in (*fake_stats, stats):
+                    window.add(**step_stats)
                 window.images += cfg.batch
                 bar.update(1, loss=stats["loss_gen"])
                 step = self.counters.step

@@ -42,7 +42,9 @@ def _iterate(trainer: Trainer, n: int) -> None:
 
 def _plain(config: TrainConfig, iterations: int) -> dict[str, torch.nn.Module]:
     """Algorithm 1 of Diff-Instruct written out: the same draws from one seeded generator, torch's per-tensor
-    Adam, the gradient norm clipped by hand, λ(σ) = (σ² + σ_d²)/(σ σ_d)², ema ← β ema + (1 − β) θ."""
+    Adam, the gradient norm clipped by hand, λ(σ) = (σ² + σ_d²)/(σ σ_d)², ema ← β ema + (1 − β) θ. Loss ikl,
+    or sid (gradients into x through both networks' inputs). With `config.reuse_pass` the fake step comes after
+    the generator step, on its x_t and on the fake network's output that the generator loss read."""
     generator, teacher, fake = _networks()
     ema = copy.deepcopy(generator).requires_grad_(False)
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas, foreach=False)
@@ -54,27 +56,40 @@ def _plain(config: TrainConfig, iterations: int) -> dict[str, torch.nn.Module]:
         z, c = generator.sample_latents(b, rng), generator.sample_labels(b, rng)
         return z, c, sampler(b, rng), torch.randn((b, 2), generator=rng)
 
-    def step(loss, module, opt):
-        opt.zero_grad()
-        loss.backward()
-        norm = torch.sqrt(sum((p.grad**2).sum() for p in module.parameters()))
-        for p in module.parameters():
-            p.grad *= min(1.0, config.grad_clip / (float(norm) + 1e-6))
+    def step(loss, module, opt):  # the gradient of `loss` in `module`'s weights only
+        params = list(module.parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        for p, g in zip(params, grads):
+            p.grad = g * min(1.0, config.grad_clip / (float(norm) + 1e-6))
         opt.step()
+
+    def denoising(denoised, x, s):
+        return ((s**2 + sd**2) / (s * sd) ** 2 * (denoised - x) ** 2).sum(1).mean()
 
     nimg = 0
     for _ in range(iterations):
-        z, c, sigma, noise = draw()
-        with torch.no_grad():
-            x = generator(z, c)
-        s = sigma[:, None]
-        step(((s**2 + sd**2) / (s * sd) ** 2 * (fake(x + s * noise, sigma) - x) ** 2).sum(1).mean(), fake, opt_f)
+        if not config.reuse_pass:
+            z, c, sigma, noise = draw()
+            with torch.no_grad():
+                x = generator(z, c)
+            s = sigma[:, None]
+            step(denoising(fake(x + s * noise, sigma), x, s), fake, opt_f)
         z, c, sigma, noise = draw()
         x = generator(z, c)
-        x_t = x.detach() + sigma[:, None] * noise
-        with torch.no_grad():
-            g = fake(x_t, sigma) - teacher(x_t, sigma)
-        step((g * x).sum(1).mean(), generator, opt_g)
+        s = sigma[:, None]
+        if config.loss == "sid":  # (D_r − D_f)ᵀ[(D_r − x) − α(D_r − D_f)] / sg[mean|x − D_r|], α = 1.2
+            x_t = x + s * noise
+            d_real, d_fake = teacher(x_t, sigma), fake(x_t, sigma)
+            a = d_real - d_fake
+            loss = (a * ((d_real - x) - 1.2 * a) / (x - d_real).detach().abs().mean(1, keepdim=True)).sum(1).mean()
+        else:
+            x_t = x.detach() + s * noise
+            d_fake = fake(x_t, sigma)
+            loss = ((d_fake - teacher(x_t, sigma)).detach() * x).sum(1).mean()
+        step(loss, generator, opt_g)
+        if config.reuse_pass:
+            step(denoising(d_fake, x.detach(), s), fake, opt_f)
         half_life = min(config.ema * 1000, nimg * config.ema_rampup)
         beta = 0.5 ** (b / max(half_life, 1e-8))
         with torch.no_grad():
@@ -84,10 +99,10 @@ def _plain(config: TrainConfig, iterations: int) -> dict[str, torch.nn.Module]:
     return {"generator": generator, "fake": fake, "ema": ema}
 
 
-def _assert_close(trainer: Trainer, reference: dict[str, torch.nn.Module]) -> None:
+def _assert_close(trainer: Trainer, reference: dict[str, torch.nn.Module], atol: float = 1e-6) -> None:
     for name, module in reference.items():
         for (key, a), b in zip(getattr(trainer, name).state_dict().items(), module.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=f"{name}.{key}")
 
 
 def test_the_iteration_equals_a_plain_implementation(tmp_path: Path):
@@ -98,6 +113,25 @@ def test_the_iteration_equals_a_plain_implementation(tmp_path: Path):
     _assert_close(trainer, reference)
     moved = [not torch.equal(a, b) for a, b in zip(trainer.generator.parameters(), _networks()[0].parameters())]
     assert all(moved)  # the comparison is not between untrained networks
+
+
+@pytest.mark.parametrize("loss", ["ikl", "sid"])
+@pytest.mark.parametrize("reuse_pass", [False, True])
+def test_the_iteration_and_reuse_pass_equal_a_plain_implementation(tmp_path: Path, loss: str, reuse_pass: bool):
+    config = TrainConfig(**{**CONFIG.to_json(), "betas": CONFIG.betas, "loss": loss, "reuse_pass": reuse_pass})
+    trainer = _trainer(tmp_path, config)
+    passes = []
+    trainer.fake.register_forward_hook(lambda *args: passes.append(1))
+    for _ in range(4):
+        if not reuse_pass:
+            trainer.fake_step()
+        stats = trainer.generator_step()
+        assert ("loss_fake" in stats) == reuse_pass
+    assert trainer.counters.fake_steps == 4
+    assert len(passes) == (4 if reuse_pass else 8)  # one fake-network pass per iteration serves both steps
+    # sid's gradient passes through both networks: rounding differs by ~2e-6 after Adam (a lost or doubled
+    # term would move the weights by ~lr = 3e-3)
+    _assert_close(trainer, _plain(config, 4), atol=1e-6 if loss == "ikl" else 1e-5)
 
 
 def test_compile_gives_the_eager_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -162,16 +196,36 @@ def test_reuse_images_trains_the_fake_on_the_generator_steps_images(tmp_path: Pa
     assert len(outputs) == 3
 
 
-def test_reuse_images_resumes_exactly(tmp_path: Path):
+@pytest.mark.parametrize("option", ["reuse_images", "reuse_pass"])
+def test_reuse_resumes_exactly(tmp_path: Path, option: str):
     config = TrainConfig(steps=6, batch=32, lr=1e-3, fake_lr=1e-3, ema=1.0, snapshot_every=3, log_every=3,
-                         reuse_images=True, device="cpu")
+                         device="cpu", **{option: True})
     run_toy(config, tmp_path / "straight", samples=64)
     run_toy(TrainConfig(**{**config.to_json(), "betas": config.betas, "steps": 3}), tmp_path / "resumed", samples=64)
     run_toy(config, tmp_path / "resumed", samples=64, resume=True)
     a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000006.pt", weights_only=True)
             for r in ("straight", "resumed"))
-    assert a["reused"]["x"].shape == (32, 2)
+    if option == "reuse_images":
+        assert a["reused"]["x"].shape == (32, 2)
+    else:
+        assert "reused" not in a and a["counters"]["fake_steps"] == 6
     assert_same({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"loss": "sid"}, "--fake-sigma same"),  # sid draws the fake score's σ from lognormal, the generator's not
+    ({"reuse_images": True}, "drop --reuse-images"),
+    ({"augment": 0.12}, "--augment 0"),
+    ({"loss": "dmd2", "fake_sigma": "same"}, "discriminator"),
+])
+def test_reuse_pass_refuses_what_it_cannot_share(given: dict, message: str):
+    from common.errors import UserError
+    from refiner.config import REFINE_DEFAULTS, resolve_config
+
+    with pytest.raises(UserError, match=message):
+        resolve_config(REFINE_DEFAULTS, {"reuse_pass": True, **given})
+    config = resolve_config(REFINE_DEFAULTS, {"reuse_pass": True, "loss": "sid", "fake_sigma": "same"})
+    assert config.reuse_pass and config.samplers() == {"generator": "karras-t", "fake": "karras-t"}
 
 
 def test_the_options_reach_the_config_and_demo_has_them(tmp_path: Path):
@@ -183,9 +237,13 @@ def test_the_options_reach_the_config_and_demo_has_them(tmp_path: Path):
     result = CliRunner().invoke(cli, ["toy", "--out", str(out), "--steps", "2", "--batch", "8", "--samples", "50",
                                       "--reuse-images"])
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["toy", "--out", str(tmp_path / "pass"), "--steps", "2", "--batch", "8",
+                                      "--samples", "50", "--reuse-pass"])
+    assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["reuse_images"] is True and config["compile"] is False
     assert config["sources"]["reuse_images"] == "user"
+    assert json.loads((tmp_path / "pass" / "config.json").read_text())["reuse_pass"] is True
     for command in ("toy", "refine", "distill", "demo"):
         text = CliRunner().invoke(cli, [command, "--help"]).output
-        assert "--reuse-images" in text and "--compile" in text, command
+        assert all(flag in text for flag in ("--reuse-images", "--reuse-pass", "--compile")), command

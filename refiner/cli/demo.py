@@ -70,7 +70,8 @@ def _defaults_help() -> str:
 def command(job: str, out: str, force: bool, resume: bool, steps: int | None, batch: int | None,
             lr: float | None, fake_lr: float | None, seed: int, teacher_mode: str | None, augment: float | None,
             device: str, samples: int, reference: str, assets_path: str | None, threads: int | None, as_json: bool,
-            data_src: str | None, reuse_images: bool | None, compile: bool | None, **loss_and_sigma: Any) -> None:
+            data_src: str | None, reuse_images: bool | None, reuse_pass: bool | None, compile: bool | None,
+            **loss_and_sigma: Any) -> None:
     """Refine a small Fashion-MNIST GAN with an EDM teacher on the CPU, in minutes, and report by how much.
 
     Loads the committed assets (a small EDM teacher, an under-trained StyleGAN2, a Fashion-MNIST
@@ -91,7 +92,8 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
     torch.set_num_threads(threads or default_threads())
 
     given = {"steps": steps, "batch": batch, "lr": lr, "fake_lr": fake_lr, "seed": seed, "device": device,
-             "teacher_mode": teacher_mode, "augment": augment, "reuse_images": reuse_images, "compile": compile,
+             "teacher_mode": teacher_mode, "augment": augment, "reuse_images": reuse_images, "reuse_pass": reuse_pass,
+             "compile": compile,
              **{k: v for k, v in loss_and_sigma.items() if k in TRAINING_KEYS}}
     config = resolve_config(JOBS[job], given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,
