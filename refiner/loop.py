@@ -383,7 +383,7 @@ class Trainer:
             self.reused = (x.detach(), c)
         params = self.opt_g.param_groups[0]["params"]
         norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"],
-                               retain_graph=kept is not None)
+                               retain_graph=kept is not None and self.loss_spec.input_grad)  # D_f's graph
         fake_stats = {}
         if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
             loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma, self.sigma_data)

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import zipfile
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -112,15 +114,25 @@ def test_demo_measures_fd_at_every_quarter_and_splits_its_time(tmp_path: Path):
     assert r["threads"] == torch.get_num_threads()
 
 
-@pytest.mark.parametrize("physical, usable, load, expected", [
+@pytest.mark.parametrize("physical, usable, busy, expected", [
     (8, 8, 0.2, 4),  # an idle laptop: capped at 4
     (2, 2, 0.0, 2),  # an idle two-core machine
     (2, 2, 3.0, 1),  # a busy shared machine
     (8, 8, 5.6, 2),  # the idle cores, rounded
     (8, 2, 0.0, 2),  # a process allowed two CPUs (taskset, containers)
 ])
-def test_default_threads_are_the_idle_physical_cores(physical, usable, load, expected):
-    assert default_threads(physical, usable, load) == expected
+def test_default_threads_are_the_idle_physical_cores(physical, usable, busy, expected):
+    assert default_threads(physical, usable, busy) == expected
+
+
+def test_default_threads_measure_the_cores_busy_now(monkeypatch: pytest.MonkeyPatch):
+    """Not the load average (minutes behind): a machine busy until a moment ago counts as idle."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 0.0 if interval else 100.0)
+    assert default_threads(usable_cpus=2) == 2
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 100.0 if interval else 0.0)
+    assert default_threads(usable_cpus=2) == 1
 
 
 def test_curve_snapshots_every_quarter_unless_set():

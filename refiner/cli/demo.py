@@ -57,9 +57,9 @@ def _defaults_help() -> str:
 @click.option("--assets", "assets_path", type=click.Path(file_okay=False), default=None,
               help="Asset folder (default: the repository's assets/demo).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads. Default: this machine's idle physical cores (cores minus the 1-minute load "
-                   "average), 1 to 4: an idle laptop gets several, a busy machine one. Give --threads 1 on a "
-                   "shared machine: other programs holding the cores make several threads many times slower "
+              help="CPU threads. Default: this machine's idle physical cores (cores minus the cores busy "
+                   "over half a second), 1 to 4: an idle laptop gets several, a busy machine one. Give --threads 1 "
+                   "on a shared machine: other programs holding the cores make several threads many times slower "
                    "(measured: 2 threads trained 9x slower than 1 on a two-core machine at load 9).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @click.option("--data", "data_src", default=None, metavar="PATH",

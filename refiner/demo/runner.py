@@ -119,19 +119,21 @@ def with_curve_snapshots(config: TrainConfig) -> TrainConfig:
 
 
 def default_threads(physical_cores: int | None = None, usable_cpus: int | None = None,
-                    load: float | None = None, cap: int = 4) -> int:
+                    busy: float | None = None, cap: int = 4) -> int:
     """Threads for torch on this machine: the idle physical cores (physical cores usable by this process
-    minus the 1-minute load average, rounded), at least 1 and at most `cap` (the demo's networks are small:
-    more threads mostly add synchronisation). An idle 8-core laptop gets 4, a shared machine whose cores
-    are busy gets 1. Arguments default to psutil's and os's view of this machine."""
+    minus the cores busy now), at least 1 and at most `cap` (the demo's networks are small: more threads
+    mostly add synchronisation). An idle 8-core laptop gets 4, a shared machine whose cores are busy gets 1.
+    `busy` is measured over half a second (psutil.cpu_percent), not read from the load average: that lags by
+    minutes, so a machine that has just run `pip install` (what `make demo` does first) would look busy.
+    Arguments default to psutil's and os's view of this machine."""
     logical = psutil.cpu_count(logical=True) or 1
     physical_cores = physical_cores or psutil.cpu_count(logical=False) or logical
     if usable_cpus is None:
         usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy is None:
+        busy = psutil.cpu_percent(interval=0.5) / 100 * logical
     cores = min(physical_cores, usable_cpus)
-    return max(1, min(cap, round(cores - load)))
+    return max(1, min(cap, round(cores - busy)))
 
 
 # ---------------------------------------------------------------------------------------------------
