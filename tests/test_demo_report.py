@@ -25,7 +25,7 @@ from metrics.plots import PlotStyle, svg_line_plot
 from metrics.report import write_report
 from refiner.cli import cli
 from refiner.config import TrainConfig
-from refiner.demo.runner import JOBS, default_threads, run_demo, with_curve_snapshots
+from refiner.demo.runner import JOBS, default_threads, demo_config, run_demo, with_curve_snapshots
 from tests.helpers import DATA
 
 
@@ -133,6 +133,22 @@ def test_default_threads_measure_the_cores_busy_now(monkeypatch: pytest.MonkeyPa
     assert default_threads(usable_cpus=2) == 2
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 100.0 if interval else 0.0)
     assert default_threads(usable_cpus=2) == 1
+
+
+@pytest.mark.parametrize("job, given, reuse_pass, fake_sigma", [
+    ("refine", {}, True, "same"),  # the refinement's speed default
+    ("refine", {"loss": "ikl"}, True, "same"),
+    ("refine", {"loss": "sida"}, False, "lognormal"),  # trains a discriminator: sid's own σ, no shared pass
+    ("refine", {"fake_sigma": "lognormal"}, False, "lognormal"),  # the user's choice wins
+    ("refine", {"reuse_pass": False}, False, "lognormal"),
+    ("refine", {"reuse_images": True}, False, "lognormal"),  # the two reuse options exclude each other
+    ("refine", {"p_mean": 0.5}, False, "lognormal"),  # an option of the fake step's own σ sampler
+    ("distill", {}, False, "same"),  # the distillation keeps separate passes
+])
+def test_demo_speed_defaults_apply_where_the_run_allows_them(job, given, reuse_pass, fake_sigma):
+    config = demo_config(job, given)
+    assert config.reuse_pass is reuse_pass and config.fake_sigma == fake_sigma
+    assert (config.sources["reuse_pass"] == "demo: speed") is reuse_pass
 
 
 def test_curve_snapshots_every_quarter_unless_set():

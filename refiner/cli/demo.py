@@ -14,11 +14,10 @@ from refiner.cli.options import (
     SEED,
     TRAINING_KEYS,
     loss_and_sigma_options,
-    resolve_config,
     speed_options,
 )
 from refiner.config import TEACHER_MODES
-from refiner.demo.runner import JOBS, REFERENCES
+from refiner.demo.runner import JOBS, REFERENCES, demo_config
 
 
 def _defaults_help() -> str:
@@ -29,7 +28,8 @@ def _defaults_help() -> str:
 
     return "; ".join(f"{job}: {c.steps} steps, batch {c.batch}, lr {c.lr:g}, fake-lr {c.fake_lr:g}, "
                      f"loss {c.loss}, {sigma(c)}, {c.fake_warmup} fake warm-up steps"
-                     for job, c in ((job, resolve_config(c, {})) for job, c in JOBS.items()))
+                     + (", --reuse-pass" if c.reuse_pass else "")
+                     for job, c in ((job, demo_config(job, {})) for job in JOBS))
 
 
 @click.command("demo", epilog=f"Defaults per job: {_defaults_help()}.")
@@ -95,7 +95,7 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
              "teacher_mode": teacher_mode, "augment": augment, "reuse_images": reuse_images, "reuse_pass": reuse_pass,
              "compile": compile,
              **{k: v for k, v in loss_and_sigma.items() if k in TRAINING_KEYS}}
-    config = resolve_config(JOBS[job], given)
+    config = demo_config(job, given)
     result = run_demo(out, job=job, config=config, samples=samples, reference=reference,
                       assets_path=assets_path, force=force, resume=resume, data=data_src)
     click.echo(json.dumps(result.to_json()) if as_json else result.table())
