@@ -94,3 +94,12 @@ def test_one_process_run_resumes_in_two(single: Path, tmp_path: Path):
     _two_processes(out, "--steps", "4", "--resume")  # 1 -> 2 processes
     _assert_same_training_state(_state(single, 4), _state(out, 4))
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_reuse_pass_in_two_processes_follows_one(tmp_path: Path):
+    """--reuse-pass: the fake step done inside the generator step averages its gradient over the processes too."""
+    _one_process(tmp_path / "one", "--steps", "2", "--reuse-pass")
+    _two_processes(tmp_path / "two", "--steps", "2", "--reuse-pass")
+    one, two = _state(tmp_path / "one", 2), _state(tmp_path / "two", 2)
+    assert one["counters"]["fake_steps"] == 2  # no separate fake step: one per iteration, in the shared pass
+    _assert_same_training_state(one, two)

@@ -134,6 +134,14 @@ def test_the_iteration_and_reuse_pass_equal_a_plain_implementation(tmp_path: Pat
     _assert_close(trainer, _plain(config, 4), atol=1e-6 if loss == "ikl" else 1e-5)
 
 
+def test_an_iteration_with_reuse_pass_and_ratio_two_has_one_separate_fake_step(tmp_path: Path):
+    trainer = _trainer(tmp_path, TrainConfig(**{**CONFIG.to_json(), "betas": CONFIG.betas, "ratio": 2,
+                                                "reuse_pass": True}))
+    fake, generator = trainer.iteration()
+    assert "loss_gen" not in fake and {"loss_gen", "loss_fake", "grad_norm_fake"} <= set(generator)
+    assert (trainer.counters.fake_steps, trainer.counters.step) == (2, 1)
+
+
 def test_compile_gives_the_eager_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """--compile runs the networks through torch.compile (here with the aot_eager backend: Dynamo's graphs
     and AOT autograd's backward without TorchInductor's C++ build, which takes minutes on CPU)."""
