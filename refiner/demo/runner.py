@@ -114,9 +114,10 @@ def noise_floor(assets: DemoAssets, samples: int, reference: str, echo: Callable
 # The refinement's speed default: one fake-network pass serves both steps (--reuse-pass, README "Speed"), both
 # steps drawing σ from the generator step's sampler (--fake-sigma same), wherever the loss allows it (not the
 # losses that train a discriminator) and the user set none of them. At 600 steps (seed 0, 2000 samples) it took
-# sid's FD to 34.97 instead of 36.39 (ikl: 44.13 instead of 45.33) at 0.82x the CPU time per step. Not for the
-# distillation: its one-step generator moves fast, and a fake score one step behind made its FD oscillate
-# (150 steps: 87.1 and 49.6 on two seeds against 31.1).
+# sid's FD to 34.97 (separate passes: 37.07 with the same σ, 36.39 with sid's own fake-score σ; ikl: 44.13
+# instead of 45.33) at 0.82x the CPU time per step. Not for the distillation: its one-step generator moves
+# fast, and a fake score one step behind made its FD oscillate (150 steps: 87.1 and 49.6 on two seeds against
+# 31.1).
 SPEED_DEFAULTS: dict[str, dict[str, Any]] = {"refine": {"fake_sigma": SAME, "reuse_pass": True}, "distill": {}}
 
 
