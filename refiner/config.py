@@ -114,17 +114,15 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         self._validate_loss_and_sigma()
-        for ok, message in self._reuse_pass_checks():
-            if not ok:
-                raise UserError(message)
+        self._validate_reuse_pass()
         return self
 
-    def _reuse_pass_checks(self) -> list[tuple[bool, str]]:
+    def _validate_reuse_pass(self) -> None:
         """What --reuse-pass needs: the fake step's σ, images and inputs must be the generator step's."""
         if not self.reuse_pass:
-            return []
+            return
         samplers = self.samplers()
-        return [
+        checks = [
             (samplers["generator"] == samplers["fake"],
              f"--reuse-pass trains the fake score at the generator step's σ, so both steps must draw σ alike; "
              f"this run draws the generator's from {samplers['generator']} and the fake score's from "
@@ -137,6 +135,9 @@ class TrainConfig:
              f"--reuse-pass does not apply to loss {self.loss}: its fake step also trains a discriminator on real "
              f"images; drop --reuse-pass"),
         ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
     def _validate_loss_and_sigma(self) -> None:
         try:

@@ -100,6 +100,20 @@ class _SharedDropout(nn.Module):
         return self.network(x, sigma, labels)
 
 
+class _KeptPass:
+    """--reuse-pass: the fake network as the generator loss calls it, but with autograd on (whatever the
+    caller's context) and its weights trainable (not an nn.Module, so `losses.frozen` leaves them), its output
+    kept for the fake step's denoising loss on the same pass."""
+
+    def __init__(self, network: Callable):
+        self.network, self.output = network, None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.enable_grad():
+            self.output = self.network(x, sigma, labels)
+        return self.output
+
+
 def _adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam (Kingma & Ba 2015) with torch's fused kernel where every parameter is a float tensor on the CPU or
     a CUDA device (4.4x faster than the per-tensor loop for a 55.7M-parameter U-Net on one CPU thread, same
@@ -184,19 +198,6 @@ class _Window:
 
 
 STATE_FORMAT = "refiner-training-state/2"  # /2: one fp16 loss scaler per loss ("scalers")
-class _KeptPass:
-    """--reuse-pass: the fake network as the generator loss calls it, but with autograd on (whatever the
-    caller's context) and its weights trainable (not an nn.Module, so `losses.frozen` leaves them), its output
-    kept for the fake step's denoising loss on the same pass."""
-
-    def __init__(self, network: Callable):
-        self.network, self.output = network, None
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.enable_grad():
-            self.output = self.network(x, sigma, labels)
-        return self.output
-
 
 # Consecutive generator steps with a non-finite gradient that stop a run; with fp16 loss scaling 32 more, the
 # steps its scale may need to back off from 2^16 after overflows.
@@ -540,9 +541,10 @@ class Trainer:
         with Progress(cfg.steps, desc="train", unit="step", initial=self.counters.step,
                       enabled=None if self.rank == 0 else False) as bar:
             while self.counters.step < cfg.steps:
-                *fake_stats, stats = self.iteration()
-                for step_stats in (*fake_stats, stats):
+                steps = self.iteration()
+                for step_stats in steps:
                     window.add(**step_stats)
+                stats = steps[-1]  # the generator step's
                 window.images += cfg.batch
                 bar.update(1, loss=stats["loss_gen"])
                 step = self.counters.step

@@ -77,11 +77,11 @@ def command(job: str, out: str, force: bool, resume: bool, steps: int | None, ba
     Loads the committed assets (a small EDM teacher, an under-trained StyleGAN2, a Fashion-MNIST
     classifier), measures the domain Fréchet distance (FD, on the classifier's features) and classifier
     score of the GAN, of the teacher's 18-step samples and of real test images (the noise floor), runs the
-    training loop (loss sid for refine, ikl = Diff-Instruct for distill: the best of the losses without real images
-    in the README's comparison at the demo's length), measuring the FD at every quarter of it (on 500
-    samples), measures again and writes
-    OUT/report.html: before/after grids of the same seeds beside the teacher's samples and real test images,
-    the FD during training, the loss curves. Prints the results and where the time went (loading, scoring,
+    training loop (loss sid for refine, ikl = Diff-Instruct for distill: the best of the losses without real
+    images in the README's comparison at the demo's length; the refinement shares one fake-network pass between
+    its two steps, --reuse-pass), measuring the FD at every quarter of it (on 500 samples), measures again and
+    writes OUT/report.html: before/after grids of the same seeds beside the teacher's samples and real test
+    images, the FD during training, the loss curves. Prints the results and where the time went (loading, scoring,
     training, report, setup). Fashion-MNIST itself is only needed for a live noise floor and the real images
     (else the build-time value is shown).
     """

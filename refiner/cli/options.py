@@ -72,6 +72,7 @@ def loss_and_sigma_options(f: Callable) -> Callable:
         f = option(f)
     return f
 
+
 def speed_options(f: Callable) -> Callable:
     """--reuse-images, --reuse-pass and --compile (default None = not given: off unless a preset says otherwise)."""
     options = [
