@@ -28,6 +28,10 @@ class TrainConfig:
 
     steps: int = 1000  # generator updates
     batch: int = 64  # global batch (split over processes)
+    # At most this many images per network call on each process: the batch of each process runs in chunks whose
+    # gradients add up before one optimiser step (EDM's --batch-gpu). The same update for less memory; None = the
+    # whole batch at once.
+    batch_gpu: int | None = None
     seed: int = 0
     lr: float = 1e-5  # generator learning rate
     fake_lr: float = 1e-5  # fake-score network learning rate
@@ -70,8 +74,10 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
+    # batch_gpu changes only the float rounding of the sums, and what is computed per chunk: batch statistics
+    # (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the dropout masks' draws.
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults",
-                         "compile")
+                         "compile", "batch_gpu")
 
     def samplers(self) -> dict[str, str]:
         """The sampler of each step: {"generator": name, "fake": name}."""
@@ -89,6 +95,7 @@ class TrainConfig:
               if v is not None),  # None: an option of a σ sampler this run does not use
             (self.steps >= 0, f"--steps must be >= 0 (got {self.steps})"),
             (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
+            (self.batch_gpu is None or self.batch_gpu >= 1, f"--batch-gpu must be >= 1 (got {self.batch_gpu})"),
             (0 < self.lr <= 1, f"--lr must be in (0, 1] (got {self.lr}): Adam moves each weight by about lr per step"),
             (0 < self.fake_lr <= 1, f"--fake-lr must be in (0, 1] (got {self.fake_lr}): Adam moves each weight by "
                                     "about lr per step"),
@@ -204,9 +211,10 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
                               log_every=10, loss_option_defaults=SHORT_RUN_LOSS_OPTIONS)
 
 # The options of a training run by name (the CLI's, with underscores; refiner.train takes the same).
-TRAINING_KEYS = ("steps", "batch", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every", "loss",
-                 "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2", "teacher_mode",
-                 "augment", "reuse_images", "reuse_pass", "compile", *ALL_SAMPLER_OPTIONS, *loss_option_users())
+TRAINING_KEYS = ("steps", "batch", "batch_gpu", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every",
+                 "loss", "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2",
+                 "teacher_mode", "augment", "reuse_images", "reuse_pass", "compile", *ALL_SAMPLER_OPTIONS,
+                 *loss_option_users())
 
 
 def _flag(name: str) -> str:

@@ -114,6 +114,17 @@ class _KeptPass:
         return self.output
 
 
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """`t[rows]`, or None for None (no labels)."""
+    return None if t is None else t[rows]
+
+
+def _add_weighted(total: dict[str, float], part: dict[str, float], weight: float) -> None:
+    """total += weight · part, key by key: a chunk's statistics into the batch's (--batch-gpu)."""
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + weight * v
+
+
 def _adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam (Kingma & Ba 2015) with torch's fused kernel where every parameter is a float tensor on the CPU or
     a CUDA device (4.4x faster than the per-tensor loop for a 55.7M-parameter U-Net on one CPU thread, same
@@ -218,6 +229,14 @@ class Trainer:
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.batch % self.world:
             raise UserError(f"--batch {config.batch} must be divisible by the number of processes ({self.world})")
+        # --batch-gpu: each process runs its batch through the networks in chunks, accumulating the gradients
+        self.local_batch = config.batch // self.world
+        chunk = min(config.batch_gpu or self.local_batch, self.local_batch)
+        if self.local_batch % chunk:
+            raise UserError(f"--batch-gpu {config.batch_gpu} must divide the batch of each process, {self.local_batch} "
+                            f"(--batch {config.batch} over {self.world} process(es)): choose a divisor of "
+                            f"{self.local_batch}")
+        self.chunks = [slice(i, i + chunk) for i in range(0, self.local_batch, chunk)]
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
@@ -305,14 +324,25 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    # -- one optimiser step with gradient hygiene ------------------------------------------------------
-    def _apply(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-               scale: float, scaler: torch.amp.GradScaler, retain_graph: bool = False) -> tuple[float, bool]:
-        """Backward into `params` only, with the gradients' mean over processes, check, clip, step. Returns
-        (grad norm, applied). `retain_graph` keeps the graph for a second loss on the same pass (--reuse-pass)."""
-        opt.zero_grad(set_to_none=True)
-        with self.reducers[opt]:
+    # -- gradients accumulated over the chunks of the batch, one optimiser step with gradient hygiene -------
+    def _parts(self) -> Iterator[tuple[slice, float, bool]]:
+        """(rows, weight, last) for each chunk of the local batch (--batch-gpu; one chunk without it). A loss
+        that is a mean over its chunk's rows times the weight n_chunk / n_local sums over the chunks to the
+        mean over the local batch."""
+        for i, rows in enumerate(self.chunks):
+            yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
+
+    def _backward(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                  scale: float, scaler: torch.amp.GradScaler, last: bool, retain_graph: bool = False) -> None:
+        """Accumulate the gradient of `loss` into `params` only; the last chunk's backward also averages the
+        accumulated gradients over processes. `retain_graph` keeps the graph for a second loss on the same pass
+        (--reuse-pass)."""
+        with self.reducers[opt] if last else contextlib.nullcontext():
             scaler.scale(loss * scale).backward(inputs=params, retain_graph=retain_graph)
+
+    def _step(self, params: list[nn.Parameter], opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+              ) -> tuple[float, bool]:
+        """Check, clip and apply the accumulated gradients, then clear them. Returns (grad norm, applied)."""
         grads = [p.grad for p in params if p.grad is not None]
         scaler.unscale_(opt)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
@@ -334,32 +364,45 @@ class Trainer:
         if self.adversary is not None:
             draws, real, c_real = self._draw_adversarial(2)
         if reused is not None:
-            x, c = reused
-        else:
-            with torch.no_grad(), self._autocast():
-                self.generator.eval()
-                x = self._call("generator")(z, c).float()
-                self.generator.train()
-        augment: dict[str, torch.Tensor] = {}
-        if self.augment is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
-            params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
-            x, augment["augment_labels"] = self.augment(x, params)
-        self.fake.train()
-        with self._autocast():
-            denoised = self._call("fake")(add_noise(x, sigma, noise), sigma, c, **augment).float()
-        loss = denoising_loss(denoised, x, sigma, self.sigma_data)
-        stats = {"loss_fake": float(loss.detach())}
-        if self.adversary is not None:
+            images, c = reused
+        augment_params = None
+        if self.augment is not None:
+            augment_params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
+        self.opt_f.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for rows, weight, last in self._parts():
+            if reused is not None:
+                x = images[rows]
+            else:
+                with torch.no_grad(), self._autocast():
+                    self.generator.eval()
+                    x = self._call("generator")(z[rows], _rows(c, rows)).float()
+                    self.generator.train()
+            augment: dict[str, torch.Tensor] = {}
+            if augment_params is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
+                x, augment["augment_labels"] = self.augment(x, {k: v[rows] for k, v in augment_params.items()})
+            self.fake.train()
             with self._autocast():
-                loss_disc, disc_stats = self.adversary.discriminator_loss(
-                    self.fake, x, c, real, c_real, sigma, noise, draws, self.sigma_data)
-            loss = loss + loss_disc
-            stats.update(disc_stats)
-        return self._fake_update(loss, stats)
+                denoised = self._call("fake")(add_noise(x, sigma[rows], noise[rows]), sigma[rows], _rows(c, rows),
+                                              **augment).float()
+            loss = denoising_loss(denoised, x, sigma[rows], self.sigma_data)
+            part = {"loss_fake": float(loss.detach())}
+            if self.adversary is not None:
+                with self._autocast():
+                    loss_disc, disc_stats = self.adversary.discriminator_loss(
+                        self.fake, x, _rows(c, rows), real[rows], _rows(c_real, rows), sigma[rows], noise[rows],
+                        [d[rows] for d in draws], self.sigma_data)
+                loss = loss + loss_disc
+                part.update(disc_stats)
+            self._backward(loss * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
+                           self.scalers["fake"], last)
+            _add_weighted(stats, part, weight)
+        return self._fake_update(stats)
 
-    def _fake_update(self, loss: torch.Tensor, stats: dict[str, float]) -> dict[str, float]:
-        """Apply the fake step's loss (the denoising loss, with the discriminator's where there is one)."""
-        norm, ok = self._apply(loss, self.fake_params, self.opt_f, self.config.fake_loss_scale, self.scalers["fake"])
+    def _fake_update(self, stats: dict[str, float]) -> dict[str, float]:
+        """Apply the fake step's accumulated gradient (of the denoising loss, with the discriminator's where there
+        is one)."""
+        norm, ok = self._step(self.fake_params, self.opt_f, self.scalers["fake"])
         self.counters.fake_steps += 1
         self.counters.skipped_fake += not ok
         return {**stats, "grad_norm_fake": norm}
@@ -367,33 +410,47 @@ class Trainer:
     def generator_step(self) -> dict[str, float]:
         """One generator update; with --reuse-pass also the fake step, on the fake network's pass of this step."""
         z, c, sigma, noise = self._draw(self.sigma_sampler)
-        with self._autocast(), self._networks() as (teacher, fake):
-            kept = _KeptPass(fake) if self.config.reuse_pass else None
-            x = self._call("generator")(z, c).float()
-            parts: dict[str, torch.Tensor] = {}
-            loss = generator_objective(self.loss_spec, x, sigma, noise, teacher, kept or fake, c, parts=parts,
-                                       discriminator=getattr(self.adversary, "log_ratio", None),
-                                       **self.config.loss_options)
-        gan_stats = {}
         if self.adversary is not None:
             draws = self._draw_adversarial(1)[0]
-            with self._autocast():
-                loss, gan_stats = self.adversary.generator_loss(self.fake, loss, x, c, draws, parts["d_real"],
-                                                                self.counters.nimg / 1000)
-        if self.config.reuse_images:
-            self.reused = (x.detach(), c)
         params = self.opt_g.param_groups[0]["params"]
-        norm, ok = self._apply(loss, params, self.opt_g, self.config.loss_scale, self.scalers["generator"],
-                               retain_graph=kept is not None and self.loss_spec.input_grad)  # D_f's graph
-        fake_stats = {}
-        if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
-            loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma, self.sigma_data)
-            fake_stats = self._fake_update(loss_fake, {"loss_fake": float(loss_fake.detach())})
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_f.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        images = []
+        for rows, weight, last in self._parts():
+            c_rows = _rows(c, rows)
+            with self._autocast(), self._networks() as (teacher, fake):
+                kept = _KeptPass(fake) if self.config.reuse_pass else None
+                x = self._call("generator")(z[rows], c_rows).float()
+                parts: dict[str, torch.Tensor] = {}
+                loss = generator_objective(self.loss_spec, x, sigma[rows], noise[rows], teacher, kept or fake, c_rows,
+                                           parts=parts, discriminator=getattr(self.adversary, "log_ratio", None),
+                                           **self.config.loss_options)
+            if self.adversary is not None:
+                with self._autocast():
+                    loss, gan_stats = self.adversary.generator_loss(
+                        self.fake, loss, x, c_rows, [d[rows] for d in draws], parts["d_real"],
+                        self.counters.nimg / 1000)
+                _add_weighted(stats, gan_stats, weight)
+            if self.config.reuse_images:
+                images.append(x.detach())
+            self._backward(loss * weight, params, self.opt_g, self.config.loss_scale, self.scalers["generator"], last,
+                           retain_graph=kept is not None and self.loss_spec.input_grad)  # D_f's graph
+            _add_weighted(stats, {"loss_gen": float(loss.detach())}, weight)
+            if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
+                loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma[rows], self.sigma_data)
+                self._backward(loss_fake * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
+                               self.scalers["fake"], last)
+                _add_weighted(stats, {"loss_fake": float(loss_fake.detach())}, weight)
+        if self.config.reuse_images:
+            self.reused = (torch.cat(images), c)
+        norm, ok = self._step(params, self.opt_g, self.scalers["generator"])
+        fake_stats = self._fake_update({}) if self.config.reuse_pass else {}
         if not ok:
             self.counters.skipped_generator += 1
             self.echo(f"warning: step {self.counters.step + 1}: non-finite generator gradient; the update "
                       f"was skipped ({self.counters.skipped_generator} skipped so far)")
-        self._stop_if_diverged(ok, float(loss.detach()))
+        self._stop_if_diverged(ok, stats["loss_gen"])
         c_cfg = self.config
         if c_cfg.ema > 0:
             beta = ema_beta(c_cfg.batch, self.counters.nimg, c_cfg.ema, c_cfg.ema_rampup)
@@ -402,7 +459,7 @@ class Trainer:
             update_ema(self.ema, self.generator, 0.0)
         self.counters.nimg += self.config.batch  # after the EMA: its β uses the count before this batch (EDM)
         self.counters.step += 1
-        return {"loss_gen": float(loss.detach()), "grad_norm_gen": norm, **gan_stats, **fake_stats,
+        return {**stats, "grad_norm_gen": norm, **fake_stats,
                 "sigma_mean": float(sigma.mean()), "sigma_min": float(sigma.min()), "sigma_max": float(sigma.max())}
 
     def _stop_if_diverged(self, applied: bool, loss: float) -> None:
