@@ -168,6 +168,18 @@ class TrainConfig:
         return dataclasses.replace(self, precision=resolve_precision(self.precision, device),
                                    sources={**self.sources, "precision": source})
 
+    def local_chunks(self, processes: int) -> list[slice]:
+        """The rows of each chunk of one process's share of the batch (--batch-gpu), with `processes` processes;
+        a UserError where the batch does not split evenly."""
+        if self.batch % processes:
+            raise UserError(f"--batch {self.batch} must be divisible by the number of processes ({processes})")
+        local = self.batch // processes
+        chunk = min(self.batch_gpu or local, local)
+        if local % chunk:
+            raise UserError(f"--batch-gpu {self.batch_gpu} must divide the batch of each process, {local} (--batch "
+                            f"{self.batch} over {processes} process(es)): choose a divisor of {local}")
+        return [slice(i, i + chunk) for i in range(0, local, chunk)]
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)

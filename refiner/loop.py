@@ -227,16 +227,8 @@ class Trainer:
                  echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), real_data: RealData | None = None):
         self.config = config = config.for_device(device).validate()
         self.world, self.rank = dist.world_size(), dist.rank()
-        if config.batch % self.world:
-            raise UserError(f"--batch {config.batch} must be divisible by the number of processes ({self.world})")
-        # --batch-gpu: each process runs its batch through the networks in chunks, accumulating the gradients
+        self.chunks = config.local_chunks(self.world)  # --batch-gpu: each process's batch in chunks
         self.local_batch = config.batch // self.world
-        chunk = min(config.batch_gpu or self.local_batch, self.local_batch)
-        if self.local_batch % chunk:
-            raise UserError(f"--batch-gpu {config.batch_gpu} must divide the batch of each process, {self.local_batch} "
-                            f"(--batch {config.batch} over {self.world} process(es)): choose a divisor of "
-                            f"{self.local_batch}")
-        self.chunks = [slice(i, i + chunk) for i in range(0, self.local_batch, chunk)]
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)

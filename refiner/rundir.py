@@ -227,6 +227,7 @@ def open_run(out: str | Path, config: TrainConfig, resume: bool = False, force: 
     """The run directory `out` prepared for `config` and locked (`RunDir.prepare`; under torchrun by rank 0
     alone), with the checkpoint to resume from (None: a fresh start); the lock is released on any exit.
     Every job runs inside it: `with open_run(out, config, resume, force) as (run, checkpoint): ...`."""
+    config.local_chunks(dist.world_size())  # a batch that does not split over the processes: refused before writing
     run = RunDir(out)
     checkpoint = dist.on_rank0(lambda: run.prepare(config, resume=resume, force=force, inputs=inputs, echo=echo))
     try:

@@ -1,0 +1,118 @@
+"""--batch-gpu: each process runs its batch through the networks in chunks and sums their gradients before one
+update, so a run gives the whole batch's update (to float rounding) with at most --batch-gpu images per network
+call; checked against Algorithm 1 written out in tests/test_iteration.py, against whole-batch runs of the
+adversarial, augmented and EDM runs, and under two processes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.errors import UserError
+from refiner.cli import cli
+from refiner.config import TrainConfig, resolve_config
+from refiner.toy import run_toy
+from tests.helpers import assert_same
+from tests.test_adversarial_loop import TOY
+from tests.test_distributed import _assert_same_training_state, _one_process, _state, _two_processes
+from tests.test_iteration import CONFIG, _assert_close, _plain, _trainer
+
+
+def _largest_call(trainer) -> list[int]:
+    """Hooks that record the largest batch any of the three networks is called with."""
+    largest = [0]
+
+    def hook(module, args):
+        largest[0] = max(largest[0], args[0].shape[0])
+
+    for network in (trainer.generator, trainer.teacher, trainer.fake):
+        network.register_forward_pre_hook(hook)
+    return largest
+
+
+@pytest.mark.parametrize("loss, reuse_pass", [("ikl", False), ("sid", False), ("ikl", True), ("sid", True)])
+def test_chunks_give_algorithm_1s_whole_batch_update(tmp_path: Path, loss: str, reuse_pass: bool):
+    config = replace(CONFIG, loss=loss, reuse_pass=reuse_pass)
+    trainer = _trainer(tmp_path, replace(config, batch_gpu=4))  # batch 16: four chunks
+    largest = _largest_call(trainer)
+    for _ in range(4):
+        trainer.iteration()
+    assert largest[0] == 4
+    assert trainer.counters.fake_steps == trainer.counters.step == 4
+    _assert_close(trainer, _plain(config, 4), atol=1e-6 if loss == "ikl" else 1e-5)
+
+
+def test_logged_statistics_are_the_whole_batchs(tmp_path: Path):
+    whole, chunked = (_trainer(tmp_path / str(b), replace(CONFIG, reuse_pass=True, batch_gpu=b)) for b in (None, 2))
+    a, b = whole.iteration()[-1], chunked.iteration()[-1]
+    assert a.keys() == b.keys() and {"loss_gen", "loss_fake", "grad_norm_gen", "grad_norm_fake"} <= set(a)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("given", [{"loss": "dmd2"}, {"reuse_images": True}])
+def test_chunks_give_the_whole_batch_update_with_a_discriminator_or_reused_images(tmp_path: Path, given: dict):
+    """dmd2's discriminator (real data, per-chunk draws) and --reuse-images (the chunks' images put back together)."""
+    config = resolve_config(TOY, {"steps": 3, **given})
+    run_toy(config, tmp_path / "whole", samples=32)
+    run_toy(replace(config, batch_gpu=16), tmp_path / "chunked", samples=32)
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000003.pt", weights_only=True)
+            for r in ("whole", "chunked"))
+    assert a["counters"] == b["counters"]
+    # Adam (lr 2e-3) divides near-zero gradients of the head's GroupNorm on a 1x1 map by their rounding-level size:
+    # up to 1.7e-5 apart after 15 head steps; a chunk lost or counted twice moves a weight by ~lr per step
+    for net in ("generator", "fake", "ema", *(["adversary"] if "adversary" in a else [])):
+        for key, value in a[net].items():
+            torch.testing.assert_close(b[net][key], value, rtol=1e-4, atol=5e-5, msg=f"{net}.{key}")
+    assert "adversary" in a or given.get("loss") != "dmd2"
+
+
+def test_an_edm_distillation_with_augmentation_in_chunks_follows_the_whole_batch(tmp_path: Path):
+    _one_process(tmp_path / "whole", "--steps", "2", "--augment", "0.5")
+    _one_process(tmp_path / "chunked", "--steps", "2", "--augment", "0.5", "--batch-gpu", "1")
+    _assert_same_training_state(_state(tmp_path / "whole", 2), _state(tmp_path / "chunked", 2))
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["batch_gpu"] == 1
+
+
+def test_two_processes_in_chunks_follow_one_process(tmp_path: Path):
+    """Each process sums its chunks' gradients and averages the sum over processes once, in the last chunk."""
+    _one_process(tmp_path / "one", "--steps", "2", "--reuse-pass")
+    _two_processes(tmp_path / "two", "--steps", "2", "--reuse-pass", "--batch-gpu", "1")  # 4 over 2: 2 chunks of 1
+    _assert_same_training_state(_state(tmp_path / "one", 2), _state(tmp_path / "two", 2))
+
+
+def test_a_run_resumes_under_another_batch_gpu(tmp_path: Path):
+    config = replace(TOY, steps=4, snapshot_every=2)
+    run_toy(config, tmp_path / "straight", samples=32)
+    run_toy(replace(config, steps=2), tmp_path / "resumed", samples=32)
+    run_toy(replace(config, batch_gpu=8), tmp_path / "resumed", samples=32, resume=True)
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000004.pt", weights_only=True)
+            for r in ("straight", "resumed"))
+    assert a["counters"] == b["counters"]
+    for key, value in a["generator"].items():
+        torch.testing.assert_close(b["generator"][key], value, rtol=1e-4, atol=1e-6)
+    assert_same(a["rng"], b["rng"])
+
+
+def test_a_batch_gpu_that_does_not_divide_the_batch_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match=r"--batch-gpu 5 must divide the batch of each process, 16 .*divisor of 16"):
+        _trainer(tmp_path, replace(CONFIG, batch_gpu=5))
+    with pytest.raises(UserError, match="--batch-gpu must be >= 1"):
+        replace(CONFIG, batch_gpu=0).validate()
+    trainer = _trainer(tmp_path / "larger", replace(CONFIG, batch_gpu=64))  # more than the batch: one chunk
+    assert trainer.chunks == [slice(0, 16)]
+
+
+def test_the_cli_takes_and_explains_batch_gpu(tmp_path: Path):
+    result = CliRunner().invoke(cli, ["toy", "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "8",
+                                      "--samples", "50", "--batch-gpu", "3"])
+    assert result.exit_code == 2 and "--batch-gpu 3 must divide the batch of each process, 8" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    for command in ("toy", "refine", "distill"):
+        assert "--batch-gpu" in CliRunner().invoke(cli, [command, "--help"]).output, command
+    assert isinstance(TrainConfig().batch_gpu, type(None))
