@@ -58,7 +58,7 @@ def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> tup
 
 def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
     """((wall, CPU) seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults (and
-    `args.reuse_images`, `args.reuse_pass`, `args.compile` where given): one `Trainer.iteration`,
+    `args.reuse_images`, `args.reuse_pass`, `args.batch_gpu`, `args.compile` where given): one `Trainer.iteration`,
     `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
@@ -66,7 +66,7 @@ def time_iteration(teacher, generator, fake, device: torch.device, args, precisi
 
     config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
                          device=device.type, log_every=1, reuse_images=getattr(args, "reuse_images", False),
-                         reuse_pass=getattr(args, "reuse_pass", False),
+                         reuse_pass=getattr(args, "reuse_pass", False), batch_gpu=getattr(args, "batch_gpu", None),
                          compile=getattr(args, "compile", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
@@ -83,7 +83,8 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     teacher.dtype = None if precision == "fp32" else resolve_dtype(precision)
     (seconds, cpu), trainer = time_iteration(teacher, generator, fake, device, args, precision)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
-              "reuse_images": args.reuse_images, "reuse_pass": args.reuse_pass, "compile": args.compile,
+              "reuse_images": args.reuse_images, "reuse_pass": args.reuse_pass,
+              "batch_gpu": getattr(args, "batch_gpu", None), "compile": args.compile,
               "threads": torch.get_num_threads(),
               "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
               "img_per_s": round(args.batch / seconds, 2),
@@ -109,6 +110,7 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--reuse-images", action="store_true", help="the loop's --reuse-images")
     parser.add_argument("--reuse-pass", action="store_true", help="the loop's --reuse-pass")
+    parser.add_argument("--batch-gpu", type=int, default=None, help="the loop's --batch-gpu (images per network call)")
     parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
     args = parser.parse_args()
     if args.threads:

@@ -4,7 +4,7 @@ precision, same threads or GPU; each side in a fresh process, interleaved (offic
     git clone https://github.com/pkulwj1994/diff_instruct /tmp/diff_instruct     # never vendored
     python benchmarks/vs_official.py --official /tmp/diff_instruct [--teacher edm-cifar10-32x32-uncond-vp.pkl]
         [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--reuse-images | --reuse-pass]
-        [--device cuda --precision bf16]
+        [--batch-gpu N] [--device cuda --precision bf16]
 
 Without --teacher the official code builds a random CIFAR-10 DDPM++ teacher (EDM's --arch=ddpmpp, dropout
 0.13) and pickles it with its own persistence, so both sides read the same NVIDIA-written file.
@@ -195,6 +195,8 @@ def main() -> None:
                         help="our side with --reuse-images (8 network passes per iteration instead of 9)")
     parser.add_argument("--reuse-pass", action="store_true",
                         help="our side with --reuse-pass (7 network passes per iteration instead of 9)")
+    parser.add_argument("--batch-gpu", type=int, default=None,
+                        help="our side with --batch-gpu N (the batch in chunks of N, gradients summed: less memory)")
     parser.add_argument("--side", choices=["official", "ours", "make-teacher"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "make-teacher":
@@ -214,7 +216,8 @@ def main() -> None:
               f"{args.warmup} warm-up + {args.iters} timed iterations per process, {args.rounds} rounds"
               + (", --match (official loop with our settings)" if args.match else "")
               + (", ours with --reuse-images (8 network passes, official 9)" if args.reuse_images else "")
-              + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else ""), flush=True)
+              + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else "")
+              + (f", ours in chunks of {args.batch_gpu} (--batch-gpu)" if args.batch_gpu else ""), flush=True)
         for _ in range(args.rounds):
             for name in ("official", "ours"):
                 out = subprocess.run([sys.executable, __file__, *forwarded, "--side", name], env=env,
