@@ -26,7 +26,8 @@ Each side prints one JSON line; the summary gives mean s/iter (wall and CPU proc
 Measured (random CIFAR-10 DDPM++, batch 8, fp32, --threads 1 --iters 1 --warmup 1, a shared two-core machine, so
 CPU seconds compare): official 96.1 CPU s/iter, 3838 MB; ours 94.7 CPU s/iter, 3627 MB. At the default 2 threads on
 the idle machine: ours with --reuse-images 1.15x img/s at 0.94x the peak RSS; with --reuse-pass 1.30x at 1.16x
-(official 50.4 s/iter, 3934 MB; ours 38.8 s/iter, 4564 MB).
+(official 50.4 s/iter, 3934 MB; ours 38.8 s/iter, 4564 MB); with --reuse-pass --batch-gpu 4 1.23x at 1.09x (official
+48.9 s/iter, 3831 MB; ours 39.8 s/iter, 4185 MB).
 """
 
 from __future__ import annotations

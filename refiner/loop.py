@@ -10,6 +10,9 @@ With `reuse_pass` the last fake step of an iteration is done on the generator st
 x_t = x + σ'ε' (x detached as the target) and its D_φ(x_t) with gradients, which the generator loss reads too
 (7 network passes per iteration for ikl instead of 9; the fake score then trains in the generator step's
 network mode and at its σ).
+With `batch_gpu` each process runs its share of the batch in chunks of that many rows: every chunk's loss,
+weighted by its share of the rows, is backpropagated at once and the gradients sum before one optimiser step
+(EDM's --batch-gpu: the same update in less memory).
 The adversarial losses (dmd2, sida) add a discriminator on the fake network's bottleneck (refiner.adversarial):
 its loss on real images (`real_data`) and generated ones joins the fake step's loss, its generator term the
 generator step's; its head trains with the fake network's optimiser and is part of the checkpoints.
