@@ -55,21 +55,38 @@ def test_logged_statistics_are_the_whole_batchs(tmp_path: Path):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.parametrize("given", [{"loss": "dmd2"}, {"reuse_images": True}])
-def test_chunks_give_the_whole_batch_update_with_a_discriminator_or_reused_images(tmp_path: Path, given: dict):
-    """dmd2's discriminator (real data, per-chunk draws) and --reuse-images (the chunks' images put back together)."""
-    config = resolve_config(TOY, {"steps": 3, **given})
-    run_toy(config, tmp_path / "whole", samples=32)
-    run_toy(replace(config, batch_gpu=16), tmp_path / "chunked", samples=32)
-    a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000003.pt", weights_only=True)
-            for r in ("whole", "chunked"))
-    assert a["counters"] == b["counters"]
+@pytest.mark.parametrize("given", [{"loss": "ikl"}, {"loss": "dmd"}, {"loss": "sid"}, {"loss": "sim"}, {"loss": "uni"},
+                                   {"loss": "dmd2"}, {"reuse_images": True}])
+def test_every_loss_in_chunks_gives_the_whole_batch_update(tmp_path: Path, given: dict):
+    """Every loss that is a mean of per-sample terms (dmd2's discriminator with real data and per-chunk draws too)
+    and --reuse-images (the chunks' images put back together), on the toy ring: batch 64 in chunks of 16."""
+    a, b = _whole_and_chunked(tmp_path, given)
     # Adam (lr 2e-3) divides near-zero gradients of the head's GroupNorm on a 1x1 map by their rounding-level size:
     # up to 1.7e-5 apart after 15 head steps; a chunk lost or counted twice moves a weight by ~lr per step
     for net in ("generator", "fake", "ema", *(["adversary"] if "adversary" in a else [])):
         for key, value in a[net].items():
             torch.testing.assert_close(b[net][key], value, rtol=1e-4, atol=5e-5, msg=f"{net}.{key}")
-    assert "adversary" in a or given.get("loss") != "dmd2"
+    assert ("adversary" in a) == (given.get("loss") == "dmd2")
+
+
+@pytest.mark.parametrize("given", [{"loss": "uni", "divergence": "js"}, {"loss": "sida"}])
+def test_losses_with_batch_means_run_in_chunks(tmp_path: Path, given: dict):
+    """uni with a density ratio (self-normalised weights) and sida (products of batch means) take their means per
+    chunk, as per process under data parallelism: a different update, so only that it trains is checked here."""
+    a, b = _whole_and_chunked(tmp_path, given)
+    assert all(torch.isfinite(v).all() for v in b["generator"].values())
+    assert any(not torch.equal(b["generator"][k], v) for k, v in a["generator"].items())
+
+
+def _whole_and_chunked(tmp_path: Path, given: dict) -> tuple[dict, dict]:
+    """Training states after 3 toy steps with the whole batch of 64 and in chunks of 16."""
+    config = resolve_config(TOY, {"steps": 3, **given})
+    run_toy(config, tmp_path / "whole", samples=32)
+    run_toy(replace(config, batch_gpu=16), tmp_path / "chunked", samples=32)
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "state-00000003.pt", weights_only=True)
+            for r in ("whole", "chunked"))
+    assert a["counters"] == b["counters"] and b["counters"]["skipped_generator"] == 0
+    return a, b
 
 
 def test_an_edm_distillation_with_augmentation_in_chunks_follows_the_whole_batch(tmp_path: Path):
