@@ -75,7 +75,7 @@ class TrainConfig:
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
     # batch_gpu changes only the float rounding of the sums, and what is computed per chunk: batch statistics
-    # (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the dropout masks' draws.
+    # (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the networks' own random draws.
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults",
                          "compile", "batch_gpu")
 

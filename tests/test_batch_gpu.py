@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from common.errors import UserError
+from fileformats import nvpickle
 from refiner.cli import cli
 from refiner.config import TrainConfig, resolve_config
 from refiner.toy import run_toy
@@ -21,6 +22,7 @@ from tests.helpers import assert_same
 from tests.test_adversarial_loop import TOY
 from tests.test_distributed import _assert_same_training_state, _one_process, _state, _two_processes
 from tests.test_iteration import CONFIG, _assert_close, _plain, _trainer
+from tests.test_refine import SG2, _refine, teacher32  # noqa: F401  (teacher32: a fixture)
 
 
 def _largest_call(trainer) -> list[int]:
@@ -133,3 +135,21 @@ def test_the_cli_takes_and_explains_batch_gpu(tmp_path: Path):
     for command in ("toy", "refine", "distill"):
         assert "--batch-gpu" in CliRunner().invoke(cli, [command, "--help"]).output, command
     assert isinstance(TrainConfig().batch_gpu, type(None))
+
+
+def test_refine_a_stylegan2_pickle_in_chunks(tmp_path: Path, teacher32: Path):  # noqa: F811
+    """StyleGAN2 draws its per-pixel noise per call, so chunks change those draws: the run is checked to train
+    the same weights by about the same amount as the whole batch, one image per network call."""
+    moves = {}
+    for name, extra in (("whole", []), ("chunked", ["--batch-gpu", "1"])):
+        out = tmp_path / name
+        result = _refine("--generator", str(SG2), "--teacher", str(teacher32), "--out", str(out), "--lr", "1e-3",
+                         *extra)
+        assert result.exit_code == 0, result.output
+        before, after = (nvpickle.load(p)["G_ema"].state_dict() for p in (SG2, out / "network-refined.pkl"))
+        moves[name] = torch.cat([(after[k] - before[k]).flatten() for k in before])
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["batch_gpu"] == 1
+    whole, chunked = moves["whole"], moves["chunked"]
+    # the same update but for the noise draws: the moves point the same way and are as long
+    assert float(torch.nn.functional.cosine_similarity(whole, chunked, dim=0)) > 0.9
+    assert 0.8 < float(chunked.norm() / whole.norm()) < 1.25

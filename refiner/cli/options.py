@@ -174,8 +174,9 @@ def training_options(defaults: TrainConfig) -> Callable:
         click.option("--batch-gpu", type=BATCH, default=None,
                      help="At most this many images per network call on each process: its share of --batch runs "
                           "in chunks whose gradients are summed before one update (EDM's --batch-gpu). The same "
-                          "update in less memory (per-chunk: BatchNorm statistics, dropout draws, uni's and "
-                          "sida's batch means); must divide the batch of each process. [default: the whole batch]"),
+                          "update in less memory (per chunk: BatchNorm statistics, the networks' own random draws such "
+                          "as dropout and StyleGAN noise, uni's and sida's batch means); must divide the batch of "
+                          "each process. [default: the whole batch]"),
         click.option("--seed", type=SEED, default=None, help="Random seed." + shown(d.seed)),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Delete an existing run in --out and start over."),
