@@ -1,0 +1,68 @@
+"""The loop's Adam: with β1 = 0 it keeps no first-moment buffer and gives torch's Adam update bit for bit."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from refiner.optim import MomentFreeAdam, make_adam
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((64, 32), (32,), (3, 3, 4, 4))]
+
+
+def _train(optimizer_of, steps: int = 5, params=None) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = params or _params()
+    opt = optimizer_of(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params, opt
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_beta1_zero_gives_torchs_adam_update_without_a_first_moment(fused: bool):
+    kwargs = dict(lr=1e-2, betas=(0.0, 0.999), fused=fused or None)
+    ours, opt = _train(lambda p: MomentFreeAdam(p, **kwargs))
+    reference, ref_opt = _train(lambda p: torch.optim.Adam(p, **kwargs))
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    for p, q in zip(ours, reference):
+        assert opt.state[p]["exp_avg"].numel() == 0 and ref_opt.state[q]["exp_avg"].shape == q.shape
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ref_opt.state[q]["exp_avg_sq"])
+
+
+def test_a_checkpoint_resumes_and_one_with_a_full_first_moment_loads():
+    kwargs = dict(lr=1e-2, betas=(0.0, 0.999), fused=True)
+    straight, _ = _train(lambda p: MomentFreeAdam(p, **kwargs), steps=6)
+    for saved_by in (MomentFreeAdam, torch.optim.Adam):  # ours, and torch's (or an older refiner's) with m
+        params, opt = _train(lambda p, saved_by=saved_by: saved_by(p, **kwargs), steps=3)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        resumed = MomentFreeAdam(params, **kwargs)
+        resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        # the remaining 3 steps with the straight run's gradients (`_train`'s draws)
+        g = torch.Generator().manual_seed(1)
+        draws = [[torch.randn(p.shape, generator=g) * 1e-2 for p in params] for _ in range(6)]
+        for step in range(3, 6):
+            for p, d in zip(params, draws[step]):
+                p.grad = d
+            resumed.step()
+            resumed.zero_grad(set_to_none=True)
+        for a, b in zip(params, straight):
+            assert torch.equal(a, b), saved_by.__name__
+
+
+def test_make_adam_keeps_the_first_moment_only_when_beta1_is_not_zero():
+    assert type(make_adam(_params(), 1e-3, (0.0, 0.99))) is MomentFreeAdam
+    opt = make_adam(_params(), 1e-3, (0.9, 0.99))
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["fused"]
+    with pytest.raises(ValueError, match="beta1 = 0"):
+        MomentFreeAdam(_params(), lr=1e-3, betas=(0.5, 0.99))
