@@ -67,6 +67,7 @@ def time_iteration(teacher, generator, fake, device: torch.device, args, precisi
     config = TrainConfig(steps=args.warmup + args.iters, batch=args.batch, precision=precision,
                          device=device.type, log_every=1, reuse_images=getattr(args, "reuse_images", False),
                          reuse_pass=getattr(args, "reuse_pass", False), batch_gpu=getattr(args, "batch_gpu", None),
+                         recompute_norms=getattr(args, "recompute_norms", False),
                          compile=getattr(args, "compile", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
@@ -84,7 +85,8 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     (seconds, cpu), trainer = time_iteration(teacher, generator, fake, device, args, precision)
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
               "reuse_images": args.reuse_images, "reuse_pass": args.reuse_pass,
-              "batch_gpu": getattr(args, "batch_gpu", None), "compile": args.compile,
+              "batch_gpu": getattr(args, "batch_gpu", None),
+              "recompute_norms": getattr(args, "recompute_norms", False), "compile": args.compile,
               "threads": torch.get_num_threads(),
               "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
               "img_per_s": round(args.batch / seconds, 2),
@@ -111,6 +113,7 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--reuse-images", action="store_true", help="the loop's --reuse-images")
     parser.add_argument("--reuse-pass", action="store_true", help="the loop's --reuse-pass")
     parser.add_argument("--batch-gpu", type=int, default=None, help="the loop's --batch-gpu (images per network call)")
+    parser.add_argument("--recompute-norms", action="store_true", help="the loop's --recompute-norms")
     parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
     args = parser.parse_args()
     if args.threads:

@@ -4,7 +4,7 @@ precision, same threads or GPU; each side in a fresh process, interleaved (offic
     git clone https://github.com/pkulwj1994/diff_instruct /tmp/diff_instruct     # never vendored
     python benchmarks/vs_official.py --official /tmp/diff_instruct [--teacher edm-cifar10-32x32-uncond-vp.pkl]
         [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--reuse-images | --reuse-pass]
-        [--batch-gpu N] [--device cuda --precision bf16]
+        [--batch-gpu N] [--recompute-norms] [--device cuda --precision bf16]
 
 Without --teacher the official code builds a random CIFAR-10 DDPM++ teacher (EDM's --arch=ddpmpp, dropout
 0.13) and pickles it with its own persistence, so both sides read the same NVIDIA-written file.
@@ -198,6 +198,8 @@ def main() -> None:
                         help="our side with --reuse-pass (7 network passes per iteration instead of 9)")
     parser.add_argument("--batch-gpu", type=int, default=None,
                         help="our side with --batch-gpu N (the batch in chunks of N, gradients summed: less memory)")
+    parser.add_argument("--recompute-norms", action="store_true",
+                        help="our side with --recompute-norms (GroupNorm + SiLU outputs recomputed in the backward)")
     parser.add_argument("--side", choices=["official", "ours", "make-teacher"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "make-teacher":
@@ -218,7 +220,8 @@ def main() -> None:
               + (", --match (official loop with our settings)" if args.match else "")
               + (", ours with --reuse-images (8 network passes, official 9)" if args.reuse_images else "")
               + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else "")
-              + (f", ours in chunks of {args.batch_gpu} (--batch-gpu)" if args.batch_gpu else ""), flush=True)
+              + (f", ours in chunks of {args.batch_gpu} (--batch-gpu)" if args.batch_gpu else "")
+              + (", ours with --recompute-norms" if args.recompute_norms else ""), flush=True)
         for _ in range(args.rounds):
             for name in ("official", "ours"):
                 out = subprocess.run([sys.executable, __file__, *forwarded, "--side", name], env=env,

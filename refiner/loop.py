@@ -61,6 +61,7 @@ from refiner.optim import make_adam
 from refiner.realdata import RealData, require_data
 from refiner.rundir import RunDir
 from refiner.sigma import make_sampler
+from teachers.edm_layers import recompute_norms
 
 
 def make_sigma_sampler(config: TrainConfig, step: str = "generator"):
@@ -316,9 +317,11 @@ class Trainer:
     def _parts(self) -> Iterator[tuple[slice, float, bool]]:
         """(rows, weight, last) for each chunk of the local batch (--batch-gpu; one chunk without it). A loss
         that is a mean over its chunk's rows times the weight n_chunk / n_local sums over the chunks to the
-        mean over the local batch."""
+        mean over the local batch. Every network pass with gradients runs in a chunk's loop body, so --recompute-norms
+        is switched on here, for the body (the generator's `with` is suspended at the yield)."""
         for i, rows in enumerate(self.chunks):
-            yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
+            with recompute_norms(self.config.recompute_norms):
+                yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
 
     def _backward(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                   scale: float, scaler: torch.amp.GradScaler, last: bool, retain_graph: bool = False) -> None:
