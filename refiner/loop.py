@@ -317,11 +317,9 @@ class Trainer:
     def _parts(self) -> Iterator[tuple[slice, float, bool]]:
         """(rows, weight, last) for each chunk of the local batch (--batch-gpu; one chunk without it). A loss
         that is a mean over its chunk's rows times the weight n_chunk / n_local sums over the chunks to the
-        mean over the local batch. Every network pass with gradients runs in a chunk's loop body, so --recompute-norms
-        is switched on here, for the body (the generator's `with` is suspended at the yield)."""
+        mean over the local batch."""
         for i, rows in enumerate(self.chunks):
-            with recompute_norms(self.config.recompute_norms):
-                yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
+            yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
 
     def _backward(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                   scale: float, scaler: torch.amp.GradScaler, last: bool, retain_graph: bool = False) -> None:
@@ -361,33 +359,34 @@ class Trainer:
             augment_params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
         self.opt_f.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
-        for rows, weight, last in self._parts():
-            if reused is not None:
-                x = images[rows]
-            else:
-                with torch.no_grad(), self._autocast():
-                    self.generator.eval()
-                    x = self._call("generator")(z[rows], _rows(c, rows)).float()
-                    self.generator.train()
-            augment: dict[str, torch.Tensor] = {}
-            if augment_params is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
-                x, augment["augment_labels"] = self.augment(x, {k: v[rows] for k, v in augment_params.items()})
-            self.fake.train()
-            with self._autocast():
-                denoised = self._call("fake")(add_noise(x, sigma[rows], noise[rows]), sigma[rows], _rows(c, rows),
-                                              **augment).float()
-            loss = denoising_loss(denoised, x, sigma[rows], self.sigma_data)
-            part = {"loss_fake": float(loss.detach())}
-            if self.adversary is not None:
+        with recompute_norms(self.config.recompute_norms):  # passes with gradients (--recompute-norms)
+            for rows, weight, last in self._parts():
+                if reused is not None:
+                    x = images[rows]
+                else:
+                    with torch.no_grad(), self._autocast():
+                        self.generator.eval()
+                        x = self._call("generator")(z[rows], _rows(c, rows)).float()
+                        self.generator.train()
+                augment: dict[str, torch.Tensor] = {}
+                if augment_params is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
+                    x, augment["augment_labels"] = self.augment(x, {k: v[rows] for k, v in augment_params.items()})
+                self.fake.train()
                 with self._autocast():
-                    loss_disc, disc_stats = self.adversary.discriminator_loss(
-                        self.fake, x, _rows(c, rows), real[rows], _rows(c_real, rows), sigma[rows], noise[rows],
-                        [d[rows] for d in draws], self.sigma_data)
-                loss = loss + loss_disc
-                part.update(disc_stats)
-            self._backward(loss * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
-                           self.scalers["fake"], last)
-            _add_weighted(stats, part, weight)
+                    denoised = self._call("fake")(add_noise(x, sigma[rows], noise[rows]), sigma[rows], _rows(c, rows),
+                                                  **augment).float()
+                loss = denoising_loss(denoised, x, sigma[rows], self.sigma_data)
+                part = {"loss_fake": float(loss.detach())}
+                if self.adversary is not None:
+                    with self._autocast():
+                        loss_disc, disc_stats = self.adversary.discriminator_loss(
+                            self.fake, x, _rows(c, rows), real[rows], _rows(c_real, rows), sigma[rows], noise[rows],
+                            [d[rows] for d in draws], self.sigma_data)
+                    loss = loss + loss_disc
+                    part.update(disc_stats)
+                self._backward(loss * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
+                               self.scalers["fake"], last)
+                _add_weighted(stats, part, weight)
         return self._fake_update(stats)
 
     def _fake_update(self, stats: dict[str, float]) -> dict[str, float]:
@@ -405,34 +404,37 @@ class Trainer:
             draws = self._draw_adversarial(1)[0]
         params = self.opt_g.param_groups[0]["params"]
         self.opt_g.zero_grad(set_to_none=True)
-        self.opt_f.zero_grad(set_to_none=True)
+        if self.config.reuse_pass:
+            self.opt_f.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         images = []
-        for rows, weight, last in self._parts():
-            c_rows = _rows(c, rows)
-            with self._autocast(), self._networks() as (teacher, fake):
-                kept = _KeptPass(fake) if self.config.reuse_pass else None
-                x = self._call("generator")(z[rows], c_rows).float()
-                parts: dict[str, torch.Tensor] = {}
-                loss = generator_objective(self.loss_spec, x, sigma[rows], noise[rows], teacher, kept or fake, c_rows,
-                                           parts=parts, discriminator=getattr(self.adversary, "log_ratio", None),
-                                           **self.config.loss_options)
-            if self.adversary is not None:
-                with self._autocast():
-                    loss, gan_stats = self.adversary.generator_loss(
-                        self.fake, loss, x, c_rows, [d[rows] for d in draws], parts["d_real"],
-                        self.counters.nimg / 1000)
-                _add_weighted(stats, gan_stats, weight)
-            if self.config.reuse_images:
-                images.append(x.detach())
-            self._backward(loss * weight, params, self.opt_g, self.config.loss_scale, self.scalers["generator"], last,
-                           retain_graph=kept is not None and self.loss_spec.input_grad)  # D_f's graph
-            _add_weighted(stats, {"loss_gen": float(loss.detach())}, weight)
-            if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
-                loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma[rows], self.sigma_data)
-                self._backward(loss_fake * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
-                               self.scalers["fake"], last)
-                _add_weighted(stats, {"loss_fake": float(loss_fake.detach())}, weight)
+        with recompute_norms(self.config.recompute_norms):  # passes with gradients (--recompute-norms)
+            for rows, weight, last in self._parts():
+                c_rows = _rows(c, rows)
+                with self._autocast(), self._networks() as (teacher, fake):
+                    kept = _KeptPass(fake) if self.config.reuse_pass else None
+                    x = self._call("generator")(z[rows], c_rows).float()
+                    parts: dict[str, torch.Tensor] = {}
+                    loss = generator_objective(self.loss_spec, x, sigma[rows], noise[rows], teacher, kept or fake,
+                                               c_rows, parts=parts,
+                                               discriminator=getattr(self.adversary, "log_ratio", None),
+                                               **self.config.loss_options)
+                if self.adversary is not None:
+                    with self._autocast():
+                        loss, gan_stats = self.adversary.generator_loss(
+                            self.fake, loss, x, c_rows, [d[rows] for d in draws], parts["d_real"],
+                            self.counters.nimg / 1000)
+                    _add_weighted(stats, gan_stats, weight)
+                if self.config.reuse_images:
+                    images.append(x.detach())
+                self._backward(loss * weight, params, self.opt_g, self.config.loss_scale, self.scalers["generator"],
+                               last, retain_graph=kept is not None and self.loss_spec.input_grad)  # D_f's graph
+                _add_weighted(stats, {"loss_gen": float(loss.detach())}, weight)
+                if kept is not None:  # L(φ) = λ(σ)‖D_φ(x_t) − sg[x]‖² on the pass the generator loss read D_f from
+                    loss_fake = denoising_loss(kept.output.float(), x.detach(), sigma[rows], self.sigma_data)
+                    self._backward(loss_fake * weight, self.fake_params, self.opt_f, self.config.fake_loss_scale,
+                                   self.scalers["fake"], last)
+                    _add_weighted(stats, {"loss_fake": float(loss_fake.detach())}, weight)
         if self.config.reuse_images:
             self.reused = (torch.cat(images), c)
         norm, ok = self._step(params, self.opt_g, self.scalers["generator"])
