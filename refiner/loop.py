@@ -225,7 +225,6 @@ class Trainer:
         self.config = config = config.for_device(device).validate()
         self.world, self.rank = dist.world_size(), dist.rank()
         self.chunks = config.local_chunks(self.world)  # --batch-gpu: each process's batch in chunks
-        self.local_batch = config.batch // self.world
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
@@ -318,8 +317,9 @@ class Trainer:
         """(rows, weight, last) for each chunk of the local batch (--batch-gpu; one chunk without it). A loss
         that is a mean over its chunk's rows times the weight n_chunk / n_local sums over the chunks to the
         mean over the local batch."""
+        n_local = self.chunks[-1].stop
         for i, rows in enumerate(self.chunks):
-            yield rows, (rows.stop - rows.start) / self.local_batch, i == len(self.chunks) - 1
+            yield rows, (rows.stop - rows.start) / n_local, i == len(self.chunks) - 1
 
     def _backward(self, loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                   scale: float, scaler: torch.amp.GradScaler, last: bool, retain_graph: bool = False) -> None:
