@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from refiner.optim import MomentFreeAdam, make_adam
+from refiner.optim import MomentFreeAdam, allocate_state, make_adam
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -66,3 +66,28 @@ def test_make_adam_keeps_the_first_moment_only_when_beta1_is_not_zero():
     assert type(opt) is torch.optim.Adam and opt.param_groups[0]["fused"]
     with pytest.raises(ValueError, match="beta1 = 0"):
         MomentFreeAdam(_params(), lr=1e-3, betas=(0.5, 0.99))
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.99)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_state_is_allocated_up_front_and_steps_as_torchs_adam(betas, fused: bool):
+    """The state exists before the first step and the steps write into that memory (no allocation in the middle
+    of a run's heap); the update equals torch's lazily initialised Adam bit for bit."""
+    if fused:
+        opt = make_adam(_params(), 1e-2, betas)
+    else:  # the per-tensor loop (make_adam's choice for parameters the fused kernel does not take)
+        opt = (MomentFreeAdam if betas[0] == 0 else torch.optim.Adam)(_params(), lr=1e-2, betas=betas)
+        allocate_state(opt)
+    assert opt.param_groups[0]["fused"] is (True if fused else None)
+    params = opt.param_groups[0]["params"]
+    before = {id(p): {k: v.data_ptr() for k, v in opt.state[p].items() if v.numel()} for p in params}
+    assert all(set(b) == ({"step", "exp_avg_sq"} if betas[0] == 0 else {"step", "exp_avg", "exp_avg_sq"})
+               for b in before.values())
+    ours, _ = _train(lambda p: opt, params=params)
+    reference, ref_opt = _train(lambda p: torch.optim.Adam(p, lr=1e-2, betas=betas, fused=fused or None))
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    for p, q in zip(ours, reference):
+        assert {k: opt.state[p][k].data_ptr() for k in before[id(p)]} == before[id(p)]
+        assert opt.state[p]["step"].device == ref_opt.state[q]["step"].device
+        assert opt.state[p]["step"].dtype == ref_opt.state[q]["step"].dtype
