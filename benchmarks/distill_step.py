@@ -68,6 +68,8 @@ def time_iteration(teacher, generator, fake, device: torch.device, args, precisi
                          device=device.type, log_every=1, reuse_images=getattr(args, "reuse_images", False),
                          reuse_pass=getattr(args, "reuse_pass", False), batch_gpu=getattr(args, "batch_gpu", None),
                          recompute_norms=getattr(args, "recompute_norms", False),
+                         winograd=getattr(args, "winograd", False),
+                         mmap_threshold=getattr(args, "mmap_threshold", None),
                          compile=getattr(args, "compile", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
@@ -86,7 +88,9 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
     result = {"device": str(device), "precision": precision, "batch": args.batch, "iters": args.iters,
               "reuse_images": args.reuse_images, "reuse_pass": args.reuse_pass,
               "batch_gpu": getattr(args, "batch_gpu", None),
-              "recompute_norms": getattr(args, "recompute_norms", False), "compile": args.compile,
+              "recompute_norms": getattr(args, "recompute_norms", False),
+              "winograd": getattr(args, "winograd", False), "mmap_threshold": getattr(args, "mmap_threshold", None),
+              "compile": args.compile,
               "threads": torch.get_num_threads(),
               "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
               "img_per_s": round(args.batch / seconds, 2),
@@ -114,6 +118,8 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--reuse-pass", action="store_true", help="the loop's --reuse-pass")
     parser.add_argument("--batch-gpu", type=int, default=None, help="the loop's --batch-gpu (images per network call)")
     parser.add_argument("--recompute-norms", action="store_true", help="the loop's --recompute-norms")
+    parser.add_argument("--winograd", action="store_true", help="the loop's --winograd")
+    parser.add_argument("--mmap-threshold", type=float, default=None, metavar="MIB", help="the loop's --mmap-threshold")
     parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
     args = parser.parse_args()
     if args.threads:

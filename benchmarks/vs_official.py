@@ -4,7 +4,7 @@ precision, same threads or GPU; each side in a fresh process, interleaved (offic
     git clone https://github.com/pkulwj1994/diff_instruct /tmp/diff_instruct     # never vendored
     python benchmarks/vs_official.py --official /tmp/diff_instruct [--teacher edm-cifar10-32x32-uncond-vp.pkl]
         [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--reuse-images | --reuse-pass]
-        [--batch-gpu N] [--recompute-norms] [--device cuda --precision bf16]
+        [--batch-gpu N] [--recompute-norms] [--winograd] [--mmap-threshold MIB] [--device cuda --precision bf16]
 
 Without --teacher the official code builds a random CIFAR-10 DDPM++ teacher (EDM's --arch=ddpmpp, dropout
 0.13) and pickles it with its own persistence, so both sides read the same NVIDIA-written file.
@@ -27,7 +27,9 @@ Measured (random CIFAR-10 DDPM++, batch 8, fp32, --threads 1 --iters 1 --warmup 
 CPU seconds compare): official 96.1 CPU s/iter, 3838 MB; ours 94.7 CPU s/iter, 3627 MB. At the default 2 threads on
 the idle machine: ours with --reuse-images 1.15x img/s at 0.94x the peak RSS; with --reuse-pass 1.30x at 1.16x
 (official 50.4 s/iter, 3934 MB; ours 38.8 s/iter, 4564 MB); with --reuse-pass --batch-gpu 4 1.23x at 1.09x (official
-48.9 s/iter, 3831 MB; ours 39.8 s/iter, 4185 MB).
+48.9 s/iter, 3831 MB; ours 39.8 s/iter, 4185 MB); with --reuse-pass --recompute-norms --winograd --mmap-threshold 8,
+two rounds: 1.31x img/s at 0.87x the peak RSS (official 49.06 / 49.95 s/iter, 3892 / 3846 MB; ours 36.80 / 38.79
+s/iter, 3365 / 3376 MB).
 """
 
 from __future__ import annotations
@@ -200,6 +202,11 @@ def main() -> None:
                         help="our side with --batch-gpu N (the batch in chunks of N, gradients summed: less memory)")
     parser.add_argument("--recompute-norms", action="store_true",
                         help="our side with --recompute-norms (GroupNorm + SiLU outputs recomputed in the backward)")
+    parser.add_argument("--winograd", action="store_true",
+                        help="our side with --winograd (large 3x3 convolutions by NNPACK's Winograd kernels)")
+    parser.add_argument("--mmap-threshold", type=float, default=None, metavar="MIB",
+                        help="our side with --mmap-threshold MIB (CPU tensors of at least MIB MiB mapped, not from the "
+                             "heap)")
     parser.add_argument("--side", choices=["official", "ours", "make-teacher"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "make-teacher":
@@ -221,7 +228,9 @@ def main() -> None:
               + (", ours with --reuse-images (8 network passes, official 9)" if args.reuse_images else "")
               + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else "")
               + (f", ours in chunks of {args.batch_gpu} (--batch-gpu)" if args.batch_gpu else "")
-              + (", ours with --recompute-norms" if args.recompute_norms else ""), flush=True)
+              + (", ours with --recompute-norms" if args.recompute_norms else "")
+              + (", ours with --winograd" if args.winograd else "")
+              + (f", ours with --mmap-threshold {args.mmap_threshold}" if args.mmap_threshold else ""), flush=True)
         for _ in range(args.rounds):
             for name in ("official", "ours"):
                 out = subprocess.run([sys.executable, __file__, *forwarded, "--side", name], env=env,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from refiner import heap
 from refiner.losses import GENERATOR_LOSSES, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
 
@@ -35,6 +36,13 @@ class TrainConfig:
     # The EDM U-Nets recompute their GroupNorm → SiLU (→ dropout) outputs in the backward instead of storing them:
     # the same gradients in about 30% less activation memory (teachers.edm_layers.recompute_norms).
     recompute_norms: bool = False
+    # The EDM U-Nets' large float32 3×3 convolutions on the CPU run by NNPACK's Winograd kernels: faster on AVX2
+    # machines, the same result to float rounding (teachers.edm_layers.winograd_convs).
+    winograd: bool = False
+    # CPU tensors of at least this many MiB get their own memory mapping, returned to the system when freed, instead
+    # of coming from glibc's heap, which fragments: a lower peak RSS for page faults (refiner.heap). None = glibc's
+    # default.
+    mmap_threshold: float | None = None
     seed: int = 0
     lr: float = 1e-5  # generator learning rate
     fake_lr: float = 1e-5  # fake-score network learning rate
@@ -77,11 +85,11 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
-    # recompute_norms changes nothing computed; batch_gpu changes only the float rounding of the sums, and what is
-    # computed per chunk: batch statistics (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and
-    # the networks' own random draws.
+    # recompute_norms and mmap_threshold change nothing computed, winograd only the float rounding of convolutions;
+    # batch_gpu changes only the float rounding of the sums, and what is computed per chunk: batch statistics
+    # (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the networks' own random draws.
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults",
-                         "compile", "batch_gpu", "recompute_norms")
+                         "compile", "batch_gpu", "recompute_norms", "winograd", "mmap_threshold")
 
     def samplers(self) -> dict[str, str]:
         """The sampler of each step: {"generator": name, "fake": name}."""
@@ -120,6 +128,9 @@ class TrainConfig:
             (self.teacher_mode in TEACHER_MODES, f"--teacher-mode must be one of {', '.join(TEACHER_MODES)} "
                                                  f"(got {self.teacher_mode!r})"),
             (0 <= self.augment <= 1, f"--augment is a probability in [0, 1] (got {self.augment})"),
+            (self.mmap_threshold is None or 0 < self.mmap_threshold <= heap.MAX_MMAP_THRESHOLD_MIB,
+             f"--mmap-threshold is in MiB, in (0, {heap.MAX_MMAP_THRESHOLD_MIB}] (got {self.mmap_threshold})"),
+            (self.mmap_threshold is None or heap.glibc_available(), heap.NOT_GLIBC),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,6 +241,7 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 TRAINING_KEYS = ("steps", "batch", "batch_gpu", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every",
                  "loss", "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2",
                  "teacher_mode", "augment", "reuse_images", "reuse_pass", "compile", "recompute_norms",
+                 "winograd", "mmap_threshold",
                  *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 

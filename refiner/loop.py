@@ -52,6 +52,7 @@ from common.errors import UserError
 from fileformats.progress import Progress
 from gan_adapters.base import derived_seed
 from refiner import distributed as dist
+from refiner import heap
 from refiner.adversarial import Adversary, gan_options
 from refiner.augment import AugmentPipe
 from refiner.config import TrainConfig
@@ -61,7 +62,7 @@ from refiner.optim import make_adam
 from refiner.realdata import RealData, require_data
 from refiner.rundir import RunDir
 from refiner.sigma import make_sampler
-from teachers.edm_layers import recompute_norms
+from teachers.edm_layers import recompute_norms, winograd_convs
 
 
 def make_sigma_sampler(config: TrainConfig, step: str = "generator"):
@@ -225,6 +226,8 @@ class Trainer:
         self.config = config = config.for_device(device).validate()
         self.world, self.rank = dist.world_size(), dist.rank()
         self.chunks = config.local_chunks(self.world)  # --batch-gpu: each process's batch in chunks
+        if config.mmap_threshold is not None:  # before the EMA copy and Adam's state are allocated (refiner.heap)
+            heap.set_mmap_threshold(config.mmap_threshold)
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
@@ -580,8 +583,9 @@ class Trainer:
     def iteration(self) -> list[dict[str, float]]:
         """`ratio` fake steps, then the generator step (with --reuse-pass the last fake step is inside it);
         their statistics, the generator step's last."""
-        fake = [self.fake_step() for _ in range(self.config.ratio - self.config.reuse_pass)]
-        return [*fake, self.generator_step()]
+        with winograd_convs(self.config.winograd):  # --winograd: every pass of the iteration
+            fake = [self.fake_step() for _ in range(self.config.ratio - self.config.reuse_pass)]
+            return [*fake, self.generator_step()]
 
     def train(self) -> Counters:
         cfg = self.config

@@ -181,6 +181,18 @@ def training_options(defaults: TrainConfig) -> Callable:
                      help="EDM U-Nets (teacher, fake score, EDM generators) recompute their GroupNorm + SiLU "
                           "(+ dropout) outputs in the backward instead of storing them: the same gradients with "
                           "about 30% less activation memory, for a few percent more time. [default: off]"),
+        click.option("--winograd/--no-winograd", default=None,
+                     help="On a CPU with AVX2, the EDM U-Nets' large float32 3x3 convolutions (at least 128 channels "
+                          "in and out, maps of 16x16 or more) run by NNPACK's Winograd kernels: a CIFAR-10 DDPM++ "
+                          "forward pass 1.2x faster on a 2-core AVX2 machine, results equal to float rounding (~1e-5 "
+                          "of the output's scale), as under cuDNN's benchmark mode on a GPU. Measure it on yours "
+                          "(benchmarks/winograd.py): machines with AVX-512 may run oneDNN faster. [default: off]"),
+        click.option("--mmap-threshold", type=float, default=None, metavar="MIB",
+                     help="CPU runs on Linux: tensors of at least MIB MiB get their own memory mapping, returned to "
+                          "the system when freed, instead of coming from glibc's heap, where freed activations "
+                          "fragment (process-wide). Lowers the peak RSS (CIFAR-10 DDPM++ at batch 8, 8 MiB: about "
+                          "0.5 GB less) for page faults that cost more the more of the activations are that large. "
+                          "[default: glibc's own, rising to 32]"),
         click.option("--seed", type=SEED, default=None, help="Random seed." + shown(d.seed)),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Delete an existing run in --out and start over."),
