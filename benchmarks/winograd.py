@@ -7,8 +7,9 @@ relative difference of the outputs; then the whole forward pass both ways.
 
 `--winograd` takes a layer when it has at least edm_layers.WINOGRAD_MIN_CHANNELS channels in and out and a map of at
 least WINOGRAD_MIN_SIZE × WINOGRAD_MIN_SIZE; the table marks them. Measured on the 2-core AMD EPYC (Zen 1, AVX2)
-this project is developed on, batch 8, 2 threads: the 3×3 layers it takes ran 1.21-1.46x faster (relative difference
-≤ 1.4e-5), the ones it leaves 0.59-0.78x, and the whole forward pass 1.3x faster. AVX-512 machines run oneDNN's
+this project is developed on, batch 8, 2 threads: the 3×3 layers it takes ran 1.32-1.50x faster (relative difference
+≤ 1.7e-5; 0.99-1.39x in an earlier run of the same script), the ones it leaves 0.53-0.78x, and the whole forward
+pass 1.19x faster (4.955 → 4.148 s). AVX-512 machines run oneDNN's
 direct convolution much faster while NNPACK stays at AVX2: measure before switching it on there.
 """
 

@@ -261,6 +261,10 @@ class Trainer:
             raise UserError("--augment needs a fake-score network that takes augmentation labels (an EDM U-Net); "
                             "this one does not: use --augment 0")
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
+        if config.winograd and (device.type != "cpu" or not torch.backends.nnpack.is_available()):
+            self.echo("note: --winograd changes nothing here: it runs CPU convolutions by NNPACK, which "
+                      + ("this CPU or torch build lacks (it needs AVX2)" if device.type == "cpu" else
+                         f"does not apply on {device.type}"))
         self.counters = Counters()
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
         # denoising loss's weight λ(σ) ~ 1/σ² makes its gradients large at small σ: scaled by PyTorch's

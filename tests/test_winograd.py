@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
+from refiner.cli import cli
 from teachers import edm_layers
 from teachers.edm_layers import conv_same, winograd_convs
-from tests.test_distributed import TEACHER_WEIGHTS, _flat, _one_process, _state
+from tests.test_distributed import ARGS, TEACHER_WEIGHTS, _flat, _one_process, _state
 
 needs_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="NNPACK needs AVX2 (or ARM)")
 
@@ -96,3 +98,11 @@ def test_a_distillation_with_winograd_equals_one_without_to_float_rounding(
     for opt in ("opt_g", "opt_f"):
         v_a, v_b = (torch.cat([s["exp_avg_sq"].flatten() for s in x[opt]["state"].values()]) for x in (a, b))
         assert float((v_b - v_a).norm() / v_a.norm()) < 1e-3, opt
+
+
+def test_a_run_where_it_cannot_apply_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.backends.nnpack, "is_available", lambda: False)
+    result = CliRunner().invoke(cli, ["distill", *ARGS, "--out", str(tmp_path / "run"), "--steps", "1", "--winograd"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "--winograd changes nothing here" in result.output and "needs AVX2" in result.output
