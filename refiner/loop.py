@@ -320,6 +320,13 @@ class Trainer:
         return torch.autocast("cuda", dtype=dtype)
 
     # -- gradients accumulated over the chunks of the batch, one optimiser step with gradient hygiene -------
+    @contextlib.contextmanager
+    def _passes(self) -> Iterator[None]:
+        """The EDM layers' options for a step's network passes: --recompute-norms (it acts where gradients are
+        recorded) and --winograd (teachers.edm_layers)."""
+        with recompute_norms(self.config.recompute_norms), winograd_convs(self.config.winograd):
+            yield
+
     def _parts(self) -> Iterator[tuple[slice, float, bool]]:
         """(rows, weight, last) for each chunk of the local batch (--batch-gpu; one chunk without it). A loss
         that is a mean over its chunk's rows times the weight n_chunk / n_local sums over the chunks to the
@@ -366,7 +373,7 @@ class Trainer:
             augment_params = {k: self._local(v) for k, v in self.augment.sample(self.config.batch, self.rng).items()}
         self.opt_f.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
-        with recompute_norms(self.config.recompute_norms):  # passes with gradients (--recompute-norms)
+        with self._passes():
             for rows, weight, last in self._parts():
                 if reused is not None:
                     x = images[rows]
@@ -415,7 +422,7 @@ class Trainer:
             self.opt_f.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         images = []
-        with recompute_norms(self.config.recompute_norms):  # passes with gradients (--recompute-norms)
+        with self._passes():
             for rows, weight, last in self._parts():
                 c_rows = _rows(c, rows)
                 with self._autocast(), self._networks() as (teacher, fake):
@@ -587,9 +594,8 @@ class Trainer:
     def iteration(self) -> list[dict[str, float]]:
         """`ratio` fake steps, then the generator step (with --reuse-pass the last fake step is inside it);
         their statistics, the generator step's last."""
-        with winograd_convs(self.config.winograd):  # --winograd: every pass of the iteration
-            fake = [self.fake_step() for _ in range(self.config.ratio - self.config.reuse_pass)]
-            return [*fake, self.generator_step()]
+        fake = [self.fake_step() for _ in range(self.config.ratio - self.config.reuse_pass)]
+        return [*fake, self.generator_step()]
 
     def train(self) -> Counters:
         cfg = self.config

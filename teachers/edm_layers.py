@@ -30,52 +30,53 @@ class Init:
     bias: float = 0.0
 
 
-_skip_init = False
+class _Switch:
+    """A process-wide setting of the layers, on for the duration of a with-block (`with switch(): ...`) and back to
+    what it was after, whatever happens inside."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool = True) -> Iterator[None]:
+        previous, self.on = self.on, enabled
+        try:
+            yield
+        finally:
+            self.on = previous
 
 
-@contextlib.contextmanager
-def skip_init() -> Iterator[None]:
+_skip_init = _Switch()
+_recompute = _Switch()
+_winograd = _Switch()
+
+
+def skip_init() -> contextlib.AbstractContextManager[None]:
     """Build networks without drawing weights (uninitialised memory, untouched until written): for
     networks whose weights are loaded right after construction."""
-    global _skip_init
-    previous, _skip_init = _skip_init, True
-    try:
-        yield
-    finally:
-        _skip_init = previous
+    return _skip_init()
 
 
 def skipping_init() -> bool:
     """True inside `skip_init()`: layers allocate their weights without drawing them."""
-    return _skip_init
+    return _skip_init.on
 
 
-_recompute = False
-
-
-@contextlib.contextmanager
-def recompute_norms(enabled: bool = True) -> Iterator[None]:
+def recompute_norms(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, while gradients are recorded, each UNetBlock stores only the inputs of its GroupNorm → SiLU
     (→ dropout) chains and recomputes their outputs in the backward (`torch.utils.checkpoint`, with the dropout
     masks' RNG state replayed): the same gradients, about 30% less activation memory (CIFAR-10 DDPM++ at batch 8:
     1245 → 877 MB saved per forward) for a second pass of those cheap operations."""
-    global _recompute
-    previous, _recompute = _recompute, enabled
-    try:
-        yield
-    finally:
-        _recompute = previous
+    return _recompute(enabled)
 
 
 def _recomputed(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """fn(*args); under `recompute_norms()` with gradients on, its intermediate results are recomputed in the
     backward instead of stored."""
-    if _recompute and torch.is_grad_enabled():
+    if _recompute.on and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
-
-_winograd = False
 
 # The layers that NNPACK's fast algorithms run faster than oneDNN's direct convolution on a 2-core AVX2 CPU
 # (benchmarks/winograd.py): 3×3 kernels with at least this many channels in and out, on maps of at least this size.
@@ -83,26 +84,21 @@ WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_SIZE = 16
 
 
-@contextlib.contextmanager
-def winograd_convs(enabled: bool = True) -> Iterator[None]:
+def winograd_convs(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, the EDM U-Nets' large float32 3×3 convolutions on the CPU run by NNPACK (Lavin & Gray 2016, "Fast
     Algorithms for Convolutional Neural Networks": Winograd's minimal filtering, F(6×6, 3×3), fewer multiplications
     per output) instead of oneDNN's direct convolution; their backward is torch's convolution_backward as before.
     The result differs from the direct convolution's by float rounding only (about 1e-5 of the output's scale),
     as cuDNN's benchmark mode does on a GPU. Where NNPACK is not available (no AVX2) nothing changes."""
-    global _winograd
-    previous, _winograd = _winograd, enabled and torch.backends.nnpack.is_available()
-    try:
-        yield
-    finally:
-        _winograd = previous
+    return _winograd(enabled and torch.backends.nnpack.is_available())
 
 
 def winograd_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `conv_same(x, w)` runs by NNPACK: under `winograd_convs()`, a float32 CPU convolution with a 3×3
     kernel, at least WINOGRAD_MIN_CHANNELS channels in and out and a map of at least WINOGRAD_MIN_SIZE a side."""
-    return (_winograd and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.shape[-2:] == (3, 3)
-            and min(w.shape[:2]) >= WINOGRAD_MIN_CHANNELS and min(x.shape[-2:]) >= WINOGRAD_MIN_SIZE)
+    return (_winograd.on and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and w.shape[-2:] == (3, 3) and min(w.shape[:2]) >= WINOGRAD_MIN_CHANNELS
+            and min(x.shape[-2:]) >= WINOGRAD_MIN_SIZE)
 
 
 def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -119,7 +115,7 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain
     uniform on [−√(3v), √(3v)] or normal with std √v."""
     if mode not in INIT_MODES:
         raise ValueError(f"unknown init mode {mode!r}; expected one of {INIT_MODES}")
-    if _skip_init:
+    if _skip_init.on:
         return torch.empty(*shape)
     var = 2 / (fan_in + fan_out) if mode.startswith("xavier") else 1 / fan_in
     if mode.endswith("uniform"):
@@ -336,7 +332,7 @@ class FourierEmbedding(nn.Module):
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
         # not drawn under skip_init (the stored values follow; random draws on the meta device are slow)
-        self.register_buffer("freqs", torch.empty(num_channels // 2) if _skip_init
+        self.register_buffer("freqs", torch.empty(num_channels // 2) if _skip_init.on
                              else torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,14 @@ def test_a_run_where_it_cannot_apply_says_so(tmp_path: Path, monkeypatch: pytest
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "--winograd changes nothing here" in result.output and "needs AVX2" in result.output
+
+
+@needs_nnpack
+def test_the_fake_scores_warm_up_steps_run_with_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        nnpack_calls):
+    """--fake-warmup's steps run outside the loop's iterations; only they train in a run of 0 generator steps
+    (sampling the grids afterwards does not use it)."""
+    monkeypatch.setattr(edm_layers, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(edm_layers, "WINOGRAD_MIN_SIZE", 1)
+    _one_process(tmp_path / "run", "--steps", "0", "--fake-warmup", "1", "--winograd")
+    assert nnpack_calls
