@@ -58,7 +58,8 @@ def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> tup
 
 def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
     """((wall, CPU) seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults (and
-    `args.reuse_images`, `args.reuse_pass`, `args.batch_gpu`, `args.compile` where given): one `Trainer.iteration`,
+    `args.reuse_images`, `args.reuse_pass`, `args.batch_gpu`, `args.recompute_norms`, `args.winograd`,
+    `args.mmap_threshold`, `args.compile`, `args.no_cudnn_benchmark` where given): one `Trainer.iteration`,
     `args.warmup` untimed then `args.iters` timed, in a temporary run directory."""
     from refiner.config import TrainConfig
     from refiner.loop import Trainer
@@ -70,7 +71,8 @@ def time_iteration(teacher, generator, fake, device: torch.device, args, precisi
                          recompute_norms=getattr(args, "recompute_norms", False),
                          winograd=getattr(args, "winograd", False),
                          mmap_threshold=getattr(args, "mmap_threshold", None),
-                         compile=getattr(args, "compile", False))
+                         compile=getattr(args, "compile", False),
+                         cudnn_benchmark=not getattr(args, "no_cudnn_benchmark", False))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, generator, teacher, fake, RunDir(tmp), device, echo=lambda s: None)
         if device.type == "cuda":
@@ -90,7 +92,7 @@ def iteration_speed(precision: str, args, teacher, generator, fake, device: torc
               "batch_gpu": getattr(args, "batch_gpu", None),
               "recompute_norms": getattr(args, "recompute_norms", False),
               "winograd": getattr(args, "winograd", False), "mmap_threshold": getattr(args, "mmap_threshold", None),
-              "compile": args.compile,
+              "compile": args.compile, "cudnn_benchmark": not args.no_cudnn_benchmark,
               "threads": torch.get_num_threads(),
               "s_per_iter": round(seconds, 4), "cpu_s_per_iter": round(cpu, 4),
               "img_per_s": round(args.batch / seconds, 2),
@@ -121,6 +123,9 @@ def run(build, describe, description: str) -> None:
     parser.add_argument("--winograd", action="store_true", help="the loop's --winograd")
     parser.add_argument("--mmap-threshold", type=float, default=None, metavar="MIB", help="the loop's --mmap-threshold")
     parser.add_argument("--compile", action="store_true", help="the loop's --compile (compile time is in warm-up)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="the loop's --no-cudnn-benchmark (compare in separate processes: cuDNN keeps the "
+                             "algorithms it chose for a shape for the rest of the process)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

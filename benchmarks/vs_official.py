@@ -14,13 +14,15 @@ What one iteration is on each side (printed with the results):
   fake step = G forward without gradients, AugmentPipe (p = 0.12, di_train.py's settings) on the fake
   images, fake forward+backward in train mode (dropout on); generator step = G forward+backward, teacher and
   fake forward in train mode with shared dropout masks, no augmentation; nan_to_num on both gradients; EMA.
-  On a CPU the code's `torch.cuda.get/set_rng_state` is pointed at the CPU generator (the only patch).
+  On a CPU the code's `torch.cuda.get/set_rng_state` is pointed at the CPU generator (the only patch). On a
+  GPU, cuDNN's autotuner is on, as the loop sets it.
 - ours (refiner.loop.Trainer, `refiner distill` defaults, EDM log-normal σ): the same network calls, with
   the teacher and the fake score in eval mode (no dropout) and no augmentation.
 - `--match` runs the official loop with our settings (dropout probabilities set to 0, augmentation off),
   so both sides do the same work.
 
-Each side prints one JSON line; the summary gives mean s/iter (wall and CPU process time), img/s and peak RSS
+Both sides run with TF32 off (the official loop's setting), so fp32 is fp32 on either. Each side prints one JSON
+line; the summary gives mean s/iter (wall and CPU process time), img/s and peak RSS
 (VmHWM) per side, peak GPU memory on CUDA, and the ratio ours / official of img/s.
 
 Measured (random CIFAR-10 DDPM++, batch 8, fp32, --threads 1 --iters 1 --warmup 1, a shared two-core machine, so
@@ -93,6 +95,7 @@ def run_official(args, device: torch.device) -> dict:
     if device.type == "cpu":  # DI_EDMLoss.gloss shares dropout masks through the CUDA generator's state
         torch.cuda.get_rng_state = torch.get_rng_state
         torch.cuda.set_rng_state = torch.set_rng_state
+    torch.backends.cudnn.benchmark = True  # di_training_loop.py's cudnn_benchmark default (di_train.py --bench)
     with open(args.teacher, "rb") as f:
         net = pickle.load(f)["ema"].to(device).eval().requires_grad_(False)
     if args.match:
@@ -170,6 +173,9 @@ def side(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    # fp32 means fp32 on both sides, as di_training_loop.py sets it (torch's default runs cuDNN's convolutions in
+    # TF32 on Ampere and newer GPUs)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     result = (run_official if args.side == "official" else run_ours)(args, device)
     result.update(side=args.side, s_per_iter=result.pop("seconds"), cpu_s_per_iter=result.pop("cpu_seconds"),
                   peak_rss_mb=round(peak_rss_mb(), 1))

@@ -43,6 +43,9 @@ class TrainConfig:
     # of coming from glibc's heap, which fragments: a lower peak RSS for page faults (refiner.heap). None = glibc's
     # default.
     mmap_threshold: float | None = None
+    # On a GPU, cuDNN times its convolution algorithms once for each of the loop's fixed shapes and keeps the
+    # fastest (torch.backends.cudnn.benchmark, the official loop's setting): the same results to float rounding.
+    cudnn_benchmark: bool = True
     seed: int = 0
     lr: float = 1e-5  # generator learning rate
     fake_lr: float = 1e-5  # fake-score network learning rate
@@ -85,11 +88,12 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=dict)  # where each value came from (command-line runs)
 
     # Fields that may change between a run and its resume (they do not change the trajectory).
-    # recompute_norms and mmap_threshold change nothing computed, winograd only the float rounding of convolutions;
-    # batch_gpu changes only the float rounding of the sums, and what is computed per chunk: batch statistics
-    # (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the networks' own random draws.
+    # recompute_norms and mmap_threshold change nothing computed, winograd and cudnn_benchmark only the float
+    # rounding of convolutions; batch_gpu changes only the float rounding of the sums, and what is computed per
+    # chunk: batch statistics (BatchNorm, uni's self-normalised weights, SiDA's batch-mean products) and the
+    # networks' own random draws.
     RESUMABLE_CHANGES = ("steps", "snapshot_every", "log_every", "device", "sources", "loss_option_defaults",
-                         "compile", "batch_gpu", "recompute_norms", "winograd", "mmap_threshold")
+                         "compile", "batch_gpu", "recompute_norms", "winograd", "mmap_threshold", "cudnn_benchmark")
 
     def samplers(self) -> dict[str, str]:
         """The sampler of each step: {"generator": name, "fake": name}."""
@@ -241,7 +245,7 @@ REFINE_DEFAULTS = TrainConfig(steps=1000, batch=64, lr=1e-5, fake_lr=1e-5, ema=1
 TRAINING_KEYS = ("steps", "batch", "batch_gpu", "seed", "device", "lr", "fake_lr", "ratio", "ema", "snapshot_every",
                  "loss", "sigma", "fake_sigma", "fake_warmup", "precision", "log_every", "beta1", "beta2",
                  "teacher_mode", "augment", "reuse_images", "reuse_pass", "compile", "recompute_norms",
-                 "winograd", "mmap_threshold",
+                 "winograd", "mmap_threshold", "cudnn_benchmark",
                  *ALL_SAMPLER_OPTIONS, *loss_option_users())
 
 

@@ -261,6 +261,8 @@ class Trainer:
             raise UserError("--augment needs a fake-score network that takes augmentation labels (an EDM U-Net); "
                             "this one does not: use --augment 0")
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
+        if device.type == "cuda":  # process-wide, as the official loop sets it
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         if config.winograd and (device.type != "cpu" or not torch.backends.nnpack.is_available()):
             self.echo("note: --winograd changes nothing here: it runs CPU convolutions by NNPACK, which "
                       + ("this CPU or torch build lacks (it needs AVX2)" if device.type == "cpu" else

@@ -31,13 +31,13 @@ TEACHER = DATA / "edm-small-ddpmpp-edm-cond.pkl"
 CUDA = torch.device("cuda")
 
 
-def _trainer(tmp: Path, precision: str, teacher_dtype: str | None, steps: int = 6) -> Trainer:
+def _trainer(tmp: Path, precision: str, teacher_dtype: str | None, steps: int = 6, **options) -> Trainer:
     torch.manual_seed(0)
     teacher = load_teacher(TEACHER, device=CUDA, dtype=teacher_dtype)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init=1.0).train()
     config = TrainConfig(steps=steps, batch=32, lr=1e-4, fake_lr=1e-4, betas=(0.0, 0.999), ema=0.0,
-                         precision=precision, device="cuda", log_every=1)
-    run = RunDir(tmp / precision)
+                         precision=precision, device="cuda", log_every=1, **options)
+    run = RunDir(tmp / f"{precision}-{len(list(tmp.iterdir()))}")
     run.prepare(config)
     return Trainer(config, generator, teacher, trainable_copy(teacher), run, CUDA, echo=lambda s: None)
 
@@ -68,6 +68,25 @@ def test_mixed_precision_follows_fp32(tmp_path: Path, precision: str):
     assert a.norm() > 0
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
     assert abs(b.norm() / a.norm() - 1) < 0.2
+
+
+def test_cudnn_benchmark_is_set_by_the_config_and_keeps_the_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--cudnn-benchmark (on by default) switches cuDNN's autotuner for the run; the fp32 update it gives is the
+    heuristic algorithms' to float rounding (Adam's first steps amplify rounding where a gradient is near 0, hence
+    the direction and size of the whole update are compared)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    deltas = {}
+    for on in (False, True):
+        trainer = _trainer(tmp_path, "fp32", None, steps=3, cudnn_benchmark=on)
+        assert torch.backends.cudnn.benchmark is on
+        start = {k: v.detach().float().clone() for k, v in trainer.generator.named_parameters()}
+        trainer.train()
+        deltas[on] = _delta(trainer, start)
+    a, b = deltas[False], deltas[True]
+    assert a.norm() > 0
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+    assert abs(b.norm() / a.norm() - 1) < 0.05
+    assert TrainConfig().cudnn_benchmark
 
 
 class _NaNTeacher(torch.nn.Module):

@@ -38,3 +38,14 @@ def test_smoke_run_counts_the_iteration_flops(capsys):
     # full-size network's 381.4 = 9 x 42.4 GFLOP (FlopCounterMode on the CPU)
     assert result["gflop_per_image"] == pytest.approx(1.57, abs=0.01)
     assert '"img_per_s"' in capsys.readouterr().out
+
+
+def test_smoke_variants_and_sweep_count_their_own_arithmetic(capsys):
+    result = gpu_iteration.main(["--smoke", "--variants", "reuse-pass,channels-last", "--sweep", "4"])
+    rows = {(r["run"], r["batch"]): r for r in result["variants"]}
+    assert set(rows) == {("reuse-pass", 2), ("channels-last", 2), ("default", 4)}
+    # --reuse-pass: 7 of the 9 forward-equivalents; the layout and the batch leave the arithmetic per image alone
+    assert rows["reuse-pass", 2]["gflop_per_image"] == pytest.approx(1.57 * 7 / 9, abs=0.01)
+    assert rows["channels-last", 2]["gflop_per_image"] == rows["default", 4]["gflop_per_image"] == result[
+        "gflop_per_image"]
+    assert all(r["img_per_s"] > 0 for r in rows.values())
