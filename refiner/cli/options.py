@@ -191,8 +191,8 @@ def training_options(defaults: TrainConfig) -> Callable:
                      help="On a GPU, cuDNN times its convolution algorithms once for each of the run's (fixed) shapes "
                           "and keeps the fastest, as the official loop does: the fp32 iteration of a CIFAR-10 DDPM++ "
                           "at batch 128 1.48x faster on an H200, bf16 unchanged; results equal to float rounding. "
-                          "Off: cuDNN's heuristic choice, the same algorithms on every run. Nothing on a CPU. "
-                          "[default: on]"),
+                          "Off: cuDNN's heuristic choice, the same algorithms on every run. Process-wide; nothing on a "
+                          "CPU. [default: on]"),
         click.option("--mmap-threshold", type=float, default=None, metavar="MIB",
                      help="CPU runs on Linux: tensors of at least MIB MiB get their own memory mapping, returned to "
                           "the system when freed, instead of coming from glibc's heap, where freed activations "
