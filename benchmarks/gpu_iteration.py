@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
         return row
 
     result["variants"] = []
-    for name in variants:
+    for variant in variants:
         seconds, trainer, _ = timed(networks, device, args.precision, args.batch, args.warmup, args.iters,
-                                    {**base, **VARIANTS[name]})
-        flop = flops_per_iteration(trainer) if name in ARITHMETIC_CHANGES else flops
-        result["variants"].append(line(name, args.batch, seconds, flop))
+                                    {**base, **VARIANTS[variant]})
+        flop = flops_per_iteration(trainer) if variant in ARITHMETIC_CHANGES else flops
+        result["variants"].append(line(variant, args.batch, seconds, flop))
         del trainer
     for batch in (int(b) for b in args.sweep.split(",") if b):
         seconds = timed(networks, device, args.precision, batch, args.warmup, args.iters, base)[0]
