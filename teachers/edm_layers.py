@@ -221,10 +221,10 @@ class GroupNorm(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(qᵀk / √c) applied to v, for q, k, v of shape [B, c, L]; returns [B, c, L].
 
-    PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA). The original (NVlabs/edm
-    training/networks.py, AttentionOp) computes the weights in float32 and rounds them to the inputs' dtype
-    before multiplying with v; the fused kernels likewise accumulate qᵀk and the softmax in float32 and round
-    the weights for the product with v, so the result equals the original's to float32 rounding and is as
+    PyTorch's scaled_dot_product_attention. With these 3-D views it takes its math path on every device: the flash
+    and memory-efficient CUDA kernels take only 4-D inputs with a contiguous last dimension (README "Status and
+    known limits"). The original (NVlabs/edm training/networks.py, AttentionOp) computes the weights in float32
+    and rounds them to the inputs' dtype before multiplying with v; this equals it to float32 rounding, and is as
     accurate in bf16 / fp16 (tests/test_attention.py)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
