@@ -1,16 +1,19 @@
 """--winograd on this machine: each 3×3 convolution of a CIFAR-10 DDPM++ forward pass (EDM's --arch=ddpmpp, random
 weights) timed by oneDNN's direct convolution (F.conv2d, what torch picks) and by NNPACK's fast kernels
-(torch._nnpack_spatial_convolution, what `--winograd` calls for the layers it takes), with the ratio and the
-relative difference of the outputs; then the whole forward pass both ways.
+(torch._nnpack_spatial_convolution, what `--winograd` calls for the layers it takes), forward and input gradient
+(oneDNN's convolution_backward against NNPACK's forward kernel on the adjoint weights, edm_layers._WinogradConv),
+with the ratios and the largest relative difference; then the whole forward pass, and forward + backward, both ways.
 
     python benchmarks/winograd.py [--batch 8] [--threads 2] [--reps 5]
 
 `--winograd` takes a layer when it has at least edm_layers.WINOGRAD_MIN_CHANNELS channels in and out and a map of at
 least WINOGRAD_MIN_SIZE × WINOGRAD_MIN_SIZE; the table marks them. Measured on the 2-core AMD EPYC (Zen 1, AVX2)
-this project is developed on, batch 8, 2 threads: the 3×3 layers it takes ran 1.32-1.50x faster (relative difference
-≤ 1.7e-5; 0.99-1.39x in an earlier run of the same script), the ones it leaves 0.53-0.78x, and the whole forward
-pass 1.19x faster (4.955 → 4.148 s). AVX-512 machines run oneDNN's
-direct convolution much faster while NNPACK stays at AVX2: measure before switching it on there.
+this project is developed on, batch 8, 2 threads: the 3×3 layers it takes ran 1.32-1.50x faster forward (relative
+difference ≤ 1.7e-5; 0.99-1.39x and 1.01-1.43x in other runs of the same script), the ones it leaves 0.33-0.78x, and
+the whole forward pass 1.17-1.19x faster (4.955 → 4.148 s). Their input gradients: 1.12-1.38x (0.90x on the one
+layer with 128 output channels); the whole forward + backward in train mode 19.21 → 16.97 s (1.13x; a busy host).
+AVX-512 machines run oneDNN's direct convolution much faster while NNPACK stays at AVX2: measure before switching it
+on there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (running from a clone)
@@ -37,6 +41,17 @@ def seconds(fn, reps: int) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - start) / reps
+
+
+def layer_runs(inp: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> list[tuple[Callable, Callable]]:
+    """(direct, NNPACK) for a layer's forward and for its input gradient (the output gradient `grad` convolved
+    with w's adjoint: w transposed in its channels and flipped in space, as edm_layers._WinogradConv does)."""
+    adjoint = w.flip(2, 3).transpose(0, 1).contiguous()
+    return [(lambda: F.conv2d(inp, w, padding=1),
+             lambda: torch._nnpack_spatial_convolution(inp, w, None, [1, 1])),
+            (lambda: torch.ops.aten.convolution_backward(grad, inp, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                         1, [True, False, False])[0],
+             lambda: torch._nnpack_spatial_convolution(grad, adjoint, None, [1, 1]))]
 
 
 def main() -> None:
@@ -67,26 +82,38 @@ def main() -> None:
     edm_layers.conv_same = conv_same
 
     print(f"# batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'calls':>5s} {'input':>20s} {'weight':>18s} {'direct ms':>10s} {'NNPACK ms':>10s} {'ratio':>6s} "
-          f"{'rel. diff':>9s}  taken")
+    print(f"{'calls':>5s} {'input':>20s} {'weight':>18s} {'forward ms':>17s} {'ratio':>6s} {'input grad ms':>17s} "
+          f"{'ratio':>6s} {'rel. diff':>9s}  taken")
     for (in_shape, w_shape), calls in sorted(shapes.items(), key=lambda kv: -kv[1]):
         if w_shape[-2:] != (3, 3):
             continue
         inp, w = torch.randn(in_shape), torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
-        direct = seconds(lambda inp=inp, w=w: F.conv2d(inp, w, padding=1), args.reps)
-        fast = seconds(lambda inp=inp, w=w: torch._nnpack_spatial_convolution(inp, w, None, [1, 1]), args.reps)
-        ref = F.conv2d(inp, w, padding=1)
-        diff = float((torch._nnpack_spatial_convolution(inp, w, None, [1, 1]) - ref).abs().max() / ref.abs().max())
+        grad = torch.randn(in_shape[0], w_shape[0], *in_shape[2:])
+        cells, diff = [], 0.0
+        for direct_fn, fast_fn in layer_runs(inp, w, grad):
+            direct, fast = seconds(direct_fn, args.reps), seconds(fast_fn, args.reps)
+            ref = direct_fn()
+            diff = max(diff, float((fast_fn() - ref).abs().max() / ref.abs().max()))
+            cells.append(f"{direct * 1e3:8.2f} {fast * 1e3:8.2f} {direct / fast:5.2f}x")
         with edm_layers.winograd_convs():
             taken = edm_layers.winograd_takes(inp, w)
-        print(f"{calls:5d} {str(in_shape):>20s} {str(w_shape):>18s} {direct * 1e3:10.2f} {fast * 1e3:10.2f} "
-              f"{direct / fast:5.2f}x {diff:9.1e}  {'yes' if taken else 'no'}")
+        print(f"{calls:5d} {str(in_shape):>20s} {str(w_shape):>18s} {' '.join(cells)} {diff:9.1e}  "
+              f"{'yes' if taken else 'no'}")
 
     with torch.no_grad():
         plain = seconds(lambda: net(x, sigma), args.reps)
         with edm_layers.winograd_convs():
             fast = seconds(lambda: net(x, sigma), args.reps)
     print(f"whole forward pass: direct {plain:.3f} s, --winograd {fast:.3f} s: {plain / fast:.2f}x")
+    net.train().requires_grad_(True)
+
+    def forward_backward() -> None:
+        net(x, sigma).square().mean().backward()
+
+    plain = seconds(forward_backward, args.reps)
+    with edm_layers.winograd_convs():
+        fast = seconds(forward_backward, args.reps)
+    print(f"whole forward + backward (train mode): direct {plain:.3f} s, --winograd {fast:.3f} s: {plain / fast:.2f}x")
 
 
 if __name__ == "__main__":

@@ -87,9 +87,10 @@ WINOGRAD_MIN_SIZE = 16
 def winograd_convs(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, the EDM U-Nets' large float32 3×3 convolutions on the CPU run by NNPACK (Lavin & Gray 2016, "Fast
     Algorithms for Convolutional Neural Networks": Winograd's minimal filtering, F(6×6, 3×3), fewer multiplications
-    per output) instead of oneDNN's direct convolution; their backward is torch's convolution_backward as before.
-    The result differs from the direct convolution's by float rounding only (about 1e-5 of the output's scale),
-    as cuDNN's benchmark mode does on a GPU. Where NNPACK is not available (no AVX2) nothing changes."""
+    per output) instead of oneDNN's direct convolution, and so does their input gradient (a 3×3 convolution too);
+    their weight gradient stays torch's convolution_backward. The results differ from the direct convolution's by
+    float rounding only (about 1e-5 of their scale), as under cuDNN's benchmark mode on a GPU. Where NNPACK is not
+    available (no AVX2) nothing changes."""
     return _winograd(enabled and torch.backends.nnpack.is_available())
 
 
@@ -101,11 +102,37 @@ def winograd_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
             and min(x.shape[-2:]) >= WINOGRAD_MIN_SIZE)
 
 
+def _nnpack_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch._nnpack_spatial_convolution(x.contiguous(), w.contiguous(), None, [1, 1])
+
+
+class _WinogradConv(torch.autograd.Function):
+    """y = x ⋆ w for a 3×3 kernel, padding 1, stride 1, by NNPACK's Winograd kernel, and its input gradient by
+    the same kernel: for such a convolution ∂L/∂x = (∂L/∂y) ⋆ w̃ with w̃[i, o] = w[o, i] flipped in both spatial
+    axes (the adjoint of a same-padded correlation), a 3×3 convolution with the channel counts swapped, so the
+    layers NNPACK takes forward it takes backward too. ∂L/∂w is torch's convolution_backward (oneDNN)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return _nnpack_conv3x3(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        grad_x = _nnpack_conv3x3(grad, w.flip(2, 3).transpose(0, 1)) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                         [False, True, False])[1]
+        return grad_x, grad_w
+
+
 def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.conv2d(x, w, padding=k // 2) for a k×k kernel w; by NNPACK where `winograd_takes` it (its gradient is
-    torch's convolution_backward, as F.conv2d's)."""
+    """F.conv2d(x, w, padding=k // 2) for a k×k kernel w; by NNPACK, forward and input gradient, where
+    `winograd_takes` it (`_WinogradConv`)."""
     if winograd_takes(x, w):
-        return torch._nnpack_spatial_convolution(x.contiguous(), w, None, [1, 1])
+        return _WinogradConv.apply(x, w)
     return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 

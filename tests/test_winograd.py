@@ -44,10 +44,20 @@ def test_a_large_layer_runs_by_nnpack_and_equals_the_direct_convolution_to_float
     direct = _conv_and_grads(x, w, winograd=False)
     assert not nnpack_calls
     fast = _conv_and_grads(x, w, winograd=True)
-    assert nnpack_calls == [(2, 128, 16, 16)]
-    assert not torch.equal(fast[0], direct[0])  # another algorithm, another rounding
+    # the forward on x, and the input gradient: the output gradient (160 channels) convolved with w's adjoint
+    assert nnpack_calls == [(2, 128, 16, 16), (2, 160, 16, 16)]
     for name, a, b in zip(("output", "input gradient", "weight gradient"), fast, direct):
+        assert not torch.equal(a, b) or name == "weight gradient", name  # another algorithm, another rounding
         assert float((a - b).abs().max() / b.abs().max()) < 1e-4, name
+    # an input that needs no gradient (a network's first layer): no input-gradient convolution
+    nnpack_calls.clear()
+    w_only = w.clone().requires_grad_(True)
+    with winograd_convs():
+        conv_same(x, w_only).sum().backward()
+    assert nnpack_calls == [(2, 128, 16, 16)]
+    w_direct = w.clone().requires_grad_(True)
+    F.conv2d(x, w_direct, padding=1).sum().backward()
+    torch.testing.assert_close(w_only.grad, w_direct.grad)  # the weight gradient is torch's own
 
 
 @needs_nnpack

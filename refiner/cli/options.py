@@ -183,9 +183,10 @@ def training_options(defaults: TrainConfig) -> Callable:
                           "about 30% less activation memory, for a few percent more time. [default: off]"),
         click.option("--winograd/--no-winograd", default=None,
                      help="On a CPU with AVX2, the EDM U-Nets' large float32 3x3 convolutions (at least 128 channels "
-                          "in and out, maps of 16x16 or more) run by NNPACK's Winograd kernels: a CIFAR-10 DDPM++ "
-                          "forward pass 1.2x faster on a 2-core AVX2 machine, results equal to float rounding (~1e-5 "
-                          "of the output's scale), as under cuDNN's benchmark mode on a GPU. Measure it on yours "
+                          "in and out, maps of 16x16 or more) and their input gradients run by NNPACK's Winograd "
+                          "kernels: a CIFAR-10 DDPM++ forward + backward 1.13x faster on a 2-core AVX2 machine, "
+                          "results equal to float rounding (~1e-5 of their scale), as under cuDNN's benchmark mode on "
+                          "a GPU. Measure it on yours "
                           "(benchmarks/winograd.py): machines with AVX-512 may run oneDNN faster. [default: off]"),
         click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=None,
                      help="On a GPU, cuDNN times its convolution algorithms once for each of the run's (fixed) shapes "
