@@ -44,14 +44,12 @@ def seconds(fn, reps: int) -> float:
 
 
 def layer_runs(inp: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> list[tuple[Callable, Callable]]:
-    """(direct, NNPACK) for a layer's forward and for its input gradient (the output gradient `grad` convolved
-    with w's adjoint: w transposed in its channels and flipped in space, as edm_layers._WinogradConv does)."""
-    adjoint = w.flip(2, 3).transpose(0, 1).contiguous()
-    return [(lambda: F.conv2d(inp, w, padding=1),
-             lambda: torch._nnpack_spatial_convolution(inp, w, None, [1, 1])),
+    """(direct, NNPACK) for a layer's forward and for its input gradient: torch's own, and edm_layers'
+    (_WinogradConv's calls: the output gradient `grad` convolved with w's adjoint)."""
+    return [(lambda: F.conv2d(inp, w, padding=1), lambda: edm_layers.nnpack_conv3x3(inp, w)),
             (lambda: torch.ops.aten.convolution_backward(grad, inp, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
                                                          1, [True, False, False])[0],
-             lambda: torch._nnpack_spatial_convolution(grad, adjoint, None, [1, 1]))]
+             lambda: edm_layers.nnpack_conv3x3(grad, edm_layers.adjoint(w)))]
 
 
 def main() -> None:

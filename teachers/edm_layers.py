@@ -102,8 +102,15 @@ def winograd_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
             and min(x.shape[-2:]) >= WINOGRAD_MIN_SIZE)
 
 
-def _nnpack_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def nnpack_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x ⋆ w for a 3×3 kernel, padding 1, by NNPACK's Winograd kernel (NNPACK initialised: `winograd_convs`)."""
     return torch._nnpack_spatial_convolution(x.contiguous(), w.contiguous(), None, [1, 1])
+
+
+def adjoint(w: torch.Tensor) -> torch.Tensor:
+    """w̃[i, o] = w[o, i] flipped in both spatial axes: a stride-1 same-padded convolution's input gradient is the
+    output gradient convolved with w̃."""
+    return w.flip(2, 3).transpose(0, 1)
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -115,12 +122,12 @@ class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return _nnpack_conv3x3(x, w)
+        return nnpack_conv3x3(x, w)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, w = ctx.saved_tensors
-        grad_x = _nnpack_conv3x3(grad, w.flip(2, 3).transpose(0, 1)) if ctx.needs_input_grad[0] else None
+        grad_x = nnpack_conv3x3(grad, adjoint(w)) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
