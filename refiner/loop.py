@@ -228,7 +228,10 @@ class Trainer:
         self.chunks = config.local_chunks(self.world)  # --batch-gpu: each process's batch in chunks
         if config.mmap_threshold is not None:  # before the EMA copy and Adam's state are allocated (refiner.heap)
             heap.set_mmap_threshold(config.mmap_threshold)
-        self.generator, self.teacher, self.fake = generator, teacher, fake
+        # The generator trains in train mode, as the official loop sets it (StyleGAN2's mapping tracks w_avg, a
+        # one-step generator's dropout is on), whatever mode it came in: with --reuse-pass no fake step samples it
+        # in eval mode and restores train mode, so without this a resumed run would train in the loader's mode.
+        self.generator, self.teacher, self.fake = generator.train(), teacher, fake
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
         self.ema = copy.deepcopy(generator).requires_grad_(False).eval()

@@ -255,3 +255,22 @@ def test_the_options_reach_the_config_and_demo_has_them(tmp_path: Path):
     for command in ("toy", "refine", "distill", "demo"):
         text = CliRunner().invoke(cli, [command, "--help"]).output
         assert all(flag in text for flag in ("--reuse-images", "--reuse-pass", "--compile")), command
+
+
+@pytest.mark.parametrize("reuse_pass", [False, True])
+def test_the_generator_step_runs_the_generator_in_train_mode_whatever_mode_it_came_in(tmp_path: Path,
+                                                                                      reuse_pass: bool):
+    """Loaders hand over generators in eval mode. The official loop trains G in train mode (StyleGAN2's w_avg
+    tracking, a one-step generator's dropout); the fake step samples it in eval mode. With --reuse-pass no fake
+    step runs outside the generator step, so the mode must not depend on one having run (a resumed run had
+    none)."""
+    generator, teacher, fake = _networks()
+    modes: list[bool] = []
+    generator.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    config = TrainConfig(**{**CONFIG.to_json(), "betas": CONFIG.betas, "reuse_pass": reuse_pass})
+    trainer = Trainer(config, generator.eval(), teacher, fake, RunDir(tmp_path / "run"), torch.device("cpu"),
+                      echo=lambda s: None)
+    trainer.iteration()
+    trainer.iteration()
+    assert modes == ([True, True] if reuse_pass else [False, True, False, True])  # fake step: eval; generator: train
+    assert not trainer.ema.training
