@@ -186,8 +186,8 @@ def training_options(defaults: TrainConfig) -> Callable:
                           "in and out, maps of 16x16 or more) and their input gradients run by NNPACK's Winograd "
                           "kernels: a CIFAR-10 DDPM++ forward + backward 1.13x faster on a 2-core AVX2 machine, "
                           "results equal to float rounding (~1e-5 of their scale), as under cuDNN's benchmark mode on "
-                          "a GPU. Measure it on yours "
-                          "(benchmarks/winograd.py): machines with AVX-512 may run oneDNN faster. [default: off]"),
+                          "a GPU. Measure it on yours (benchmarks/winograd.py): machines with AVX-512 may run oneDNN "
+                          "faster. [default: off]"),
         click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=None,
                      help="On a GPU, cuDNN times its convolution algorithms once for each of the run's (fixed) shapes "
                           "and keeps the fastest, as the official loop does: the fp32 iteration of a CIFAR-10 DDPM++ "
