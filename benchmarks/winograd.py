@@ -70,10 +70,10 @@ def main() -> None:
     shapes: dict[tuple, int] = {}  # (input shape, weight shape) -> calls per forward
     conv_same = edm_layers.conv_same
 
-    def record(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def record(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         key = (tuple(inp.shape), tuple(w.shape))
         shapes[key] = shapes.get(key, 0) + 1
-        return conv_same(inp, w)
+        return conv_same(inp, w, b)
 
     edm_layers.conv_same = record
     net(x, sigma)

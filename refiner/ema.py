@@ -19,7 +19,7 @@ def ema_beta(batch: int, cur_nimg: int, halflife_kimg: float, rampup_ratio: floa
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """ema ← β·ema + (1 − β)·model for parameters (one multi-tensor lerp, no copies where the dtypes agree);
     buffers are copied."""
-    pairs = [(p_ema, p.detach() if p.dtype == p_ema.dtype else p.detach().to(p_ema.dtype))
+    pairs = [(p_ema, p if p.dtype == p_ema.dtype else p.to(p_ema.dtype))  # no_grad: no detach needed
              for p_ema, p in zip(ema.parameters(), model.parameters())]
     if pairs:
         torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - beta)

@@ -120,6 +120,14 @@ class _KeptPass:
         return self.output
 
 
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """`module.train(training)` unless its root is in that mode already: the Trainer sets its networks' modes whole,
+    so the root's flag is every submodule's, and nn.Module.train walks them all (4.6 ms a call for the CIFAR-10
+    DDPM++ on a 2-core CPU, up to six calls an iteration)."""
+    if module.training != training:
+        module.train(training)
+
+
 def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     """`t[rows]`, or None for None (no labels)."""
     return None if t is None else t[rows]
@@ -231,7 +239,10 @@ class Trainer:
         # The generator trains in train mode, as the official loop sets it (StyleGAN2's mapping tracks w_avg, a
         # one-step generator's dropout is on), whatever mode it came in: with --reuse-pass no fake step samples it
         # in eval mode and restores train mode, so without this a resumed run would train in the loader's mode.
-        self.generator, self.teacher, self.fake = generator.train(), teacher, fake
+        # The teacher rests in eval mode, the fake score in train mode; set whole here, so that the loop's
+        # `_set_mode` may read a network's mode from its root.
+        self.generator, self.fake = generator.train(), fake.train()
+        self.teacher = teacher.eval() if isinstance(teacher, nn.Module) else teacher
         self.run, self.device, self.on_snapshot = run, device, on_snapshot
         self.echo = echo if self.rank == 0 else (lambda s: None)
         self.ema = copy.deepcopy(generator).requires_grad_(False).eval()
@@ -384,13 +395,13 @@ class Trainer:
                     x = images[rows]
                 else:
                     with torch.no_grad(), self._autocast():
-                        self.generator.eval()
+                        _set_mode(self.generator, False)
                         x = self._call("generator")(z[rows], _rows(c, rows)).float()
-                        self.generator.train()
+                        _set_mode(self.generator, True)
                 augment: dict[str, torch.Tensor] = {}
                 if augment_params is not None:  # EDM's AugmentPipe; the network is told what was done (augment_labels)
                     x, augment["augment_labels"] = self.augment(x, {k: v[rows] for k, v in augment_params.items()})
-                self.fake.train()
+                _set_mode(self.fake, True)
                 with self._autocast():
                     denoised = self._call("fake")(add_noise(x, sigma[rows], noise[rows]), sigma[rows], _rows(c, rows),
                                                   **augment).float()
@@ -504,9 +515,9 @@ class Trainer:
         back in eval mode and the fake stays in train mode, as there."""
         shared = self.config.teacher_mode == "train-shared-dropout"
         teacher = self.teacher if isinstance(self.teacher, nn.Module) else None
-        self.fake.train(shared)
+        _set_mode(self.fake, shared)
         if teacher is not None:
-            teacher.train(shared)
+            _set_mode(teacher, shared)
         try:
             if not shared:
                 yield self._call("teacher"), self._call("fake")
@@ -516,7 +527,7 @@ class Trainer:
                        _SharedDropout(self._call("fake"), self.device, memory, record=False))
         finally:
             if teacher is not None:
-                teacher.eval()
+                _set_mode(teacher, False)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

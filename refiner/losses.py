@@ -347,7 +347,7 @@ def generator_objective(loss: str | GeneratorLoss, x: torch.Tensor, sigma: torch
     spec = loss if isinstance(loss, GeneratorLoss) else get_loss(loss)
     options = {k: v for k, v in spec.resolve(options).items() if k not in spec.discriminator_options}
     x_t = add_noise(x if spec.input_grad else x.detach(), sigma, noise)
-    with frozen(teacher, fake), (contextlib.nullcontext() if spec.input_grad else torch.no_grad()):
+    with frozen(teacher, fake) if spec.input_grad else torch.no_grad():
         d_real = teacher(x_t, sigma, labels).float()
         d_fake = fake(x_t, sigma, labels).float()
         if discriminator is not None and "log_ratio" in spec.tensor_options and options.get("log_ratio") is None:

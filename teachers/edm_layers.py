@@ -102,9 +102,9 @@ def winograd_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
             and min(x.shape[-2:]) >= WINOGRAD_MIN_SIZE)
 
 
-def nnpack_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x ⋆ w for a 3×3 kernel, padding 1, by NNPACK's Winograd kernel (NNPACK initialised: `winograd_convs`)."""
-    return torch._nnpack_spatial_convolution(x.contiguous(), w.contiguous(), None, [1, 1])
+def nnpack_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x ⋆ w (+ b) for a 3×3 kernel, padding 1, by NNPACK's Winograd kernel (NNPACK initialised: `winograd_convs`)."""
+    return torch._nnpack_spatial_convolution(x.contiguous(), w.contiguous(), b, [1, 1])
 
 
 def adjoint(w: torch.Tensor) -> torch.Tensor:
@@ -120,27 +120,31 @@ class _WinogradConv(torch.autograd.Function):
     layers NNPACK takes forward it takes backward too. ∂L/∂w is torch's convolution_backward (oneDNN)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return nnpack_conv3x3(x, w)
+        ctx.has_bias = b is not None
+        return nnpack_conv3x3(x, w, b)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         x, w = ctx.saved_tensors
         grad_x = nnpack_conv3x3(grad, adjoint(w)) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                         [False, True, False])[1]
-        return grad_x, grad_w
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bias_sizes = [w.shape[0]] if ctx.has_bias else None
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, w, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b
 
 
-def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.conv2d(x, w, padding=k // 2) for a k×k kernel w; by NNPACK, forward and input gradient, where
+def conv_same(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, w, b, padding=k // 2) for a k×k kernel w; by NNPACK, forward and input gradient, where
     `winograd_takes` it (`_WinogradConv`)."""
     if winograd_takes(x, w):
-        return _WinogradConv.apply(x, w)
-    return F.conv2d(x, w, padding=w.shape[-1] // 2)
+        return _WinogradConv.apply(x, w, b)
+    return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, gain: float = 1.0
@@ -209,6 +213,7 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
@@ -221,20 +226,18 @@ class Conv2d(nn.Module):
             c = x.shape[1]
             return F.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
+        # The bias goes into the convolution where the convolution comes last (one pass over the output fewer);
+        # the fused downsampling filters after it, so there it is added afterwards, as in EDM.
         if self.fused_resample and self.up and w is not None:
-            x = F.conv2d(upsample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
+            return F.conv2d(upsample(x, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
+        if self.fused_resample and self.down and w is not None:
             x = downsample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
-        else:
-            if self.up:
-                x = upsample(x, f_pad)
-            if self.down:
-                x = downsample(x, f_pad)
-            if w is not None:
-                x = conv_same(x, w)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return x
+            return x + b.reshape(1, -1, 1, 1) if b is not None else x
+        if self.up:
+            x = upsample(x, f_pad)
+        if self.down:
+            x = downsample(x, f_pad)
+        return conv_same(x, w, b) if w is not None else x
 
 
 class GroupNorm(nn.Module):

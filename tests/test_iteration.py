@@ -274,3 +274,27 @@ def test_the_generator_step_runs_the_generator_in_train_mode_whatever_mode_it_ca
     trainer.iteration()
     assert modes == ([True, True] if reuse_pass else [False, True, False, True])  # fake step: eval; generator: train
     assert not trainer.ema.training
+
+
+@pytest.mark.parametrize("teacher_mode", ["eval", "train-shared-dropout"])
+def test_teacher_and_fake_run_in_their_modes_whole_however_their_submodules_came_in(tmp_path: Path,
+                                                                                    teacher_mode: str):
+    """The loop sets a network's mode once whole and afterwards only where its root is in the other mode
+    (nn.Module.train walks every submodule). So networks handed in with submodules in another mode than their
+    root must still run wholly in the loop's modes: the teacher in eval mode (train mode with the official
+    recipe's shared dropout), the fake score in train mode in its step and like the teacher in the generator's."""
+    generator, teacher, fake = _networks()
+    teacher.net[0].train()  # root in eval mode, a submodule in train mode
+    fake.train().net[0].eval()  # root in train mode, a submodule in eval mode
+    calls: list[tuple[str, bool]] = []
+    for name, network in (("teacher", teacher), ("fake", fake)):
+        network.net[0].register_forward_pre_hook(lambda module, args, name=name: calls.append((name, module.training)))
+    config = TrainConfig(**{**CONFIG.to_json(), "betas": CONFIG.betas, "teacher_mode": teacher_mode})
+    trainer = Trainer(config, generator, teacher, fake, RunDir(tmp_path / "run"), torch.device("cpu"),
+                      echo=lambda s: None)
+    trainer.iteration()
+    trainer.iteration()
+    shared = teacher_mode != "eval"
+    step = [("fake", True), ("teacher", shared), ("fake", shared)]  # fake step, then the generator step's two calls
+    assert calls == step + step
+    assert not teacher.training and not any(m.training for m in teacher.modules())  # at rest: eval

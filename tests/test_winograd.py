@@ -28,12 +28,12 @@ def nnpack_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def _conv_and_grads(x: torch.Tensor, w: torch.Tensor, winograd: bool) -> tuple[torch.Tensor, ...]:
-    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+def _conv_and_grads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, winograd: bool) -> tuple[torch.Tensor, ...]:
+    x, w, b = (t.clone().requires_grad_(True) for t in (x, w, b))
     with winograd_convs(winograd):
-        y = conv_same(x, w)
+        y = conv_same(x, w, b)
     y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
-    return y.detach(), x.grad, w.grad
+    return y.detach(), x.grad, w.grad, b.grad
 
 
 @needs_nnpack
@@ -41,14 +41,19 @@ def test_a_large_layer_runs_by_nnpack_and_equals_the_direct_convolution_to_float
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 128, 16, 16, generator=g)
     w = torch.randn(160, 128, 3, 3, generator=g) / (128 * 9) ** 0.5
-    direct = _conv_and_grads(x, w, winograd=False)
+    bias = torch.randn(160, generator=g)
+    direct = _conv_and_grads(x, w, bias, winograd=False)
     assert not nnpack_calls
-    fast = _conv_and_grads(x, w, winograd=True)
+    fast = _conv_and_grads(x, w, bias, winograd=True)
     # the forward on x, and the input gradient: the output gradient (160 channels) convolved with w's adjoint
     assert nnpack_calls == [(2, 128, 16, 16), (2, 160, 16, 16)]
-    for name, a, b in zip(("output", "input gradient", "weight gradient"), fast, direct):
-        assert not torch.equal(a, b) or name == "weight gradient", name  # another algorithm, another rounding
+    for name, a, b in zip(("output", "input gradient", "weight gradient", "bias gradient"), fast, direct):
+        assert not torch.equal(a, b) or "gradient" in name and "input" not in name, name  # other rounding
         assert float((a - b).abs().max() / b.abs().max()) < 1e-4, name
+    # the bias gradient is the output gradient summed over the batch and the map (a closed form; float32 sums of 512
+    # values up to 1 in size)
+    grad = torch.linspace(-1, 1, 2 * 160 * 16 * 16, dtype=torch.float64).reshape(2, 160, 16, 16)
+    torch.testing.assert_close(fast[3].double(), grad.sum((0, 2, 3)), rtol=0, atol=1e-3)
     # an input that needs no gradient (a network's first layer): no input-gradient convolution
     nnpack_calls.clear()
     w_only = w.clone().requires_grad_(True)
