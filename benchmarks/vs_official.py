@@ -82,6 +82,8 @@ def make_teacher(args) -> None:
     kwargs = {**DDPMPP_CIFAR10, "label_dim": args.classes}
     if args.smoke:  # a tiny network, to check that both sides run
         kwargs.update(SMOKE_DDPMPP)
+    if args.model_channels:  # the same layers at another width
+        kwargs["model_channels"] = args.model_channels
     net = EDMPrecond(**kwargs).eval().requires_grad_(False)
     with open(args.teacher, "wb") as f:
         pickle.dump({"ema": net}, f)
@@ -153,7 +155,8 @@ def run_official(args, device: torch.device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return dict(zip(("seconds", "cpu_seconds"), seconds_per_call(step, args.warmup, args.iters, device)))
+    result = dict(zip(("seconds", "cpu_seconds"), seconds_per_call(step, args.warmup, args.iters, device)))
+    return {**result, **count_ops(step, args)}
 
 
 def run_ours(args, device: torch.device) -> dict:
@@ -164,8 +167,27 @@ def run_ours(args, device: torch.device) -> dict:
     teacher = load_teacher(args.teacher, device=device, dtype=None if args.precision == "fp32" else args.precision)
     generator = OneStepGenerator.from_teacher(teacher, sigma_init=1.0).train()
     fake = trainable_copy(teacher)
-    seconds = time_iteration(teacher, generator, fake, device, args, args.precision)[0]
-    return dict(zip(("seconds", "cpu_seconds"), seconds))
+    seconds, trainer = time_iteration(teacher, generator, fake, device, args, args.precision)
+    return {**dict(zip(("seconds", "cpu_seconds"), seconds)), **count_ops(trainer.iteration, args)}
+
+
+def count_ops(step, args) -> dict:
+    """With --count-ops: {'aten_ops': the ATen operations one more call of `step` dispatches} (each a kernel launch
+    or a view on a GPU, each some host time everywhere), else {}."""
+    if not args.count_ops:
+        return {}
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return {"aten_ops": Count.calls}
 
 
 def side(args) -> None:
@@ -199,6 +221,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--classes", type=int, default=0, help="label_dim of the built teacher (10 = CIFAR cond)")
     parser.add_argument("--smoke", action="store_true", help="build a tiny teacher instead (checks that both run)")
+    parser.add_argument("--model-channels", type=int, default=None, metavar="C",
+                        help="build the teacher at this width (128 in CIFAR-10's DDPM++): the same layers and so the "
+                             "same operations, about (C/128)^2 of the arithmetic; with C = 4 and --batch 1 an "
+                             "iteration's time is the host's (Python, dispatch, autograd), what bounds a GPU at "
+                             "small batches")
     parser.add_argument("--match", action="store_true", help="run the official loop with our settings")
     parser.add_argument("--reuse-images", action="store_true",
                         help="our side with --reuse-images (8 network passes per iteration instead of 9)")
@@ -213,6 +240,8 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=float, default=None, metavar="MIB",
                         help="our side with --mmap-threshold MIB (CPU tensors of at least MIB MiB mapped, not from the "
                              "heap)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the ATen operations of one more iteration on each side (after the timing)")
     parser.add_argument("--side", choices=["official", "ours", "make-teacher"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "make-teacher":
@@ -230,6 +259,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {"official": [], "ours": []}
         print(f"# batch {args.batch}, {args.threads} threads, {args.device} {args.precision}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations per process, {args.rounds} rounds"
+              + (f", teacher width {args.model_channels} (--model-channels)" if args.model_channels else "")
               + (", --match (official loop with our settings)" if args.match else "")
               + (", ours with --reuse-images (8 network passes, official 9)" if args.reuse_images else "")
               + (", ours with --reuse-pass (7 network passes, official 9)" if args.reuse_pass else "")
@@ -252,17 +282,21 @@ def main() -> None:
                          "cpu_s_per_iter": statistics.mean(r["cpu_s_per_iter"] for r in runs),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
         summary[name]["img_per_s"] = args.batch / summary[name]["s_per_iter"]
-        if "peak_cuda_mb" in runs[0]:
-            summary[name]["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
+        for key in ("peak_cuda_mb", "aten_ops"):
+            if key in runs[0]:
+                summary[name][key] = max(r[key] for r in runs)
     print(f"\n{'':10s} {'s/iter':>9s} {'CPU s/iter':>11s} {'img/s':>8s} {'peak RSS MB':>12s}")
     for name, s in summary.items():
         print(f"{name:10s} {s['s_per_iter']:9.3f} {s['cpu_s_per_iter']:11.3f} {s['img_per_s']:8.3f} "
               f"{s['peak_rss_mb']:12.0f}"
-              + (f"   peak GPU {s['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in s else ""))
+              + (f"   peak GPU {s['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in s else "")
+              + (f"   {s['aten_ops']} ATen operations per iteration" if "aten_ops" in s else ""))
     ratio = summary["ours"]["img_per_s"] / summary["official"]["img_per_s"]
     cpu_ratio = summary["official"]["cpu_s_per_iter"] / summary["ours"]["cpu_s_per_iter"]
     rss = summary["ours"]["peak_rss_mb"] / summary["official"]["peak_rss_mb"]
-    print(f"ours / official: {ratio:.2f}x img/s, {cpu_ratio:.2f}x img per CPU second, {rss:.2f}x peak RSS")
+    print(f"ours / official: {ratio:.2f}x img/s, {cpu_ratio:.2f}x img per CPU second, {rss:.2f}x peak RSS"
+          + (f", {summary['ours']['aten_ops'] / summary['official']['aten_ops']:.2f}x the ATen operations"
+             if args.count_ops else ""))
 
 
 if __name__ == "__main__":

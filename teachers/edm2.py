@@ -149,7 +149,7 @@ class Block(nn.Module):
             x = normalize(x, dim=1)  # pixel norm
         y = self.conv_res0(mp_silu(x))
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
+        y = mp_silu(y * scale.reshape(*scale.shape, 1, 1).to(y.dtype))
         if self.training and self.dropout:
             y = F.dropout(y, p=self.dropout)
         y = self.conv_res1(y)

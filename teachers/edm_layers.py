@@ -334,7 +334,8 @@ class UNetBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(_recomputed(self._activate0, x))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        params = self.affine(emb)
+        params = params.reshape(*params.shape, 1, 1).to(x.dtype)  # one view op (indexing with None: two, and two back)
         x = self.conv1(_recomputed(self._activate1, x, params))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
