@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from common.errors import UserError
+from fileformats.sources import is_url
 from refiner import heap
 from refiner.losses import GENERATOR_LOSSES, get_loss, loss_option_users
 from refiner.sigma import ALL_SAMPLER_OPTIONS, SAME, SIGMA_SAMPLERS, check_sampler, sampler_options
@@ -210,11 +212,43 @@ class TrainConfig:
         d["betas"] = tuple(d["betas"])
         return cls(**d)
 
-    def differences(self, other: TrainConfig) -> list[str]:
-        """Fields that differ and would change the trajectory (those a resume must keep)."""
+    def differences(self, other: TrainConfig, checked: tuple[str, ...] = ()) -> list[str]:
+        """Fields that differ and would change the trajectory (those a resume must keep), `extra` key by key. The
+        inputs (INPUT_OPTIONS) differ only where they name different things (`same_input`); `checked` names the
+        inputs whose contents the caller compared itself (the teacher, by its sha256)."""
         a, b = self.to_json(), other.to_json()
-        return [f"{k} (checkpoint {a[k]!r}, now {b[k]!r})" for k in a
-                if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+        diffs = [f"{k} (checkpoint {a[k]!r}, now {b[k]!r})" for k in a
+                 if k not in (*self.RESUMABLE_CHANGES, "extra") and a[k] != b[k]]
+        ea, eb = a["extra"], b["extra"]
+        for k in [*ea, *(k for k in eb if k not in ea)]:
+            va, vb = ea.get(k), eb.get(k)
+            same = (k in checked or same_input(va, vb)) if k in INPUT_OPTIONS else va == vb
+            if not same:
+                diffs.append(f"{k} (checkpoint {va!r}, now {vb!r})")
+        return diffs
+
+
+# The job options that name input files or folders (TrainConfig.extra keys), recorded as absolute paths (URLs as
+# given): a resume from another working directory names them otherwise and means the same files.
+INPUT_OPTIONS = ("teacher", "generator", "init", "data")
+
+
+def input_name(src: str | None) -> str | None:
+    """How a run records an input: a local path made absolute, a URL (or None) as given."""
+    return src if src is None or is_url(src) else os.path.abspath(src)
+
+
+def same_input(a: Any, b: Any) -> bool:
+    """Whether two recorded names of an input mean the same one: the same text, or the same file or folder on
+    this machine (relative names from the working directory, through links)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)) or is_url(a) or is_url(b):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (here)
+        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -597,7 +597,8 @@ class Trainer:
         if stored is not None and self.teacher_id is not None and stored["sha256"] != self.teacher_id["sha256"]:
             raise UserError(f"checkpoint {path} was trained with teacher {_describe(stored)}; this run loads "
                             f"{_describe(self.teacher_id)}. Resume with the same teacher file, or start a new --out")
-        diffs = TrainConfig.from_json(state["config"]).differences(self.config)
+        checked = ("teacher",) if stored is not None and self.teacher_id is not None else ()  # same sha256
+        diffs = TrainConfig.from_json(state["config"]).differences(self.config, checked)
         if diffs:
             raise UserError(f"checkpoint {path} was written with another configuration: {'; '.join(diffs)}. "
                             f"Use the same options, or a new --out")

@@ -73,7 +73,7 @@ class RunDir:
                      f"or never started); starting from the beginning")
             if resume and checkpoint is not None:
                 stored = self.read_config()
-                diffs = stored.differences(config)
+                diffs = stored.differences(config, checked=("teacher",))  # by sha256 in Trainer.resume
                 if diffs:
                     raise UserError(f"--resume: the checkpoint in {self.path} was written with another "
                                     f"configuration: {'; '.join(diffs)}. Use the same options, or a new --out")

@@ -323,20 +323,23 @@ class UNetBlock(nn.Module):
     def _activate0(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.norm0(x))
 
-    def _activate1(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def _activate1(self, x: torch.Tensor, params: torch.Tensor, training: bool) -> torch.Tensor:
+        """`training`: the pass's mode, an argument so that a recomputation in the backward drops out as the pass
+        did, whatever mode the block is in by then (the official recipe puts the teacher back into eval mode
+        before the generator's backward runs through it)."""
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = F.silu(self.norm1(x + params))
-        return F.dropout(x, p=self.dropout, training=self.training)
+        return F.dropout(x, p=self.dropout, training=training)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(_recomputed(self._activate0, x))
         params = self.affine(emb)
         params = params.reshape(*params.shape, 1, 1).to(x.dtype)  # one view op (indexing with None: two, and two back)
-        x = self.conv1(_recomputed(self._activate1, x, params))
+        x = self.conv1(_recomputed(self._activate1, x, params, self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             # qkv channels are laid out as [head, channel, (q, k, v)].

@@ -62,12 +62,17 @@ def test_without_gradients_nothing_is_recomputed(monkeypatch: pytest.MonkeyPatch
             assert torch.equal(net(x, sigma), plain)
 
 
-def test_a_distillation_with_recompute_norms_equals_one_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("options", [(), ("--loss", "sid", "--teacher-mode", "train-shared-dropout")],
+                         ids=["ikl", "sid-through-the-teachers-dropout"])
+def test_a_distillation_with_recompute_norms_equals_one_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                options: tuple[str, ...]):
+    """sid's generator gradient runs back through the teacher, which the official recipe runs in train mode (dropout
+    on) and puts back into eval mode before that backward: the recomputation must use the dropout of the pass."""
     checkpoint, calls = torch.utils.checkpoint.checkpoint, []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
-    _one_process(tmp_path / "stored", "--steps", "2", "--dropout", "0.1")
+    _one_process(tmp_path / "stored", "--steps", "2", "--dropout", "0.1", *options)
     assert not calls
-    _one_process(tmp_path / "recomputed", "--steps", "2", "--dropout", "0.1", "--recompute-norms")
+    _one_process(tmp_path / "recomputed", "--steps", "2", "--dropout", "0.1", "--recompute-norms", *options)
     assert calls  # the loop's passes with gradients recomputed their norms
     a, b = _state(tmp_path / "stored", 2), _state(tmp_path / "recomputed", 2)
     assert b["config"]["recompute_norms"] is True

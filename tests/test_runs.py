@@ -271,6 +271,40 @@ def test_resume_with_another_teacher_is_refused(tmp_path: Path, replace):
     assert len(lines) == 1 and "was trained with teacher" in lines[0] and lines[0].count(str(teacher)) == 2
 
 
+def test_resume_takes_the_same_inputs_by_another_name_and_names_an_input_that_differs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Inputs are recorded as absolute paths and compared by what they name: a resume from another working
+    directory with relative names, or with a byte-identical copy of the teacher (its sha256 is checked), goes on
+    to the uninterrupted run's state; another generator file is refused with a message that names the option."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    teacher = write_edm_teacher(inputs / "t.pkl")
+    generator = inputs / "g.pkl"
+    shutil.copy(SG2, generator)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert _refine(generator, teacher, straight, "--steps", "2", "--snapshot-every", "1").exit_code == 0
+    assert _refine(generator, teacher, run, "--steps", "1", "--snapshot-every", "1").exit_code == 0
+    assert json.loads((run / "config.json").read_text())["extra"]["teacher"] == str(teacher)  # absolute
+    copy = tmp_path / "elsewhere" / "copy-of-t.pkl"
+    copy.parent.mkdir()
+    shutil.copy(teacher, copy)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = _refine(Path("../inputs/g.pkl"), Path("copy-of-t.pkl"), Path("../run"), "--steps", "2",
+                      "--snapshot-every", "1", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, b = _final_state(straight), _final_state(run)
+    assert b["config"]["extra"].pop("teacher") == str(copy)  # what the resumed command named, made absolute
+    assert b["teacher"].pop("name") == "copy-of-t.pkl" and a["teacher"].pop("name") == str(teacher)
+    a["config"]["extra"].pop("teacher")
+    assert_same(a, b)  # and the same sha256
+    other = tmp_path / "other-g.pkl"
+    shutil.copy(generator, other)  # the same bytes, but not the same file: refine writes back into --generator
+    refused = _refine(other, teacher, run, "--steps", "3", "--resume")
+    assert refused.exit_code == 2
+    line, = refused.output.strip().splitlines()
+    assert "another configuration: generator (checkpoint" in line and str(other) in line and "teacher" not in line
+
+
 # -- --in-place -------------------------------------------------------------------------------------
 
 def test_in_place_with_resize_to_teacher_on_a_biggan_folder(tmp_path: Path):

@@ -27,7 +27,7 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.cli.source_options import check_sources, source_options
-from refiner.config import TrainConfig
+from refiner.config import TrainConfig, input_name
 from refiner.losses import get_loss
 from refiner.presets import DEFAULT, PRESETS, Preset, get_preset, presets_help
 from refiner.realdata import check_data_option, open_real_data
@@ -91,8 +91,8 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     dropout = preset.dropout if dropout is None else dropout
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"--dropout must lie in [0, 1) (got {dropout})")
-    config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=teacher_src, preset=preset.name,
-                            dropout=dropout, teacher_dtype=teacher_dtype, data=data_src)
+    config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=input_name(teacher_src), preset=preset.name,
+                            dropout=dropout, teacher_dtype=teacher_dtype, data=input_name(data_src))
     check_data_option(config.loss, data_src, config.loss_options)
     given_sigma_init = sigma_init
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
@@ -120,7 +120,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
                             "generator; refine a GAN with `refiner refine --generator`")
         check_compatible(generator, teacher, init_src, teacher_src)
         config.extra["sigma_init"], config.sources["extra.sigma_init"] = generator.sigma_init, "init"
-        config.extra["init"] = init_src
+        config.extra["init"] = input_name(init_src)
     fake = trainable_copy(teacher, config.augment > 0)
     if dropout is not None:
         for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode

@@ -22,7 +22,7 @@ from refiner.cli.options import (
     training_options,
 )
 from refiner.cli.source_options import check_sources, source_options
-from refiner.config import REFINE_DEFAULTS
+from refiner.config import REFINE_DEFAULTS, input_name
 from refiner.realdata import check_data_option, open_real_data
 
 
@@ -78,8 +78,9 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     out, resume, force = run_options(kwargs)
     family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
                                         ("truncation", truncation), ("sigma_init", sigma_init)) if v is not None}
-    config = config_from_options(REFINE_DEFAULTS, kwargs, generator=generator_src, teacher=teacher_src,
-                                 keep_G=keep_g, resize_to_teacher=resize_to_teacher, data=data_src, **family_options)
+    config = config_from_options(REFINE_DEFAULTS, kwargs, generator=input_name(generator_src),
+                                 teacher=input_name(teacher_src), keep_G=keep_g, resize_to_teacher=resize_to_teacher,
+                                 data=input_name(data_src), **family_options)
     check_data_option(config.loss, data_src, config.loss_options)
     device = dist.setup(resolve_device(config.device))
     main = dist.rank() == 0
