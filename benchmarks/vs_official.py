@@ -5,6 +5,7 @@ precision, same threads or GPU; each side in a fresh process, interleaved (offic
     python benchmarks/vs_official.py --official /tmp/diff_instruct [--teacher edm-cifar10-32x32-uncond-vp.pkl]
         [--batch 8] [--threads 2] [--iters 2] [--warmup 1] [--rounds 2] [--match] [--reuse-images | --reuse-pass]
         [--batch-gpu N] [--recompute-norms] [--winograd] [--mmap-threshold MIB] [--device cuda --precision bf16]
+        [--model-channels C] [--count-ops]
 
 Without --teacher the official code builds a random CIFAR-10 DDPM++ teacher (EDM's --arch=ddpmpp, dropout
 0.13) and pickles it with its own persistence, so both sides read the same NVIDIA-written file.
@@ -32,6 +33,10 @@ the idle machine: ours with --reuse-images 1.15x img/s at 0.94x the peak RSS; wi
 48.9 s/iter, 3831 MB; ours 39.8 s/iter, 4185 MB); with --reuse-pass --recompute-norms --winograd --mmap-threshold 8,
 two rounds: 1.31x img/s at 0.87x the peak RSS (official 49.06 / 49.95 s/iter, 3892 / 3846 MB; ours 36.80 / 38.79
 s/iter, 3365 / 3376 MB).
+
+The host's work: `--model-channels 4 --batch 1 --threads 1 --iters 10 --warmup 3 --count-ops --match` builds the
+same layers at width 4, where the arithmetic is negligible: official 0.360 s/iter and 19,034 ATen operations, ours
+0.281 s/iter and 7,021 (1.28x).
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from refiner.realdata import RealData, TensorData, check_data_option, open_real_
 # README "Generator losses"): FD 66.99 -> ikl 45.33, dmd 40.38, sid 36.41 (its own σ: SiD's karras-t, which
 # replaces the ln σ above). sid refines best of the losses that need no real images, so it is the default
 # (`--loss ikl` runs the paper's loss with the σ above). The length: 450 steps, so that the demo ends in about
-# 5 minutes on a slow two-core machine (with SPEED_DEFAULTS and 2 threads: 294-304 s there, FD 38.74; 600 steps
-# gave 34.97, 1.3x the time).
+# 5 minutes on a slow two-core machine (with SPEED_DEFAULTS and 2 threads: 294-304 s there, FD 38.74; 279 s and
+# FD 38.70 after the convolutions took their bias; 600 steps gave 34.97, 1.3x the time).
 DEMO_REFINE = TrainConfig(steps=450, batch=16, lr=3e-4, fake_lr=3e-4, betas=(0.0, 0.99), ema=0.0, p_mean=0.0,
                           fake_warmup=20, log_every=10, device="cpu", loss="sid",
                           loss_option_defaults=SHORT_RUN_LOSS_OPTIONS)
