@@ -56,6 +56,23 @@ def seconds_per_call(step, warmup: int, iters: int, device: torch.device) -> tup
     return (time.perf_counter() - start) / iters, (time.process_time() - cpu) / iters
 
 
+def aten_operations(step) -> int:
+    """The ATen operations one call of `step` dispatches (under autocast its casts too): each a kernel launch or a
+    view on a GPU, each some host time everywhere."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.calls
+
+
 def time_iteration(teacher, generator, fake, device: torch.device, args, precision: str = "fp32"):
     """((wall, CPU) seconds per iteration, the Trainer) of `refiner distill`'s loop at its defaults (and
     `args.reuse_images`, `args.reuse_pass`, `args.batch_gpu`, `args.recompute_norms`, `args.winograd`,

@@ -15,6 +15,9 @@ share of the peak is what the tensor cores could do with the same arithmetic, no
 The peak is the datasheet's dense (no sparsity) bf16 figure of the GPU (PEAK_BF16_TFLOPS) or --peak-tflops.
 fp32 runs with TF32 off (as vs_official.py), so it is fp32 arithmetic.
 
+`aten_ops_per_iter` counts the ATen operations of one default iteration (autocast's casts included): at batch 128 a
+GPU waits on the host that issues them (README "Speed on a GPU").
+
 --variants times the loop again with one change each (VARIANTS: channels-last weights, --reuse-pass, --compile)
 at the same batch, --sweep the default loop at other batch sizes; --profile writes torch.profiler's table of one
 default iteration's GPU kernels (by total CUDA time) to FILE.
@@ -43,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root (running from a clone without installing)
 
 import torch  # noqa: E402
-from distill_step import build, time_iteration  # noqa: E402  benchmarks/distill_step.py
+from distill_step import aten_operations, build, time_iteration  # noqa: E402  benchmarks/distill_step.py
 from load import SMOKE_DDPMPP  # noqa: E402  benchmarks/load.py
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets, matched in this order
@@ -185,11 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         profile_table(trainer, device, args.profile)
     flops = flops_per_iteration(trainer)
+    operations = aten_operations(trainer.iteration)  # the host's work: each a launch or a view (casts included)
     del trainer
     peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
     result = {"device": name, "precision": args.precision, "batch": args.batch, "s_per_iter": round(seconds, 4),
               "img_per_s": round(args.batch / seconds, 2), "gflop_per_image": round(flops / args.batch / 1e9, 2),
-              "tflop_per_s": round(flops / seconds / 1e12, 3), "peak_tflops": peak,
+              "tflop_per_s": round(flops / seconds / 1e12, 3), "aten_ops_per_iter": operations, "peak_tflops": peak,
               "percent_of_peak": None if peak is None else round(100 * flops / seconds / 1e12 / peak, 1)}
     if peak_at_batch is not None:
         result["peak_cuda_gib"] = round(peak_at_batch / 2**30, 2)

@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root (running from a clone without installing)
 
 import torch  # noqa: E402
-from distill_step import seconds_per_call, time_iteration  # noqa: E402  benchmarks/distill_step.py
+from distill_step import aten_operations, seconds_per_call, time_iteration  # noqa: E402  benchmarks/distill_step.py
 from load import DDPMPP_CIFAR10, SMOKE_DDPMPP  # noqa: E402  benchmarks/load.py: EDM's CIFAR-10 DDPM++, tiny
 
 OFFICIAL_AUGMENT = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -177,22 +177,8 @@ def run_ours(args, device: torch.device) -> dict:
 
 
 def count_ops(step, args) -> dict:
-    """With --count-ops: {'aten_ops': the ATen operations one more call of `step` dispatches} (each a kernel launch
-    or a view on a GPU, each some host time everywhere), else {}."""
-    if not args.count_ops:
-        return {}
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        step()
-    return {"aten_ops": Count.calls}
+    """With --count-ops: {'aten_ops': the ATen operations of one more call of `step`}, else {}."""
+    return {"aten_ops": aten_operations(step)} if args.count_ops else {}
 
 
 def side(args) -> None:
