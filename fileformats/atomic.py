@@ -157,6 +157,7 @@ def atomic_folder(folder: str | os.PathLike, advice: str = OUT_ADVICE) -> Iterat
     with write_errors(folder, advice):
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
             yield tmp
             if folder.is_dir():
                 for entry in sorted(tmp.iterdir()):

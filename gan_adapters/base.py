@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from common.errors import UserError
+
 
 @runtime_checkable
 class Generator(Protocol):
@@ -69,3 +71,22 @@ def seeded_global_rng(seed: int, purpose: str, device: torch.device | str | None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derived_seed(seed, purpose))
         yield
+
+
+# The loaders' options: how the command line names each, and the generators that take it.
+_STYLEGAN = "StyleGAN2-ADA and StyleGAN3 pickles"
+GENERATOR_OPTIONS = {
+    "noise_mode": ("--noise-mode", _STYLEGAN), "trainable": ("--trainable", _STYLEGAN),
+    "truncation_psi": ("truncation_psi", _STYLEGAN), "truncation_cutoff": ("truncation_cutoff", _STYLEGAN),
+    "force_fp32": ("force_fp32", _STYLEGAN), "truncation": ("--truncation", "BigGAN-deep folders"),
+    "sigma_init": ("--sigma-init", "one-step generators (EDM snapshots, DMD2 and consistency-model state dicts)"),
+    "resolution": ("resolution (Python API)", "consistency-model state dicts"),
+}
+
+
+def refused_options(name: str, kind: str, unknown: Iterator[str] | list[str] | set[str]) -> UserError:
+    """The error for options that generator `name`, a `kind`, does not take: each named as the command line names
+    it, with the generators that do take it."""
+    parts = [f"{flag} applies to {takers} only"
+             for flag, takers in (GENERATOR_OPTIONS.get(k, (k, "other generators")) for k in sorted(unknown))]
+    return UserError(f"{name} is {kind}; " + "; ".join(parts))

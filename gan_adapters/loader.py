@@ -21,7 +21,7 @@ import torch
 from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.torchfiles import is_torch_checkpoint, local_path
-from gan_adapters.base import Generator
+from gan_adapters.base import Generator, refused_options
 from gan_adapters.biggan import is_biggan_folder, load_biggan
 from gan_adapters.onestep import is_onestep_snapshot, onestep_from_snapshot
 from gan_adapters.published import edm2_generator, is_edm2_without_metadata, load_published
@@ -31,7 +31,7 @@ Builder = Callable[[Any, str, Union[torch.device, str, None], dict], Generator]
 
 _PICKLE_KINDS: list[tuple[Callable[[Any], bool], Builder]] = [
     (lambda data: isinstance(data, dict) and "G_ema" in data,
-     lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts),
+     lambda data, name, device, opts: stylegan2_from_snapshot(data, StyleGAN2Options.from_kwargs(opts, name),
                                                               name, device)),
     (is_edm2_without_metadata, edm2_generator),
     (is_onestep_snapshot, lambda data, name, device, opts: onestep_from_snapshot(data, name, device, **opts)),
@@ -58,7 +58,7 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
                             "DMD2 checkpoints (pytorch_model.bin)")
         unknown = sorted(set(opts) - {"truncation"})
         if unknown:
-            raise UserError(f"{name} is a BigGAN-deep folder; {', '.join(unknown)} apply to StyleGAN2-ADA only")
+            raise refused_options(name, "a BigGAN-deep folder", unknown)
         return load_biggan(source, device, **opts)
     path = local_path(source)
     if is_torch_checkpoint(path):

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.errors import UserError
 from fileformats import nvpickle
-from gan_adapters.base import standard_normal, uniform_one_hot
+from gan_adapters.base import refused_options, standard_normal, uniform_one_hot
 from teachers import edm2
 from teachers.edm_layers import UNetBlock
 from teachers.edm_loader import EDMTeacher, build_network
@@ -139,8 +139,7 @@ def onestep_from_snapshot(data: dict, name: str, device: torch.device | str | No
         raise UserError(f"{name} holds {what} needs its σ_init: give --sigma-init ({PUBLISHED_SIGMA_INIT}). "
                         "A GAN is a StyleGAN2-ADA snapshot (.pkl with G_ema) or a BigGAN-deep folder")
     if unknown:
-        raise UserError(f"{name} is a one-step EDM generator; its only option is sigma_init, not "
-                        f"{', '.join(sorted(unknown))}")
+        raise refused_options(name, "a one-step EDM generator", unknown)
     network = build_network(data["ema"], name)
     network = copy.deepcopy(network).float()  # own tensors: training must not write into the loaded record
     generator = OneStepGenerator(network, data["ema"], sigma_init if sigma_init is not None else stored, name)

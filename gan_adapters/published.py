@@ -27,6 +27,7 @@ import torch
 
 from common.errors import UserError
 from fileformats.arguments import shape_mismatch
+from gan_adapters.base import refused_options
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator, onestep_from_snapshot
 from teachers import edm2
 from teachers.edm_layers import skip_init
@@ -123,8 +124,10 @@ def infer_consistency_unet(tensors: Tensors, name: str, resolution: int | None) 
         resolution = GUIDED_DIFFUSION_SIZES.get(mult)
         if resolution is None:
             raise UserError(f"{name}: a consistency-model UNet with channel_mult {list(mult)}, which is not a "
-                            "guided-diffusion default, so its image size cannot be read from the weights; "
-                            "give resolution (the image size it was trained at)")
+                            "guided-diffusion default, so its image size cannot be read from the weights. The "
+                            "command line reads the published ones; load this one with the Python API: "
+                            "gan_adapters.loader.load_generator(path, resolution=N), N the image size it was "
+                            "trained at")
     widths = [mc * m for m in mult]
     if any(widths[level] % HEAD_CHANNELS for level in attn_levels):
         raise UserError(f"{name}: attention widths {widths} are not multiples of {HEAD_CHANNELS} channels per "
@@ -238,8 +241,7 @@ def load_published(path: str, name: str, device: torch.device | str | None = Non
                    **unknown: Any) -> OneStepGenerator:
     """A DMD2 or consistency-model generator from its state-dict file (module docstring)."""
     if unknown:
-        raise UserError(f"{name} is a one-step generator state dict; its options are sigma_init and "
-                        f"resolution, not {', '.join(sorted(unknown))}")
+        raise refused_options(name, "a one-step generator state dict", unknown)
     tensors = read_state_dict(path, name)
     if "model.map_layer0.weight" in tensors and "model.out_conv.weight" in tensors:
         if resolution is not None:

@@ -43,7 +43,7 @@ import torch
 from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
-from gan_adapters.base import standard_normal, uniform_one_hot
+from gan_adapters.base import refused_options, standard_normal, uniform_one_hot
 from gan_adapters.stylegan2 import NOISE_MODES, SG2ADA_REPO, SG3_REPO, GeneratorConfig, StyleGAN2Network
 from gan_adapters.stylegan3 import StyleGAN3Config, StyleGAN3Network
 
@@ -73,11 +73,10 @@ class StyleGAN2Options:
     trainable: str = "all"
 
     @classmethod
-    def from_kwargs(cls, opts: dict[str, Any]) -> StyleGAN2Options:
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(opts) - set(names))
+    def from_kwargs(cls, opts: dict[str, Any], name: str = "the file") -> StyleGAN2Options:
+        unknown = set(opts) - {f.name for f in fields(cls)}
         if unknown:
-            raise UserError(f"unknown StyleGAN2-ADA option(s) {unknown}; valid options: {names}")
+            raise refused_options(name, "a StyleGAN2-ADA / StyleGAN3 network", unknown)
         options = cls(**opts)
         if options.noise_mode not in NOISE_MODES:
             raise UserError(f"noise_mode must be one of {list(NOISE_MODES)}, not {options.noise_mode!r}")
@@ -261,7 +260,7 @@ def load_stylegan2(source: nvpickle.Source, device: torch.device | str | None = 
     opts: noise_mode, truncation_psi, truncation_cutoff, force_fp32, trainable (module docstring).
     The pickle's other networks (D, augment_pipe) stay on the CPU, untouched.
     """
-    options = StyleGAN2Options.from_kwargs(opts)
+    options = StyleGAN2Options.from_kwargs(opts, source_name(source))
     return stylegan2_from_snapshot(nvpickle.load(source), options, source_name(source), device)
 
 

@@ -53,6 +53,9 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
         num = int(digits) * _SCALE[unit] if digits else None
         if num == 0:
             raise UserError(f"metric {item!r} asks for 0 samples")
+        if name == "is" and num is not None and num < 20:  # before any sampling (stats.inception_score)
+            raise UserError(f"metric {item!r}: the Inception Score needs at least 20 samples (2 in each of its 10 "
+                            "splits; one per split always scores 1.0): ask for is20 or more")
         if name in requests:
             raise UserError(f"metric {name!r} is asked for twice ({item!r}); ask for each metric once")
         requests[name] = MetricRequest(name, num)

@@ -244,9 +244,9 @@ def inception_score(logits: ArrayLike, num_splits: int = 10) -> tuple[float, flo
     p(y|x) (log p(y|x) - log mean_x p(y|x))). Returns (mean, population std) over the splits."""
     logp = _log_softmax(_as_float64(logits))
     n = len(logp)
-    if n < num_splits:
-        raise UserError(f"the Inception Score needs at least {num_splits} samples ({num_splits} splits), "
-                        f"got {n}")
+    if n < 2 * num_splits:  # one sample per split scores exactly 1 whatever it is
+        raise UserError(f"the Inception Score needs at least {2 * num_splits} samples (2 in each of its "
+                        f"{num_splits} splits; one per split always scores 1.0), got {n}")
     scores = []
     for i in range(num_splits):
         part = logp[i * n // num_splits:(i + 1) * n // num_splits]

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from common.errors import UserError
-from fileformats.atomic import append_text, atomic_open, atomic_write_text, remove_stale_temps
+from fileformats.atomic import append_text, atomic_folder, atomic_open, atomic_write_text, remove_stale_temps
 from refiner.cli import cli
 from refiner.config import TrainConfig
 from refiner.rundir import RunDir
@@ -33,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_written_folder_gets_the_usual_permissions(tmp_path: Path):
+    """A refined BigGAN folder is written into a temporary folder (mkdtemp: mode 0700) and renamed into place."""
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
 def test_whole_file_or_nothing(tmp_path: Path):

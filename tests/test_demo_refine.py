@@ -60,7 +60,7 @@ def test_a_resumed_demo_refinement_equals_an_uninterrupted_one(tmp_path: Path):
     def demo(out: Path, steps: int, resume: bool = False) -> None:
         config = demo_config("refine", {"steps": steps, "fake_warmup": 1})
         assert config.reuse_pass
-        run_demo(out, config=config, samples=10, resume=resume, echo=lambda s: None)
+        run_demo(out, config=config, samples=20, resume=resume, echo=lambda s: None)
 
     demo(tmp_path / "straight", 2)
     demo(tmp_path / "resumed", 1)

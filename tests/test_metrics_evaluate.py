@@ -78,7 +78,8 @@ def test_parse_metrics(spec, expected):
 
 
 @pytest.mark.parametrize("spec, match", [("fud50k", "unknown metric"), ("fid,fid10k", "twice"),
-                                         ("", "no metrics"), ("is0", "0 samples"), ("fid50k_ful", "unknown")])
+                                         ("", "no metrics"), ("is0", "0 samples"), ("fid50k_ful", "unknown"),
+                                         ("is19", "at least 20 samples")])
 def test_parse_metrics_errors(spec, match):
     with pytest.raises(UserError, match=match):
         parse_metrics(spec)
@@ -109,12 +110,12 @@ def test_evaluate_subsets_and_counts(tmp_path):
     np.savez(tmp_path / "a.npz", x=imgs)
     ref = ReferenceStats(np.zeros(16), np.eye(16), 0)
     det = StandInDetector()
-    out = evaluate(tmp_path / "a.npz", det, "fid20,is10", ref=ref, seed=5)
+    out = evaluate(tmp_path / "a.npz", det, "fid20,is20", ref=ref, seed=5)
     chosen = np.sort(np.random.RandomState(5).permutation(30)[:20])  # EDM's fixed-seed subset
     feats = _features(det, imgs[chosen])
     assert out["fid"] == pytest.approx(fid(feats["pool3"].mean(0), np.cov(feats["pool3"], rowvar=False),
                                            np.zeros(16), np.eye(16)), rel=1e-6)
-    assert (out["is_mean"], out["is_std"]) == pytest.approx(inception_score(feats["logits"][:10]), rel=1e-6)
+    assert (out["is_mean"], out["is_std"]) == pytest.approx(inception_score(feats["logits"]), rel=1e-6)
     with pytest.raises(UserError, match="holds 30 images but 31"):
         evaluate(tmp_path / "a.npz", det, "fid31", ref=ref)
     with pytest.raises(UserError, match="need reference"):

@@ -176,8 +176,9 @@ def test_inception_score_split_boundaries_are_floor_of_i_n_over_s():
     split_of_row = np.array([max(i for i in range(s) if i * n // s <= r) for r in range(n)])
     logits = 100.0 * np.eye(s)[split_of_row]  # one class per split: IS 1 only if the boundaries match
     assert inception_score(logits, num_splits=s) == pytest.approx((1.0, 0.0), abs=1e-9)
-    with pytest.raises(UserError):
-        inception_score(np.zeros((9, 4)), num_splits=10)
+    with pytest.raises(UserError, match="at least 20 samples"):  # a split of one sample scores 1 whatever it is
+        inception_score(np.zeros((19, 4)), num_splits=10)
+    assert inception_score(100.0 * np.eye(4)[np.arange(20) % 4], num_splits=10)[0] == pytest.approx(2.0)
 
 
 def _mmd2_unbiased_direct(x: np.ndarray, y: np.ndarray) -> float:

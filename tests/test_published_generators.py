@@ -104,9 +104,9 @@ def test_metrics_cli_and_inspect_on_dmd2(tmp_path, monkeypatch):
 
 def test_bad_state_dicts(tmp_path):
     _, path = write_state(tmp_path, "cm")
-    with pytest.raises(UserError, match=r"channel_mult \[1, 1\].*give resolution"):
+    with pytest.raises(UserError, match=r"channel_mult \[1, 1\].*load_generator\(path, resolution=N\)"):
         load_generator(path)
-    with pytest.raises(UserError, match="options are sigma_init and resolution, not truncation"):
+    with pytest.raises(UserError, match="state dict; --truncation applies to BigGAN-deep folders only"):
         load_generator(path, truncation=0.5)
     _, path = write_state(tmp_path, "dmd2")
     with pytest.raises(UserError, match="names its resolution itself"):

@@ -403,10 +403,10 @@ def test_metrics_reads_sigma_init(tmp_path: Path, foreign_onestep: Path, monkeyp
     seen = []
     monkeypatch.setattr(cli_metrics, "_load_detector", lambda *a: object())
     monkeypatch.setattr(cli_metrics, "evaluate", lambda source, *a, **k: seen.append(source) or {"is_mean": 1.0})
-    ok = _cli("metrics", "--generator", str(foreign_onestep), "--sigma-init", "2.5", "--metrics", "is10", "--json")
+    ok = _cli("metrics", "--generator", str(foreign_onestep), "--sigma-init", "2.5", "--metrics", "is20", "--json")
     assert ok.exit_code == 0, ok.output
     assert isinstance(seen[0], OneStepGenerator) and seen[0].sigma_init == 2.5
-    missing = _cli("metrics", "--generator", str(foreign_onestep), "--metrics", "is10")
+    missing = _cli("metrics", "--generator", str(foreign_onestep), "--metrics", "is20")
     assert missing.exit_code == 2 and "SiD" in missing.output
 
 

@@ -14,8 +14,9 @@ from refiner.toy import TARGETS, TOY_DEFAULTS, run_toy
 @click.command("toy")
 @click.option("--target", type=click.Choice(sorted(TARGETS)), default="ring", show_default=True,
               help="ring = 8 Gaussians on a circle, grid = 25 Gaussians on a 5x5 grid.")
-@click.option("--samples", type=click.IntRange(min=10), default=2000, show_default=True,
-              help="Points used for the energy distances.")
+@click.option("--samples", type=click.IntRange(min=10, max=20000), default=2000, show_default=True,
+              help="Points used for the energy distances (their pairwise distances are held in memory: 1.6 GB "
+                   "at the maximum).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @training_options(TOY_DEFAULTS)
 def command(target: str, samples: int, as_json: bool, **kwargs: Any) -> None:
