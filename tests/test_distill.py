@@ -142,5 +142,5 @@ def test_diff_instruct_snapshot_without_metadata_needs_sigma_init(tmp_path: Path
     with torch.no_grad():
         expected = build_network(record)(2.5 * z, torch.full([2], 2.5), c)
     assert torch.equal(_outputs(G, z, c), expected)
-    with pytest.raises(UserError, match="only option is sigma_init"):
+    with pytest.raises(UserError, match="one-step EDM generator; --noise-mode applies to StyleGAN2-ADA"):
         load_generator(path, sigma_init=1.0, noise_mode="const")
