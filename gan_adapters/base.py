@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -84,7 +84,7 @@ GENERATOR_OPTIONS = {
 }
 
 
-def refused_options(name: str, kind: str, unknown: Iterator[str] | list[str] | set[str]) -> UserError:
+def refused_options(name: str, kind: str, unknown: Iterable[str]) -> UserError:
     """The error for options that generator `name`, a `kind`, does not take: each named as the command line names
     it, with the generators that do take it."""
     parts = [f"{flag} applies to {takers} only"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics.stats import FeatureStats, fid, inception_score
+from metrics.stats import IS_SPLITS, FeatureStats, fid, inception_score
 
 
 @dataclass
@@ -94,7 +94,7 @@ def embed(classifier: DomainClassifier, batches: Iterable[torch.Tensor]) -> Doma
     return out
 
 
-def domain_scores(features: DomainFeatures, ref_mu: np.ndarray, ref_cov: np.ndarray, num_splits: int = 10
+def domain_scores(features: DomainFeatures, ref_mu: np.ndarray, ref_cov: np.ndarray, num_splits: int = IS_SPLITS
                   ) -> dict[str, float]:
     """{'fd': domain Fréchet distance to the reference Gaussian, 'cs': classifier score (mean of the
     splits)}."""

@@ -25,7 +25,7 @@ from gan_adapters.base import seeded_global_rng
 from metrics.features import NO_LOGITS, FeatureCollector, collect, device_of
 from metrics.images import ImageSet, open_image_set, quantize, to_rgb
 from metrics.reference import ReferenceStats, load_reference
-from metrics.stats import fid, inception_score, kid
+from metrics.stats import check_is_samples, fid, inception_score, kid
 
 DEFAULT_GENERATOR_SAMPLES = 50_000  # fid50k / is50k / kid50k
 _NAME = re.compile(r"(fid|is|kid)(?:(\d+)([km]?))?(_full)?")
@@ -53,9 +53,8 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
         num = int(digits) * _SCALE[unit] if digits else None
         if num == 0:
             raise UserError(f"metric {item!r} asks for 0 samples")
-        if name == "is" and num is not None and num < 20:  # before any sampling (stats.inception_score)
-            raise UserError(f"metric {item!r}: the Inception Score needs at least 20 samples (2 in each of its 10 "
-                            "splits; one per split always scores 1.0): ask for is20 or more")
+        if name == "is" and num is not None:
+            check_is_samples(num)  # before any sampling
         if name in requests:
             raise UserError(f"metric {name!r} is asked for twice ({item!r}); ask for each metric once")
         requests[name] = MetricRequest(name, num)

@@ -236,7 +236,18 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def inception_score(logits: ArrayLike, num_splits: int = 10) -> tuple[float, float]:
+IS_SPLITS = 10  # NVIDIA's and torch-fidelity's
+IS_MIN_SAMPLES = 2 * IS_SPLITS  # one sample per split scores exactly 1 whatever it is
+
+
+def check_is_samples(n: int, num_splits: int = IS_SPLITS) -> None:
+    """A UserError unless `n` samples give each of the Inception Score's splits at least 2."""
+    if n < 2 * num_splits:
+        raise UserError(f"the Inception Score needs at least {2 * num_splits} samples (2 in each of its "
+                        f"{num_splits} splits; one per split always scores 1.0), got {n}")
+
+
+def inception_score(logits: ArrayLike, num_splits: int = IS_SPLITS) -> tuple[float, float]:
     """Inception Score (Salimans et al. 2016) from classifier logits [N, K] (for the standard IS: the
     1008 logits of the TF Inception without the fc bias).
 
@@ -244,9 +255,7 @@ def inception_score(logits: ArrayLike, num_splits: int = 10) -> tuple[float, flo
     p(y|x) (log p(y|x) - log mean_x p(y|x))). Returns (mean, population std) over the splits."""
     logp = _log_softmax(_as_float64(logits))
     n = len(logp)
-    if n < 2 * num_splits:  # one sample per split scores exactly 1 whatever it is
-        raise UserError(f"the Inception Score needs at least {2 * num_splits} samples (2 in each of its "
-                        f"{num_splits} splits; one per split always scores 1.0), got {n}")
+    check_is_samples(n, num_splits)
     scores = []
     for i in range(num_splits):
         part = logp[i * n // num_splits:(i + 1) * n // num_splits]

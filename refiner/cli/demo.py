@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from metrics.stats import IS_MIN_SAMPLES, IS_SPLITS
 from refiner.cli.options import (
     BATCH,
     DEVICE,
@@ -50,9 +51,9 @@ def _defaults_help() -> str:
 @click.option("--augment", type=FINITE_FLOAT, default=None,
               help="EDM AugmentPipe probability on the fake-score step (official: 0.12; default 0).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
-@click.option("--samples", type=click.IntRange(min=20), default=2000, show_default=True,
-              help="Images per FD / classifier-score measurement (at least 20: the score's 10 splits need 2 "
-                   "each).")
+@click.option("--samples", type=click.IntRange(min=IS_MIN_SAMPLES), default=2000, show_default=True,
+              help=f"Images per FD / classifier-score measurement (at least {IS_MIN_SAMPLES}: the score's "
+                   f"{IS_SPLITS} splits need 2 each).")
 @click.option("--reference", type=click.Choice(REFERENCES), default="test", show_default=True,
               help="Reference statistics: the held-in half of the test set, or the training set.")
 @click.option("--assets", "assets_path", type=click.Path(file_okay=False), default=None,
