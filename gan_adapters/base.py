@@ -80,7 +80,7 @@ GENERATOR_OPTIONS = {
     "truncation_psi": ("truncation_psi", _STYLEGAN), "truncation_cutoff": ("truncation_cutoff", _STYLEGAN),
     "force_fp32": ("force_fp32", _STYLEGAN), "truncation": ("--truncation", "BigGAN-deep folders"),
     "sigma_init": ("--sigma-init", "one-step generators (EDM snapshots, DMD2 and consistency-model state dicts)"),
-    "resolution": ("resolution (Python API)", "consistency-model state dicts"),
+    "resolution": ("--resolution", "consistency-model state dicts"),
 }
 
 

@@ -124,10 +124,12 @@ def infer_consistency_unet(tensors: Tensors, name: str, resolution: int | None) 
         resolution = GUIDED_DIFFUSION_SIZES.get(mult)
         if resolution is None:
             raise UserError(f"{name}: a consistency-model UNet with channel_mult {list(mult)}, which is not a "
-                            "guided-diffusion default, so its image size cannot be read from the weights. The "
-                            "command line reads the published ones; load this one with the Python API: "
-                            "gan_adapters.loader.load_generator(path, resolution=N), N the image size it was "
-                            "trained at")
+                            "guided-diffusion default, so its image size cannot be read from the weights: give "
+                            "the size it was trained at with --resolution N (Python API: "
+                            "gan_adapters.loader.load_generator(path, resolution=N))")
+    if resolution < 1 or resolution % (1 << (levels - 1)):
+        raise UserError(f"{name}: resolution {resolution} does not fit a UNet of {levels} levels, which halves the "
+                        f"image {levels - 1} times: give a multiple of {1 << (levels - 1)}")
     widths = [mc * m for m in mult]
     if any(widths[level] % HEAD_CHANNELS for level in attn_levels):
         raise UserError(f"{name}: attention widths {widths} are not multiples of {HEAD_CHANNELS} channels per "

@@ -238,3 +238,13 @@ def test_saved_weights_are_the_same_bytes_every_time(tmp_path):
     for data in (first, theirs):
         loaded = torch.load(io.BytesIO(data.getvalue()), weights_only=True)
         assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items())
+
+
+def test_sample_refuses_a_biggan_folder_and_points_to_the_commands_that_take_it(data_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from refiner.cli import cli
+
+    result = CliRunner().invoke(cli, ["sample", "--teacher", str(data_dir / FOLDER), "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "BigGAN-deep folder" in result.output and "refiner metrics" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s").exists()

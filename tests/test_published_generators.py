@@ -187,6 +187,14 @@ def test_sample_draws_a_state_dict_generator_in_one_step(tmp_path):
         else None
     with torch.no_grad():
         assert np.array_equal(x, to_uint8(generator(z, c)))
+    folder = tmp_path / "checkpoint_model_001000"  # DMD2's checkpoint folder: the same images
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(open(path, "rb").read())
+    result = CliRunner().invoke(cli, ["sample", "--teacher", str(folder), "--seeds", "0-2", "--device", "cpu",
+                                      "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "f" / "samples.npz") as f:
+        assert np.array_equal(f["x"], x)
 
 
 def test_distill_starts_from_a_published_generator(tmp_path):
@@ -215,3 +223,52 @@ def test_distill_starts_from_a_published_generator(tmp_path):
     bad = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--init", gan, "--out", str(tmp_path / "bad"),
                                    "--steps", "1", "--device", "cpu"])
     assert bad.exit_code == 2 and "not a one-step EDM-family generator" in bad.output
+
+
+def test_a_consistency_model_of_unpublished_size_takes_resolution_on_the_command_line(tmp_path, monkeypatch):
+    """The fixture's channel_mult [1, 1] is no guided-diffusion default: inspect says the commands need
+    --resolution, sample / metrics / distill --init take it and draw what the Python API's resolution= draws
+    (the original code's images); a size the UNet cannot halve, or --resolution where nothing reads it, is refused."""
+    import numpy as np
+
+    from helpers import write_edm_teacher
+
+    ref, path = write_state(tmp_path, "cm")
+    shown = CliRunner().invoke(cli, ["inspect", path])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count(": yes, as") == 4 and shown.output.count("with --resolution N, the image size") == 4
+
+    refused = CliRunner().invoke(cli, ["sample", "--teacher", path, "--out", str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "--resolution N" in refused.output and "Traceback" not in refused.output
+    result = CliRunner().invoke(cli, ["sample", "--teacher", path, "--resolution", "8", "--seeds", "0-1",
+                                      "--device", "cpu", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["x"].shape == (2, 8, 8, 3)
+    generator = load_generator(path, resolution=8)
+    with torch.no_grad():
+        assert_close(generator(ref["z"], ref["labels"]), ref["images"])
+
+    monkeypatch.setattr(cli_metrics, "_load_detector", lambda *args: StandInDetector())
+    ref_images = write_folder(tmp_path / "ref", random_images(8, seed=2, size=8))
+    measured = CliRunner().invoke(cli, ["metrics", "--generator", path, "--resolution", "8", "--ref",
+                                        str(ref_images), "--metrics", "fid8", "--device", "cpu", "--json"])
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.output) == pytest.approx(
+        evaluate(generator, StandInDetector(), "fid8", ref=ref_images), rel=1e-6)
+
+    for args, message in [(["sample", "--teacher", path, "--resolution", "7"], "multiple of 2"),
+                          (["metrics", "--images", str(ref_images), "--resolution", "8", "--metrics", "is"],
+                           "--resolution applies to --generator"),
+                          (["sample", "--teacher", str(write_edm_teacher(tmp_path / "t.pkl", resolution=8)),
+                            "--resolution", "8"], "--resolution applies to consistency-model state dicts")]:
+        bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad")] if args[0] == "sample" else args)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+
+    teacher = write_edm_teacher(tmp_path / "teacher.pkl", resolution=8, label_dim=10)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--init", path, "--resolution", "8",
+                                      "--out", str(out), "--steps", "1", "--batch", "2", "--device", "cpu",
+                                      "--grid-seeds", "2", "--lr", "1e-12", "--fake-lr", "1e-12", "--ema", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["extra"]["resolution"] == 8

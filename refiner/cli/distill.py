@@ -20,8 +20,10 @@ from refiner.cli.options import (
     config_from_options,
     data_option,
     fetch_source,
+    given_options,
     make_evaluator,
     metric_options,
+    resolution_option,
     run_options,
     sha256_option,
     training_options,
@@ -63,13 +65,15 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
               help="Start the generator from this one-step generator instead of the teacher's copy: a distill "
                    "snapshot, a Diff-Instruct / SiD snapshot (with --sigma-init), a DMD2 or consistency-model "
                    "state dict (σ_init 80 unless --sigma-init says otherwise).")
+@resolution_option
 @data_option
 @source_options
 @metric_options
 @training_options(_HELP_DEFAULTS)
 def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | None, sigma_init: float | None,
             dropout: float | None, kimg: float | None, snapshot_kimg: float | None, grid_seeds: int,
-            teacher_dtype: str | None, init_src: str | None, metrics_at_snapshots: bool, data_src: str | None,
+            teacher_dtype: str | None, init_src: str | None, resolution: int | None, metrics_at_snapshots: bool,
+            data_src: str | None,
             unknown_source: str, source_from: str | None, **kwargs: Any) -> None:
     """Distil an EDM teacher into a one-step generator with Diff-Instruct (data-free).
 
@@ -94,6 +98,8 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     config = distill_config(preset, kwargs, kimg, snapshot_kimg, teacher=input_name(teacher_src), preset=preset.name,
                             dropout=dropout, teacher_dtype=teacher_dtype, data=input_name(data_src))
     check_data_option(config.loss, data_src, config.loss_options)
+    if resolution is not None and init_src is None:
+        raise UserError("--resolution applies to --init (a consistency-model state dict); leave it out")
     given_sigma_init = sigma_init
     sigma_init, config.sources["extra.sigma_init"] = resolve_sigma_init(sigma_init, preset, config.loss)
     config.extra["sigma_init"] = sigma_init
@@ -114,13 +120,15 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
         generator = OneStepGenerator.from_teacher(teacher, sigma_init, teacher_src)
     else:  # a published or earlier one-step generator: its own σ_init unless --sigma-init is given
         generator = load_generator(fetch_source(init_src, None, "init"), device=device,
-                                   **({} if given_sigma_init is None else {"sigma_init": given_sigma_init}))
+                                   **given_options(sigma_init=given_sigma_init, resolution=resolution))
         if not isinstance(generator, OneStepGenerator):
             raise UserError(f"--init {init_src} holds a {type(generator).__name__}, not a one-step EDM-family "
                             "generator; refine a GAN with `refiner refine --generator`")
         check_compatible(generator, teacher, init_src, teacher_src)
         config.extra["sigma_init"], config.sources["extra.sigma_init"] = generator.sigma_init, "init"
         config.extra["init"] = input_name(init_src)
+        if resolution is not None:
+            config.extra["resolution"] = resolution
     fake = trainable_copy(teacher, config.augment > 0)
     if dropout is not None:
         for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode

@@ -9,7 +9,16 @@ import click
 from common.devices import resolve_device
 from common.errors import UserError
 from metrics.evaluate import evaluate, parse_metrics
-from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, SEED, fetch_source, sha256_option
+from refiner.cli.options import (
+    BATCH,
+    DEVICE,
+    FINITE_FLOAT,
+    SEED,
+    fetch_source,
+    given_options,
+    resolution_option,
+    sha256_option,
+)
 
 DEFAULT_IMAGE_METRICS = "fid,is"
 DEFAULT_GENERATOR_METRICS = "fid50k_full,is50k"
@@ -21,10 +30,10 @@ def _load_detector(source: str | None, frontend: str, device: str):
     return load_detector(source, frontend=frontend, device=device)
 
 
-def _load_generator(source: str, device: str, sigma_init: float | None):
+def _load_generator(source: str, device: str, options: dict):
     from gan_adapters.loader import load_generator
 
-    return load_generator(source, device=device, **({} if sigma_init is None else {"sigma_init": sigma_init}))
+    return load_generator(source, device=device, **options)
 
 
 def _print_human(results: dict[str, float]) -> None:
@@ -46,6 +55,7 @@ def _print_human(results: dict[str, float]) -> None:
 @click.option("--sigma-init", type=FINITE_FLOAT, default=None,
               help="σ_init of a one-step EDM generator without refiner's metadata, G(z) = D(σ_init·z; σ_init): "
                    "Diff-Instruct 1.0, SiD 2.5, DMD2 80.")
+@resolution_option
 @click.option("--ref", "ref", type=click.Path(exists=True), default=None,
               help="Reference: image folder, dataset .zip, .npz of images, or an .npz with mu and sigma "
                    "(e.g. EDM's cifar10-32x32.npz). Needed for FID and KID.")
@@ -72,8 +82,8 @@ def _print_human(results: dict[str, float]) -> None:
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the keys fid, is_mean, is_std, kid (those computed).")
-def command(images, generator, generator_sha256, sigma_init, ref, metrics, num, detector_source, detector_sha256,
-            frontend, fid_method, batch_size, seed, device, as_json):
+def command(images, generator, generator_sha256, sigma_init, resolution, ref, metrics, num, detector_source,
+            detector_sha256, frontend, fid_method, batch_size, seed, device, as_json):
     """Measure FID / IS / KID of an image set or a generator against a reference.
 
     \b
@@ -83,8 +93,9 @@ def command(images, generator, generator_sha256, sigma_init, ref, metrics, num, 
     """
     if (images is None) == (generator is None):
         raise UserError("give exactly one of --images (an image set) or --generator (a network to sample)")
-    if sigma_init is not None and generator is None:
-        raise UserError("--sigma-init applies to --generator (a one-step EDM generator), not to --images")
+    for flag, value in (("--sigma-init", sigma_init), ("--resolution", resolution)):
+        if value is not None and generator is None:
+            raise UserError(f"{flag} applies to --generator (a one-step generator), not to --images")
     spec = metrics or (DEFAULT_IMAGE_METRICS if images else DEFAULT_GENERATOR_METRICS)
     requests = parse_metrics(spec)
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
@@ -98,7 +109,8 @@ def command(images, generator, generator_sha256, sigma_init, ref, metrics, num, 
         spec = ",".join(f"{r.name}{r.num or ''}" for r in requests if r.name != "is")
         click.echo("note: these Inception weights have no classifier, so IS is left out", err=True)
     source = images if images is not None else \
-        _load_generator(fetch_source(generator, generator_sha256, "generator"), device, sigma_init)
+        _load_generator(fetch_source(generator, generator_sha256, "generator"), device,
+                        given_options(sigma_init=sigma_init, resolution=resolution))
     results = evaluate(source, detector, spec, ref=ref, num=num,
                        batch_size=batch_size, seed=seed, fid_method=fid_method, frontend=frontend)
     if as_json:

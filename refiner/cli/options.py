@@ -147,6 +147,19 @@ def sha256_option(name: str) -> Callable:
                                                     "before it is cached).")
 
 
+def given_options(**options: Any) -> dict[str, Any]:
+    """The loader options the user gave (those not None)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def resolution_option(f: Callable) -> Callable:
+    """--resolution: the image size of a consistency-model state dict whose channel_mult is not a published
+    one (the weights do not say it); passed to the generator loader as `resolution`."""
+    return click.option("--resolution", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Image size of a consistency-model state dict with an unpublished channel_mult "
+                             "(`refiner inspect` says when it is needed; the weights do not record it).")(f)
+
+
 def fetch_source(source: str, sha256: str | None, option: str) -> str:
     """The local path to read for the value of --OPTION: a URL is downloaded into the cache (checked); with a
     sha256 a local file is checked too. Other values (a local path, a folder) are returned as given."""

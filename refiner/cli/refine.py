@@ -15,8 +15,10 @@ from refiner.cli.options import (
     config_from_options,
     data_option,
     fetch_source,
+    given_options,
     make_evaluator,
     metric_options,
+    resolution_option,
     run_options,
     sha256_option,
     training_options,
@@ -44,6 +46,7 @@ from refiner.realdata import check_data_option, open_real_data
 @click.option("--sigma-init", type=FINITE_FLOAT, default=None,
               help="One-step EDM generator without refiner's metadata (a Diff-Instruct or SiD snapshot): its "
                    "G(z) = D(σ_init·z; σ_init); Diff-Instruct 1.0, SiD 2.5, DMD2 80.")
+@resolution_option
 @click.option("--resize-to-teacher", is_flag=True,
               help="Area-downsample the generator's images to the teacher's resolution (e.g. a 128 px "
                    "BigGAN refined by a 64 px teacher).")
@@ -59,7 +62,7 @@ from refiner.realdata import check_data_option, open_real_data
 @training_options(REFINE_DEFAULTS)
 def command(generator_src: str, generator_sha256: str | None, teacher_src: str, teacher_sha256: str | None,
             trainable: str | None, noise_mode: str | None, truncation: float | None, sigma_init: float | None,
-            resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None,
+            resolution: int | None, resize_to_teacher: bool, keep_g: bool, in_place: bool, teacher_dtype: str | None,
             metrics_at_snapshots: bool, data_src: str | None, unknown_source: str, source_from: str | None,
             **kwargs: Any) -> None:
     """Refine a GAN (StyleGAN2-ADA, BigGAN-deep) with an EDM teacher, written back in its own format.
@@ -76,8 +79,8 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
     from teachers.edm_loader import load_teacher
 
     out, resume, force = run_options(kwargs)
-    family_options = {k: v for k, v in (("trainable", trainable), ("noise_mode", noise_mode),
-                                        ("truncation", truncation), ("sigma_init", sigma_init)) if v is not None}
+    family_options = given_options(trainable=trainable, noise_mode=noise_mode, truncation=truncation,
+                                   sigma_init=sigma_init, resolution=resolution)
     config = config_from_options(REFINE_DEFAULTS, kwargs, generator=input_name(generator_src),
                                  teacher=input_name(teacher_src), keep_G=keep_g, resize_to_teacher=resize_to_teacher,
                                  data=input_name(data_src), **family_options)

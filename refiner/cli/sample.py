@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -16,10 +17,19 @@ from fileformats import nvpickle
 from fileformats.atomic import atomic_open
 from fileformats.progress import Progress
 from fileformats.torchfiles import is_torch_checkpoint
+from gan_adapters.biggan import is_biggan_folder
 from gan_adapters.loader import load_generator
 from gan_adapters.onestep import METADATA_KEY, onestep_from_snapshot
 from metrics.images import image_grid, quantize
-from refiner.cli.options import BATCH, DEVICE, FINITE_FLOAT, fetch_source, sha256_option
+from refiner.cli.options import (
+    BATCH,
+    DEVICE,
+    FINITE_FLOAT,
+    fetch_source,
+    given_options,
+    resolution_option,
+    sha256_option,
+)
 from teachers.edm_loader import teacher_from_pickle
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 
@@ -77,7 +87,8 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
 
 @click.command("sample")
 @click.option("--teacher", "source", required=True,
-              help="EDM or EDM2 network pickle, or a one-step generator (sampled in one step): path or URL.")
+              help="EDM or EDM2 network pickle, or a one-step generator (sampled in one step; a state dict or a DMD2 "
+                   "checkpoint folder): path or URL.")
 @sha256_option("teacher")
 @click.option("--seeds", default="0-63", show_default=True,
               help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
@@ -93,8 +104,9 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
               help="Sample the file in one step as G(z) = D(σ_init·z; σ_init): a one-step generator without "
                    "refiner's metadata (Diff-Instruct 1.0, SiD 2.5, DMD2 80). refiner's distill snapshots "
                    "are sampled in one step without it.")
+@resolution_option
 def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, steps: int, class_idx: int | None,
-            batch: int, device: str, sigma_init: float | None) -> None:
+            batch: int, device: str, sigma_init: float | None, resolution: int | None) -> None:
     """Sample images from an EDM teacher (or a one-step generator); writes an image grid and an .npz of
     uint8 images.
 
@@ -109,13 +121,18 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
                             "(files are never overwritten)")
     dev = resolve_device(device)
     path = fetch_source(source, teacher_sha256, "teacher")
-    data = None if is_torch_checkpoint(str(path)) else nvpickle.load(path)
+    if is_biggan_folder(path):
+        raise UserError(f"{source} is a BigGAN-deep folder: a GAN, which `sample` does not draw; measure it with "
+                        "`refiner metrics --generator`, or refine it with `refiner refine`")
+    one_step_file = os.path.isdir(path) or is_torch_checkpoint(str(path))  # a DMD2 folder or a state dict
+    data = None if one_step_file else nvpickle.load(path)
     if data is None:  # a published one-step generator's state dict (DMD2, consistency models): one step
-        generator = load_generator(path, dev, **({} if sigma_init is None else {"sigma_init": sigma_init}))
+        generator = load_generator(path, dev, **given_options(sigma_init=sigma_init, resolution=resolution))
         teacher, label_dim, shape = None, generator.c_dim, generator.data_shape
+    elif resolution is not None:
+        raise UserError("--resolution applies to consistency-model state dicts only; leave it out")
     elif sigma_init is not None or isinstance(data, dict) and METADATA_KEY in data:  # one step: D(σ_init·z; σ_init)
-        generator = onestep_from_snapshot(data, str(source), dev,
-                                          **({} if sigma_init is None else {"sigma_init": sigma_init}))
+        generator = onestep_from_snapshot(data, str(source), dev, **given_options(sigma_init=sigma_init))
         teacher, label_dim = None, generator.c_dim
         shape = generator.data_shape
     else:

@@ -53,23 +53,38 @@ def pickle_usage(data: Any) -> dict[str, Any]:
                  sample="no", metrics="no")
 
 
+def _size_is_all_that_is_missing(tensors: dict, name: str) -> bool:
+    """Whether a consistency-model state dict loads once its image size is given (the weights do not depend on
+    it; a large power of two fits any number of levels)."""
+    try:
+        published.infer_consistency_unet(tensors, name, resolution=1 << 16)
+    except UserError:
+        return False
+    return True
+
+
 def state_dict_usage(path: str, name: str) -> dict[str, Any]:
     """Kind, inferred architecture and per-command use of a torch state-dict file."""
     tensors = published.read_state_dict(path, name)
-    gen = "yes, as --generator (G(z) = f(80·z; σ=80))"
+    needs = ""  # what the commands need besides the file
     info: dict[str, Any] = {"num_tensors": len(tensors), "num_elements": sum(t.numel() for t in tensors.values()),
                             "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})}
     if "model.map_layer0.weight" in tensors and "model.out_conv.weight" in tensors:
         info["architecture"] = published.infer_edm_dhariwal(tensors, name)
         kind = "DMD2 one-step generator: state dict of EDMPrecond(DhariwalUNet), fed 80·z at σ = 80"
     elif "time_embed.0.weight" in tensors and "input_blocks.0.0.weight" in tensors:
+        kind = "consistency-model one-step generator: guided-diffusion UNetModel state dict (σ_max 80)"
         try:
             info["architecture"] = published.infer_consistency_unet(tensors, name, None)
         except UserError as e:
             info["architecture"] = str(e)
-        kind = "consistency-model one-step generator: guided-diffusion UNetModel state dict (σ_max 80)"
+            if not _size_is_all_that_is_missing(tensors, name):
+                return {**_uses(kind, refine="no (see architecture)", distill="no (see architecture)",
+                                sample="no (see architecture)", metrics="no (see architecture)"), **info}
+            needs = " with --resolution N, the image size it was trained at (the weights do not record it)"
     else:
         return {**_uses("torch state dict of no known network", refine="no", distill="no", sample="no",
                         metrics="no"), **info}
-    return {**_uses(kind, refine=gen, distill="yes, as --init (the starting generator) with an EDM --teacher",
-                    sample="yes, as --teacher (sampled in one step)", metrics=gen), **info}
+    gen = f"yes, as --generator (G(z) = f(80·z; σ=80)){needs}"
+    return {**_uses(kind, refine=gen, distill=f"yes, as --init (the starting generator) with an EDM --teacher{needs}",
+                    sample=f"yes, as --teacher (sampled in one step){needs}", metrics=gen), **info}
