@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 from typing import IO, Any
 
 import torch
 
+from common.errors import UserError
 from fileformats.sources import open_source
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -31,6 +33,28 @@ def is_torch_checkpoint(path: str | None) -> bool:
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_TORCH_MAGIC))
     return head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why torch.load refused a file, in one line a user can act on: the weights-only refusal says so, torch's
+    C++ location ("[enforce fail at inline_container.cc:180] .") is dropped, and a zip that torch.save did not
+    write is named as such."""
+    text = str(error)
+    if "weights_only" in text or "Weights only" in text:
+        return "it holds objects other than tensors and plain data, which are never loaded"
+    line = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.splitlines()[0] if text else "")[:200]
+    if "file in archive is not in a subdirectory" in line or "archive does not contain" in line:
+        return f"a zip archive that torch.save did not write: {line}"
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def load_weights(path: str | os.PathLike, name: str, expected: str) -> Any:
+    """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, nothing executed. A file
+    torch cannot read is a UserError naming `name`, why (`unreadable_reason`) and `expected` (what to give)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for damaged, foreign or unsafe files
+        raise UserError(f"{name}: cannot read it as a torch file ({unreadable_reason(e)}); {expected}") from None
 
 
 def save_legacy(state: dict[str, torch.Tensor], f: IO[bytes]) -> None:  # tensors on the CPU

@@ -31,7 +31,7 @@ from torch import nn
 from common.errors import UserError
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.atomic import atomic_folder, atomic_write
-from fileformats.torchfiles import save_legacy
+from fileformats.torchfiles import load_weights, save_legacy
 from gan_adapters.base import uniform_one_hot
 
 CONFIG_NAME = "config.json"
@@ -334,12 +334,8 @@ def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
         if cin != cout and cout * 2 != cin:
             raise UserError(f"{folder / CONFIG_NAME}: layer ({up}, {cin}, {cout}) changes the width by other "
                             "than halving it, which the BigGAN-deep skip connection cannot do")
-    try:
-        state = torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable or unsafe file is the user's input problem
-        raise UserError(f"cannot read {folder / WEIGHTS_NAME} as a torch state_dict ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); expected a pytorch-pretrained-biggan "
-                        "weight file") from e
+    state = load_weights(folder / WEIGHTS_NAME, str(folder / WEIGHTS_NAME),
+                         "expected a pytorch-pretrained-biggan weight file")
     if not isinstance(state, dict):
         raise UserError(f"{folder / WEIGHTS_NAME} holds a {type(state).__name__}, not a state_dict; "
                         "expected a pytorch-pretrained-biggan weight file")

@@ -27,6 +27,7 @@ import torch
 
 from common.errors import UserError
 from fileformats.arguments import shape_mismatch
+from fileformats.torchfiles import load_weights
 from gan_adapters.base import refused_options
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator, onestep_from_snapshot
 from teachers import edm2
@@ -44,13 +45,7 @@ Tensors = Mapping[str, torch.Tensor]
 
 def read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
     """The tensors of a torch checkpoint on the CPU; a leading 'module.' (DDP / accelerate) is dropped."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for damaged or non-tensor files
-        reason = "it holds objects other than tensors and plain data, which are never loaded" \
-            if "weights_only" in str(e) or "Weights only" in str(e) else str(e).splitlines()[0][:200]
-        raise UserError(f"{name}: not a readable torch state dict ({type(e).__name__}: {reason}); "
-                        "give the generator's pytorch_model.bin / .pt file") from None
+    obj = load_weights(path, name, "give the generator's pytorch_model.bin / .pt state dict")
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{name}: a torch checkpoint, but not a state dict (a flat mapping of names to "
                         "tensors); give the generator's weights file")

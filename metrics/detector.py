@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from fileformats.sources import open_source
+from fileformats.torchfiles import load_weights
 from metrics.frontends import FRONTENDS
 from metrics.inception import NUM_FEATURES, FIDInception, build, from_nvidia_names
 
@@ -163,12 +164,7 @@ def _load_net(path: Path) -> tuple[FIDInception | NvidiaScript, str]:
             raise UserError(f"{path} is {nvpickle.describe(record)}, not an Inception detector. "
                             + DETECTOR_HELP) from None
         return _from_state(record.state_dict(), path), f"NVIDIA pickled detector {path.name}"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or damaged files
-        raise UserError(f"cannot read {path} as a torch state dict ({type(e).__name__}). "
-                        + DETECTOR_HELP) from None
-    net = _from_state(state, path)
+    net = _from_state(load_weights(path, str(path), DETECTOR_HELP), path)
     return net, f"{path.name}{' (features only)' if net.fc is None else ''}"
 
 

@@ -20,6 +20,7 @@ import torch
 
 from common.errors import UserError
 from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
+from fileformats.torchfiles import load_weights
 from refiner import distributed as dist
 from refiner.config import TrainConfig
 
@@ -190,11 +191,7 @@ class RunDir:
 
     @staticmethod
     def load_checkpoint(path: Path) -> dict[str, Any]:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file: say which one and what to do
-            raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it to resume "
-                            f"from the previous one") from None
+        return load_weights(path, f"checkpoint {path}", "delete it to resume from the previous one")
 
     # -- log ----------------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 
 import pytest
 import torch
@@ -114,6 +115,11 @@ def test_bad_state_dicts(tmp_path):
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="no known one-step generator .*foo.weight"):
         load_generator(tmp_path / "other.pt")
+    with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as z:  # a zip that torch.save did not write
+        z.writestr("img000.png", b"")
+    with pytest.raises(UserError, match=r"dataset.zip: cannot read it as a torch file \(a zip archive that torch.save "
+                                        r"did not write: file in archive is not in a subdirectory: img000.png\); give"):
+        load_generator(tmp_path / "dataset.zip")
     torch.save({"a": [1, 2]}, tmp_path / "notensors.pt")
     with pytest.raises(UserError, match="not a readable torch state dict|not a state dict"):
         load_generator(tmp_path / "notensors.pt")
@@ -230,7 +236,6 @@ def test_a_consistency_model_of_unpublished_size_takes_resolution_on_the_command
     --resolution, sample / metrics / distill --init take it and draw what the Python API's resolution= draws
     (the original code's images); a size the UNet cannot halve, or --resolution where nothing reads it, is refused."""
     import numpy as np
-
     from helpers import write_edm_teacher
 
     ref, path = write_state(tmp_path, "cm")
