@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from typing import IO, Any
 
 import torch
@@ -35,6 +36,15 @@ def is_torch_checkpoint(path: str | None) -> bool:
     return head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC
 
 
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """TorchScript archives are zip files with `<name>/constants.pkl` and `<name>/code/` entries."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def unreadable_reason(error: Exception) -> str:
     """Why torch.load refused a file, in one line a user can act on: the weights-only refusal says so, torch's
     C++ location ("[enforce fail at inline_container.cc:180] .") is dropped, and a zip that torch.save did not
@@ -51,6 +61,9 @@ def unreadable_reason(error: Exception) -> str:
 def load_weights(path: str | os.PathLike, name: str, expected: str) -> Any:
     """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, nothing executed. A file
     torch cannot read is a UserError naming `name`, why (`unreadable_reason`) and `expected` (what to give)."""
+    if is_torchscript(path):  # torch.load would hand it to torch.jit.load, with a warning
+        raise UserError(f"{name}: a TorchScript archive (compiled code, which refiner runs only as the Inception "
+                        f"detector of `refiner metrics --detector`), not weights; {expected}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged, foreign or unsafe files

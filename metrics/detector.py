@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from fileformats.sources import open_source
-from fileformats.torchfiles import load_weights
+from fileformats.torchfiles import is_torchscript, load_weights
 from metrics.frontends import FRONTENDS
 from metrics.inception import NUM_FEATURES, FIDInception, build, from_nvidia_names
 
@@ -119,14 +118,6 @@ def default_detector_path() -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with `<name>/constants.pkl` and `<name>/code/` entries."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") for n in z.namelist())
-
-
 def _nvidia_prefix(state: Mapping[str, Tensor]) -> str | None:
     """'' / 'net.' / ... such that `{prefix}layers.conv.weight` exists (NVIDIA-style names), else None."""
     return next((k[: -len("layers.conv.weight")] for k in state if k.endswith("layers.conv.weight")), None)
@@ -142,7 +133,7 @@ def _from_state(state: object, path: Path) -> FIDInception:
 
 def _load_net(path: Path) -> tuple[FIDInception | NvidiaScript, str]:
     """The network in `path` (on the CPU) and a one-line description of it."""
-    if _is_torchscript(path):
+    if is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch >= 2.14 calls torch.jit.load deprecated; it still loads
                 warnings.simplefilter("ignore", FutureWarning)

@@ -102,3 +102,25 @@ def test_inspect_errors_are_one_line(tmp_path, content, message):
 def test_inspect_missing_file(tmp_path):
     result = run(str(tmp_path / "none.pkl"))
     assert result.exit_code == 2 and "file not found" in result.output
+
+
+def test_a_torchscript_archive_is_described_without_loading_it_and_refused_as_weights(tmp_path):
+    """NVIDIA's Inception detector is TorchScript: inspect names it (no torch.load, so no warning from torch's
+    TorchScript dispatch), and a command that wants weights refuses it in one line."""
+    import warnings
+
+    from common.errors import UserError
+    from gan_adapters.loader import load_generator
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(str(path), "--json")
+        with pytest.raises(UserError, match=r"inception-2015-12-05.pt: a TorchScript archive .* not weights; give"):
+            load_generator(path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["format"] == "TorchScript archive" and summary["usage"]["commands"]["metrics"].startswith(
+        "as --detector") and summary["usage"]["commands"]["refine"].startswith("no")
+    assert not caught, [str(w.message) for w in caught]

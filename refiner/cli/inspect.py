@@ -13,9 +13,9 @@ import torch
 
 from fileformats import module_sources, nvpickle
 from fileformats.sources import open_source
-from fileformats.torchfiles import is_torch_checkpoint
+from fileformats.torchfiles import is_torch_checkpoint, is_torchscript
 from refiner.cli.options import check_sha256
-from refiner.cli.usage import pickle_usage, state_dict_usage
+from refiner.cli.usage import pickle_usage, state_dict_usage, torchscript_usage
 
 
 def jsonable(value: Any) -> Any:
@@ -190,6 +190,14 @@ def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256
     never executed, and files that reference anything outside the allow-list are refused.
     """
     path = open_source(source, sha256=sha256)
+    if is_torchscript(path):  # compiled code: described, never loaded
+        usage = torchscript_usage()
+        summary = {"file": str(path), "size_bytes": path.stat().st_size, "format": "TorchScript archive",
+                   "usage": usage}
+        text = "\n".join([f"file: {path}  ({_count(summary['size_bytes'])} bytes, TorchScript archive)", "",
+                          *render_usage(usage)])
+        click.echo(json.dumps(summary, indent=1) if as_json else text)
+        return
     if is_torch_checkpoint(str(path)):
         summary = {"file": str(path), "size_bytes": path.stat().st_size, "format": "torch state dict",
                    "usage": state_dict_usage(str(path), str(path))}

@@ -53,6 +53,14 @@ def pickle_usage(data: Any) -> dict[str, Any]:
                  sample="no", metrics="no")
 
 
+def torchscript_usage() -> dict[str, Any]:
+    """A TorchScript archive: compiled code that refiner runs only as an Inception detector."""
+    no = "no: TorchScript holds compiled code, not a network refiner reads (give the network's pickle or state dict)"
+    return _uses("TorchScript archive (compiled code; NVIDIA's Inception detector inception-2015-12-05.pt is one)",
+                 refine=no, distill=no, sample=no,
+                 metrics="as --detector if it is an Inception network (loaded when metrics runs, not by inspect)")
+
+
 def _size_is_all_that_is_missing(tensors: dict, name: str) -> bool:
     """Whether a consistency-model state dict loads once its image size is given (the weights do not depend on
     it; a large power of two fits any number of levels)."""
