@@ -114,11 +114,8 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
         if ref is None:
             raise UserError("FID and KID need reference statistics: give --ref (image folder, dataset .zip, "
                             ".npz of images or an .npz with mu and sigma)")
-        reference = ref if isinstance(ref, ReferenceStats) else load_reference(
-            ref, detector, frontend=frontend, need_features="kid" in counts, batch_size=batch_size,
-            cache_dir=cache_dir)
-        if "kid" in counts and reference.features is None:
-            raise UserError("KID needs reference features, but the reference holds only mu and sigma")
+        reference = load_reference(ref, detector, frontend=frontend, need_features="kid" in counts,
+                                   batch_size=batch_size, cache_dir=cache_dir)
 
     if isinstance(source, ImageSet):
         if total > len(source):

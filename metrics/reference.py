@@ -92,25 +92,34 @@ def _load_cached(path: Path) -> ReferenceStats | None:
         return None
 
 
-def load_reference(ref: str | os.PathLike | ImageSet, detector, *, frontend: str | None = None,
+def open_reference(ref: str | os.PathLike | ImageSet | ReferenceStats, need_features: bool = False
+                   ) -> ImageSet | ReferenceStats:
+    """What `ref` names, opened and checked without a detector pass (commands call it before any other work):
+    the statistics of an mu/sigma .npz, or an image set. `need_features`: KID will need reference features,
+    which mu and sigma alone do not give."""
+    if isinstance(ref, (str, os.PathLike)):
+        path = Path(ref)
+        if not path.exists():
+            raise UserError(f"reference {path}: no such file or folder; give an image folder, a dataset "
+                            ".zip, an .npz of images or an .npz with mu and sigma")
+        stats = _stats_npz(path) if path.suffix.lower() == ".npz" else None
+        ref = open_image_set(path) if stats is None else stats
+    if need_features and isinstance(ref, ReferenceStats) and ref.features is None:
+        raise UserError("the reference holds only mu and sigma, but KID needs reference features: give the "
+                        "reference images (folder, dataset .zip or .npz) or leave KID out")
+    return ref
+
+
+def load_reference(ref: str | os.PathLike | ImageSet | ReferenceStats, detector, *, frontend: str | None = None,
                    need_features: bool = False, batch_size: int = 64,
                    cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
     """Reference statistics from an mu/sigma .npz, or from images through `detector` (cached).
 
     `frontend` names the detector's input pipeline for the cache key (default: `detector.frontend` if
     it has one); `need_features` also keeps a feature sample for KID (cached with the moments)."""
-    if not isinstance(ref, ImageSet):
-        path = Path(ref)
-        if not path.exists():
-            raise UserError(f"reference {path}: no such file or folder; give an image folder, a dataset "
-                            ".zip, an .npz of images or an .npz with mu and sigma")
-        stats = _stats_npz(path) if path.suffix.lower() == ".npz" else None
-        if stats is not None:
-            if need_features:
-                raise UserError(f"{path} holds only mu and sigma, but KID needs reference features: give the "
-                                "reference images (folder, dataset .zip or .npz) or leave KID out")
-            return stats
-        ref = open_image_set(path)
+    ref = open_reference(ref, need_features)
+    if isinstance(ref, ReferenceStats):
+        return ref
     frontend = frontend if frontend is not None else str(getattr(detector, "frontend", ""))
     key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "images": ref.content_hash(),
                                      "detector": detector_fingerprint(detector),

@@ -65,21 +65,44 @@ def test_cli_default_leaves_is_out_without_classifier(sets, monkeypatch):
     assert result.exit_code == 2 and "no classifier head" in result.output
 
 
-def test_cli_mu_sigma_reference(sets, tmp_path):
+def test_cli_mu_sigma_reference(sets, tmp_path, monkeypatch):
     a, _ = sets
     np.savez(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
     result = _run("--images", str(a), "--ref", str(tmp_path / "ref.npz"), "--metrics", "fid", "--json")
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.output)) == {"fid"}
+    monkeypatch.setattr(cli_metrics, "_load_detector", lambda *args: pytest.fail("loaded before --ref was checked"))
     result = _run("--images", str(a), "--ref", str(tmp_path / "ref.npz"), "--metrics", "kid")
     assert result.exit_code == 2 and "KID needs reference features" in result.output
+
+
+@pytest.mark.parametrize("command", ["refine", "distill"])
+def test_training_commands_refuse_a_bad_reference_before_loading_networks(command, tmp_path, monkeypatch):
+    """--metrics with a --ref that is missing, or mu/sigma only for KID: refused before the detector, the
+    teacher or the generator is loaded, and before the run folder exists."""
+    import metrics.detector
+    import teachers.edm_loader
+
+    for module, name in ((metrics.detector, "load_detector"), (teachers.edm_loader, "load_teacher")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("loaded before --ref was checked"))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(16), sigma=np.eye(16))
+    from helpers import DATA
+
+    net = ["--generator", str(DATA / "sg2ada-small-uncond.pkl")] if command == "refine" else []
+    teacher = str(DATA / "edm-small-ddpmpp-edm-cond.pkl")
+    for ref, metric, message in ((tmp_path / "missing.npz", "fid10", "no such file or folder"),
+                                 (tmp_path / "stats.npz", "kid10", "KID needs reference features")):
+        result = CliRunner().invoke(cli, [command, *net, "--teacher", teacher, "--out", str(tmp_path / "run"),
+                                          "--metrics", metric, "--ref", str(ref), "--device", "cpu"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
 def test_cli_generator(sets, monkeypatch):
     _, b = sets
     loaded = []
     monkeypatch.setattr(cli_metrics, "_load_generator",
-                        lambda src, device, sigma_init: loaded.append(src) or TinyGenerator())
+                        lambda src, device, options: loaded.append(src) or TinyGenerator())
     result = _run("--generator", "net.pkl", "--ref", str(b), "--metrics", "fid100_full,is50,kid60", "--json")
     assert result.exit_code == 0, result.output
     assert loaded == ["net.pkl"]

@@ -105,6 +105,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
     config = config.for_device(device)  # precision auto -> bf16 or fp32, before the teacher's dtype follows it
+    evaluate = make_evaluator(kwargs, device)  # a bad --ref or --detector is refused before the networks load
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
     default_dtype = None if config.precision == "fp32" else config.precision
@@ -133,7 +134,6 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     if dropout is not None:
         for network in (generator, fake, teacher):  # the teacher's only matters in train-shared-dropout mode
             set_dropout(network, dropout)
-    evaluate = make_evaluator(kwargs, device)
     echo(f"generator: {generator.describe()}")
     job = ImageJob(config, generator.train(), teacher, fake, Path(out), device,
                    writeback_for(generator, snapshots=True),

@@ -9,6 +9,7 @@ import click
 from common.devices import resolve_device
 from common.errors import UserError
 from metrics.evaluate import evaluate, parse_metrics
+from metrics.reference import open_reference
 from refiner.cli.options import (
     BATCH,
     DEVICE,
@@ -101,6 +102,8 @@ def command(images, generator, generator_sha256, sigma_init, resolution, ref, me
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
         raise UserError("FID and KID need --ref (image folder, dataset .zip, .npz of images or an .npz with "
                         "mu and sigma); or ask only for --metrics is")
+    if ref is not None:  # checked before the detector and the generator are loaded
+        ref = open_reference(ref, need_features=any(r.name == "kid" for r in requests))
     device = resolve_device(device)
     if detector_source is not None:
         detector_source = fetch_source(detector_source, detector_sha256, "detector")

@@ -302,10 +302,13 @@ def make_evaluator(kwargs: dict[str, Any], device) -> Callable | None:
         return None
     from metrics.detector import load_detector
     from metrics.evaluate import evaluate, parse_metrics
+    from metrics.reference import open_reference
 
     requests = parse_metrics(spec)
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
         raise UserError("FID and KID need --ref (reference images or an .npz with mu and sigma)")
+    if ref is not None:  # a bad reference is found now, not after the networks are loaded
+        ref = open_reference(ref, need_features=any(r.name == "kid" for r in requests))
     if detector is not None:
         detector = fetch_source(detector, detector_sha256, "detector")
     net = load_detector(detector, frontend=frontend, device=device)

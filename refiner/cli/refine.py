@@ -86,6 +86,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
                                  data=input_name(data_src), **family_options)
     check_data_option(config.loss, data_src, config.loss_options)
     device = dist.setup(resolve_device(config.device))
+    evaluate = make_evaluator(kwargs, device)  # a bad --ref or --detector is refused before the networks load
     main = dist.rank() == 0
     backup = in_place_backup(generator_src) if in_place else None
     generator = load_generator(fetch_source(generator_src, generator_sha256, "generator"), device=device,
@@ -99,7 +100,6 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
         generator = Resized(generator, teacher.data_shape[-1])
     check_compatible(generator, teacher, generator_src, teacher_src)
     real_data = None if data_src is None else open_real_data(data_src, teacher.data_shape, teacher.label_dim)
-    evaluate = make_evaluator(kwargs, device)
     fake = trainable_copy(teacher, config.augment > 0)
     job = ImageJob(config, generator.train(), teacher, fake, Path(out), device, writer, evaluate=evaluate,
                    metrics_at_snapshots=metrics_at_snapshots,
