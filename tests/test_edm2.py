@@ -70,7 +70,7 @@ def test_edm2_as_generator_says_where_it_goes(edm2_file, monkeypatch):
     monkeypatch.setattr(cli_metrics, "_load_detector", lambda *args: StandInDetector())
     with pytest.raises(UserError, match="EDM2 diffusion model .*--teacher to refiner refine, distill or sample"):
         load_generator(edm2_file)
-    result = CliRunner().invoke(cli, ["metrics", "--generator", str(edm2_file), "--metrics", "is10"])
+    result = CliRunner().invoke(cli, ["metrics", "--generator", str(edm2_file), "--metrics", "is20"])
     assert result.exit_code == 2 and "EDM2 diffusion model" in result.output and "Traceback" not in result.output
 
 
