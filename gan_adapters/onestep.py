@@ -129,7 +129,8 @@ def is_onestep_snapshot(data: Any) -> bool:
 
 def onestep_from_snapshot(data: dict, name: str, device: torch.device | str | None = None,
                           sigma_init: float | None = None, **unknown: Any) -> OneStepGenerator:
-    """The one-step generator of a loaded snapshot. σ_init: the given value, else our metadata's."""
+    """The one-step generator of a loaded snapshot. σ_init: our metadata's, else the given value (a given value
+    that differs from the recorded one is refused)."""
     stored = data.get(METADATA_KEY)
     stored = stored.get("sigma_init") if isinstance(stored, dict) else None
     if sigma_init is None and stored is None:
@@ -140,6 +141,9 @@ def onestep_from_snapshot(data: dict, name: str, device: torch.device | str | No
                         "A GAN is a StyleGAN2-ADA snapshot (.pkl with G_ema) or a BigGAN-deep folder")
     if unknown:
         raise refused_options(name, "a one-step EDM generator", unknown)
+    if sigma_init is not None and stored is not None and sigma_init != stored:
+        raise UserError(f"{name} records σ_init {stored:g}, the value it was trained at; --sigma-init {sigma_init:g} "
+                        "would feed it another noise level: leave --sigma-init out")
     network = build_network(data["ema"], name)
     network = copy.deepcopy(network).float()  # own tensors: training must not write into the loaded record
     generator = OneStepGenerator(network, data["ema"], sigma_init if sigma_init is not None else stored, name)

@@ -57,6 +57,9 @@ def test_snapshot_holds_the_generator_in_the_teachers_layout(run: Path):
     # outputs: load_generator's == the raw network's D(σ·z; σ, c) == our generator holding the EMA
     G = load_generator(snapshot)
     assert isinstance(G, OneStepGenerator) and G.sigma_init == 1.0 and G.c_dim == 10
+    assert load_generator(snapshot, sigma_init=1.0).sigma_init == 1.0  # the recorded value may be repeated
+    with pytest.raises(UserError, match=r"records σ_init 1, the value it was trained at; --sigma-init 2.5 would"):
+        load_generator(snapshot, sigma_init=2.5)
     rng = torch.Generator().manual_seed(1)
     z, c = G.sample_latents(3, rng), G.sample_labels(3, rng)
     with torch.no_grad():
