@@ -303,7 +303,7 @@ def truncated_noise(n: int, z_dim: int, truncation: float, generator: torch.Gene
 # ----------------------------------------------------------------------------------------------------------
 # The folder format and the Generator adapter.
 
-def _read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
+def read_folder(folder: Path) -> tuple[bytes, BigGANConfig, OrderedDict]:
     """config.json bytes, the parsed config and the state_dict of a pytorch-pretrained-biggan folder."""
     what = "pytorch-pretrained-biggan folder (config.json + pytorch_model.bin)"
     if not folder.is_dir():
@@ -434,7 +434,7 @@ def load_biggan(folder: str | os.PathLike, device: torch.device | str | None = N
     """
     folder = Path(folder)
     check_truncation(truncation)
-    config_bytes, cfg, state = _read_folder(folder)
+    config_bytes, cfg, state = read_folder(folder)
     net = _load_network(folder, state, cfg)
     return BigGANGenerator(net, config_bytes, state, truncation).to(device or "cpu")
 

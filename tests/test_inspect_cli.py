@@ -124,3 +124,27 @@ def test_a_torchscript_archive_is_described_without_loading_it_and_refused_as_we
     assert summary["format"] == "TorchScript archive" and summary["usage"]["commands"]["metrics"].startswith(
         "as --detector") and summary["usage"]["commands"]["refine"].startswith("no")
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_inspect_takes_a_biggan_folder_its_weights_and_a_dmd2_checkpoint_folder(tmp_path):
+    from helpers import seeded_state_dict
+
+    folder = DATA / "biggan-deep-small"
+    result = run(str(folder), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert summary["format"] == "BigGAN-deep folder" and summary["num_tensors"] == len(state)
+    assert summary["num_elements"] == sum(t.numel() for t in state.values())
+    assert summary["config"]["z_dim"] == json.loads((folder / "config.json").read_text())["z_dim"]
+    assert summary["usage"]["commands"]["refine"].startswith("yes, as --generator")
+    weights = run(str(folder / "pytorch_model.bin"))
+    assert "BigGAN-deep weights" in weights.output and "refine: yes: give the folder" in weights.output
+
+    checkpoint = tmp_path / "checkpoint_model_001000"  # DMD2's folder: its pytorch_model.bin is shown
+    checkpoint.mkdir()
+    torch.save(seeded_state_dict(torch.load(DATA / "dmd2-small.ref.pt")), checkpoint / "pytorch_model.bin")
+    dmd2 = run(str(checkpoint))
+    assert dmd2.exit_code == 0 and "DMD2 one-step generator" in dmd2.output, dmd2.output
+    empty = run(str(tmp_path))
+    assert empty.exit_code == 2 and "a folder without pytorch_model.bin; inspect takes" in empty.output

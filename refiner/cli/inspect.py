@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import torch
 
+from common.errors import UserError
 from fileformats import module_sources, nvpickle
 from fileformats.sources import open_source
 from fileformats.torchfiles import is_torch_checkpoint, is_torchscript
+from gan_adapters.biggan import is_biggan_folder, read_folder
 from refiner.cli.options import check_sha256
-from refiner.cli.usage import pickle_usage, state_dict_usage, torchscript_usage
+from refiner.cli.usage import biggan_folder_usage, pickle_usage, state_dict_usage, torchscript_usage
 
 
 def jsonable(value: Any) -> Any:
@@ -184,11 +189,27 @@ def command(source: str, as_json: bool, depth: int | None, tensors: bool, sha256
     Prints the top-level keys and, for each network, its constructor kwargs, parameter counts,
     dtypes and sizes, and its module tree (class names and nesting).
 
-    FILE_OR_URL is a StyleGAN2-ADA / EDM / EDM2 network pickle or a DMD2 / consistency-model state
-    dict (path, file:// or http(s):// URL; URLs are cached); inspect says what it is and how each
-    command can use it. The file is read with a restricted unpickler: the module source stored in it is
-    never executed, and files that reference anything outside the allow-list are refused.
+    FILE_OR_URL is a StyleGAN2-ADA / EDM / EDM2 network pickle, a DMD2 / consistency-model state
+    dict or a BigGAN-deep / DMD2 checkpoint folder (path, file:// or http(s):// URL; URLs are
+    cached); inspect says what it is and how each command can use it. The file is read with a
+    restricted unpickler: the module source stored in it is never executed, and files that reference
+    anything outside the allow-list are refused.
     """
+    if os.path.isdir(source) and is_biggan_folder(source):  # config and weights read, as refine reads them
+        _, config, state = read_folder(Path(source))
+        summary = {"file": source, "format": "BigGAN-deep folder", "usage": biggan_folder_usage(),
+                   "config": dataclasses.asdict(config), "num_tensors": len(state),
+                   "num_elements": sum(t.numel() for t in state.values())}
+        text = "\n".join([f"folder: {source}  (BigGAN-deep; {summary['num_tensors']} tensors, "
+                          f"{_count(summary['num_elements'])} elements)", "", *render_usage(summary["usage"]),
+                          f"config.json: {json.dumps(summary['config'])}"])
+        click.echo(json.dumps(summary, indent=1) if as_json else text)
+        return
+    if os.path.isdir(source):  # a DMD2 checkpoint folder holds pytorch_model.bin
+        if not os.path.isfile(os.path.join(source, "pytorch_model.bin")):
+            raise UserError(f"{source} is a folder without pytorch_model.bin; inspect takes a network file, a "
+                            "BigGAN-deep folder (config.json + pytorch_model.bin) or a DMD2 checkpoint folder")
+        source = os.path.join(source, "pytorch_model.bin")
     path = open_source(source, sha256=sha256)
     if is_torchscript(path):  # compiled code: described, never loaded
         usage = torchscript_usage()

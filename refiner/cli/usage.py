@@ -53,6 +53,15 @@ def pickle_usage(data: Any) -> dict[str, Any]:
                  sample="no", metrics="no")
 
 
+def biggan_folder_usage() -> dict[str, Any]:
+    """A BigGAN-deep folder (config.json + pytorch_model.bin)."""
+    no = "no: a GAN, not a diffusion model"
+    return _uses("BigGAN-deep folder (pytorch-pretrained-biggan: config.json + pytorch_model.bin)",
+                 refine="yes, as --generator with an EDM --teacher (--truncation; --resize-to-teacher when the "
+                        "teacher is smaller); the refined folder keeps this layout",
+                 distill=no, sample=no, metrics="yes, as --generator (--truncation)")
+
+
 def torchscript_usage() -> dict[str, Any]:
     """A TorchScript archive: compiled code that refiner runs only as an Inception detector."""
     no = "no: TorchScript holds compiled code, not a network refiner reads (give the network's pickle or state dict)"
@@ -90,6 +99,11 @@ def state_dict_usage(path: str, name: str) -> dict[str, Any]:
                 return {**_uses(kind, refine="no (see architecture)", distill="no (see architecture)",
                                 sample="no (see architecture)", metrics="no (see architecture)"), **info}
             needs = " with --resolution N, the image size it was trained at (the weights do not record it)"
+    elif "generator.gen_z.weight_orig" in tensors and "embeddings.weight" in tensors:
+        give = "yes: give the folder that holds this file and its config.json as --generator"
+        return {**_uses("BigGAN-deep weights (pytorch-pretrained-biggan's pytorch_model.bin)", refine=give,
+                        distill="no: a GAN, not a diffusion model", sample="no: a GAN, not a diffusion model",
+                        metrics=give), **info}
     else:
         return {**_uses("torch state dict of no known network", refine="no", distill="no", sample="no",
                         metrics="no"), **info}
