@@ -147,23 +147,37 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, advice: str = OU
     return Path(dst)
 
 
+def _temp_folder(folder: Path) -> Path:
+    """An empty folder `.NAME.XXXXXXXX.tmp` beside `folder`, with the usual permissions (mkdtemp makes 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, advice: str = OUT_ADVICE) -> Iterator[Path]:
-    """A temporary folder beside `folder` to write into; on success it becomes `folder` in one rename (an
-    existing `folder` gets each file by a rename instead). On any exception it is removed."""
+    """A temporary folder beside `folder` to write into; on success it becomes `folder` in one rename. An
+    existing `folder` is swapped whole: it is renamed aside, the new one takes its name and the old one is
+    removed, or renamed back if the new one cannot take its place; a reader never sees a mix of old and new
+    files. On any exception the temporary folder is removed and `folder` is as it was."""
     folder = Path(folder)
     ensure_dir(folder.parent, advice)
     tmp = None
     with write_errors(folder, advice):
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+            tmp = _temp_folder(folder)
             yield tmp
-            if folder.is_dir():
-                for entry in sorted(tmp.iterdir()):
-                    os.replace(entry, folder / entry.name)
-            else:
+            if not folder.is_dir():
                 os.rename(tmp, folder)
+                return
+            old = _temp_folder(folder)
+            os.rename(folder, old)  # onto an empty folder: allowed, and one step
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ from torch import nn
 
 from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.atomic import atomic_copy
+from fileformats.atomic import atomic_copy, atomic_folder
 from fileformats.torchfiles import is_torch_checkpoint
 from gan_adapters.biggan import BigGANGenerator
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator
@@ -95,10 +95,14 @@ def writeback_for(generator: nn.Module, keep_G: bool = False, snapshots: bool = 
 
 
 def in_place_backup(source: str) -> Path:
-    """Before anything is loaded: --in-place needs a local file or folder, a free SOURCE.bak for the backup
-    and room for it (`check_free_space`). Returns the backup's path."""
+    """Before anything is loaded: --in-place needs a local file or folder (not a symbolic link, which the
+    replacement would turn into a copy), a free SOURCE.bak for the backup and room for it
+    (`check_free_space`). Returns the backup's path."""
     if "://" in source or not os.path.exists(source):
         raise UserError(f"--in-place needs a local generator file or folder; {source} is not one")
+    if os.path.islink(source):
+        raise UserError(f"--in-place would replace {source}, a symbolic link to {os.path.realpath(source)}, by a "
+                        "file or folder: give the link's target itself, or leave out --in-place")
     backup = Path(f"{source}.bak")
     if backup.exists():
         raise UserError(f"--in-place would keep the input as {backup}, which already exists; move it away first")
@@ -109,8 +113,9 @@ def in_place_backup(source: str) -> Path:
 def replace_input(target: Path, refined: Path, backup: Path, reference: nn.Module, options: dict[str, Any]) -> None:
     """Re-read the refined output (with the options it was loaded with) and check it holds `reference`'s
     weights (a `Resized` one's: the wrapped generator's); then copy the input to `backup` and put the refined
-    file(s) in its place, each copy atomic. If anything fails, the input is as it was and neither a backup
-    nor a temporary copy is left."""
+    file in its place, each copy atomic. A folder is replaced whole: a copy of it with the refined files
+    written over takes its place in one swap (`atomic_folder`), so files of the input that refine does not
+    write stay. If anything fails, the input is as it was and neither a backup nor a temporary copy is left."""
     from gan_adapters.loader import load_generator
 
     reference = reference.gen if isinstance(reference, Resized) else reference
@@ -121,10 +126,12 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: nn.Modul
     check_free_space(target)
     atomic_copy(target, backup, advice=IN_PLACE_ADVICE)
     try:
-        pairs = [(refined / p.name, target / p.name) for p in refined.iterdir()] if refined.is_dir() \
-            else [(refined, target)]
-        for src, dst in pairs:
-            atomic_copy(src, dst, advice=IN_PLACE_ADVICE)
+        if refined.is_dir():
+            with atomic_folder(target, advice=IN_PLACE_ADVICE) as staged:
+                shutil.copytree(target, staged, dirs_exist_ok=True, symlinks=True)
+                shutil.copytree(refined, staged, dirs_exist_ok=True)
+        else:
+            atomic_copy(refined, target, advice=IN_PLACE_ADVICE)
     except BaseException:
         shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
         raise

@@ -332,3 +332,16 @@ def test_a_disk_error_no_writer_expected_is_still_one_line(monkeypatch):
 
     monkeypatch.setattr(inspect_cli, "open_source", other)
     assert isinstance(CliRunner().invoke(cli, ["inspect", "net.pkl"]).exception, ConnectionResetError)
+
+
+def test_an_existing_folder_is_swapped_whole(tmp_path: Path):
+    """The new folder takes the old one's place in one rename: no file of the old one stays, none is mixed in,
+    and no temporary folder is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "stale.bin").write_text("old")
+    with atomic_folder(out) as tmp:
+        (tmp / "config.json").write_text("new")
+        assert (out / "config.json").read_text() == "old"  # nothing changes until the block ends
+    assert _files(tmp_path) == ["out", "out/config.json"] and (out / "config.json").read_text() == "new"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -435,3 +436,54 @@ def test_resume_drops_the_log_and_metric_records_written_after_the_checkpoint(tm
     run.truncate_log(2)
     for name in ("log.jsonl", "metrics.jsonl"):
         assert [json.loads(line)["step"] for line in (run.path / name).read_text().splitlines()] == [1, 2]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_folder_replaced_in_place_is_swapped_whole_or_left_as_it_was(tmp_path: Path, monkeypatch):
+    """BigGAN-deep --in-place: the refined files and the input's other files take the folder's place in one
+    swap. A copy that fails part-way (the refined files into the staged folder) or a swap that fails leaves
+    the input folder byte for byte as it was, and neither a backup nor a temporary folder. The old code
+    copied file by file into the input: a later failure found pytorch_model.bin replaced and deleted the
+    backup."""
+    folder, refined = tmp_path / "biggan", tmp_path / "out" / "biggan-refined"
+    shutil.copytree(BIGGAN, folder)
+    (folder / "README.txt").write_text("the user's notes")
+    refined.parent.mkdir()
+    generator = load_generator(BIGGAN)
+    with torch.no_grad():
+        next(generator.parameters()).add_(1.0)
+    generator.save(refined)
+    original, written = _tree(folder), _tree(refined)
+    assert written["pytorch_model.bin"] != original["pytorch_model.bin"]
+
+    copytree, rename, calls = shutil.copytree, os.rename, []
+
+    def copytree_failing_part_way(src, dst, **kwargs):  # 1: the backup, 2: the input, 3: the refined files
+        calls.append(src)
+        if len(calls) == 3:
+            shutil.copy(Path(src) / "pytorch_model.bin", Path(dst) / "pytorch_model.bin")
+            raise OSError(errno.EIO, "Input/output error")
+        return copytree(src, dst, **kwargs)
+
+    def swap_failing(src, dst):
+        if Path(dst) == folder and not calls:
+            calls.append(src)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst)
+
+    for patch, message in ((("copytree", copytree_failing_part_way), "Input/output error"),
+                           (("rename", swap_failing), "cross-device")):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(shutil if patch[0] == "copytree" else os, *patch)
+            with pytest.raises(OSError, match=message):
+                replace_input(folder, refined, tmp_path / "biggan.bak", generator, {})
+        assert _tree(folder) == original, patch[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["biggan", "out"]  # no backup, no temporary folder
+
+    replace_input(folder, refined, tmp_path / "biggan.bak", generator, {})
+    assert _tree(tmp_path / "biggan.bak") == original and _tree(folder) == {**original, **written}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["biggan", "biggan.bak", "out"]

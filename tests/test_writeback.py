@@ -79,6 +79,9 @@ def test_in_place_backup_refuses_what_it_cannot_replace(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"would keep the input as .*sg2\.pkl\.bak, which already exists"):
         in_place_backup(str(target))
     (tmp_path / "sg2.pkl.bak").unlink()
+    (tmp_path / "link.pkl").symlink_to(target)
+    with pytest.raises(UserError, match=r"would replace .*link\.pkl, a symbolic link to .*sg2\.pkl, by a file"):
+        in_place_backup(str(tmp_path / "link.pkl"))
     size = target.stat().st_size
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(0, 0, 2 * size - 1))
     with pytest.raises(UserError, match=f"needs {2 * size / 2**20:.1f} MiB free beside"):
