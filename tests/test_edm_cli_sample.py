@@ -72,6 +72,24 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert (tmp_path / "samples.npz").read_bytes() == b"mine" and not (tmp_path / "grid.png").exists()
 
 
+def test_a_failed_grid_leaves_neither_file(tmp_path, monkeypatch):
+    """The grid is written after the .npz; when it fails (here the disk is full), the .npz goes too, so a
+    rerun into the same folder is not refused for a half-written output."""
+    import errno
+
+    def disk_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", disk_full)
+    result = run("--teacher", COND, "--out", str(tmp_path / "s"), "--seeds", "0", "--steps", "2", "--device", "cpu")
+    assert result.exit_code == 2 and "no space left on device while writing" in result.output, result.output
+    assert list((tmp_path / "s").iterdir()) == []
+    monkeypatch.undo()
+    again = run("--teacher", COND, "--out", str(tmp_path / "s"), "--seeds", "0", "--steps", "2", "--device", "cpu")
+    assert again.exit_code == 0, again.output
+
+
 def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("5, 1,10-11") == [5, 1, 10, 11]

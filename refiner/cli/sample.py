@@ -169,6 +169,10 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
         arrays["labels"] = np.concatenate(classes).astype(np.int64)
     with atomic_open(outputs[1]) as f:
         np.savez(f, **arrays)
-    with atomic_open(outputs[0]) as f:
-        image_grid(x.transpose(0, 3, 1, 2), keep_gray=True).save(f, format="PNG")
+    try:
+        with atomic_open(outputs[0]) as f:
+            image_grid(x.transpose(0, 3, 1, 2), keep_gray=True).save(f, format="PNG")
+    except BaseException:  # both files or neither: this call wrote the .npz (it was refused if it existed)
+        outputs[1].unlink(missing_ok=True)
+        raise
     click.echo(f"wrote {len(x)} images: {outputs[0]} and {outputs[1]}")
