@@ -36,8 +36,14 @@ _CAUSES = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system",
+    errno.ELOOP: "too many levels of symbolic links (a link loop) in the path",
+    errno.EEXIST: "a file or link of that name is in the way",
+    errno.EISDIR: "the path is a folder",
+    errno.ENOENT: "no such file or folder (a part of the path is missing or cannot be made)",
 }
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def disk_error(error: BaseException) -> OSError | None:
@@ -61,7 +67,7 @@ def write_failure(error: BaseException, path: str | os.PathLike, advice: str = O
     if cause is None:
         return None
     remedy = "free space or " + advice if cause.errno in _NO_SPACE else \
-        ("give a folder path or " + advice if cause.errno == errno.ENOTDIR else "make it writable or " + advice)
+        "make it writable or " + advice if cause.errno in _NOT_PERMITTED else "give another path or " + advice
     return UserError(f"{_CAUSES[cause.errno]} while writing {path}; {remedy}")
 
 
@@ -88,9 +94,9 @@ def write_errors(path: str | os.PathLike, advice: str = OUT_ADVICE) -> Iterator[
 def ensure_dir(path: str | os.PathLike, advice: str = OUT_ADVICE) -> Path:
     """Create the folder `path` (and its parents) if needed; a failure is a UserError naming it."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file, not a folder; {advice}")
     with write_errors(path, advice):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} is a file, not a folder; {advice}")
         path.mkdir(parents=True, exist_ok=True)
     return path
 

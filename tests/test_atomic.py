@@ -22,7 +22,14 @@ import pytest
 from click.testing import CliRunner
 
 from common.errors import UserError
-from fileformats.atomic import append_text, atomic_folder, atomic_open, atomic_write_text, remove_stale_temps
+from fileformats.atomic import (
+    append_text,
+    atomic_folder,
+    atomic_open,
+    atomic_write_text,
+    ensure_dir,
+    remove_stale_temps,
+)
 from refiner.cli import cli
 from refiner.config import TrainConfig
 from refiner.rundir import RunDir
@@ -72,6 +79,32 @@ def test_disk_errors_become_one_line(tmp_path: Path, code: int, cause: str, reme
         write(f)
     assert str(info.value) == f"{cause} while writing {path}; {remedy}"
     assert _files(tmp_path) == []
+
+
+def test_path_problems_become_one_line(tmp_path: Path):
+    """Paths the file system refuses, each written for real: a name over 255 bytes, a symbolic-link loop, a
+    dangling link in the way of a folder, a folder where a file should go, and a folder /proc cannot hold.
+    The command line prints them as one line too (inspect of a name too long)."""
+    from click.testing import CliRunner
+
+    from refiner.cli import cli
+
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
+    (tmp_path / "folder").mkdir()
+    for path, cause in [(tmp_path / ("a" * 300), "a name in the path is too long for the file system"),
+                        (tmp_path / "loopA" / "x", "too many levels of symbolic links (a link loop) in the path"),
+                        (tmp_path / "loopA" , "a file or link of that name is in the way"),
+                        (Path("/proc/refiner-test/x"), "no such file or folder")]:
+        with pytest.raises(UserError) as info:
+            ensure_dir(path)
+        assert str(info.value).startswith(f"{cause}") and str(info.value).endswith(
+            f"while writing {path}; give another path or choose another --out"), str(info.value)
+    with pytest.raises(UserError, match="the path is a folder while writing .*folder; give another path"):
+        atomic_write_text(tmp_path / "folder", "x")
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / ("a" * 300 + ".pkl"))])
+    assert result.exit_code == 2 and "a name in the path is too long for the file system" in result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
 
 
 def test_append_is_whole_or_cut_back(tmp_path: Path, monkeypatch):
