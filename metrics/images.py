@@ -89,6 +89,10 @@ class ImageSet:
     def _decode(self, data: Path | io.BytesIO, name: str) -> np.ndarray:
         try:
             with PIL.Image.open(data) as img:
+                if img.mode.startswith(("I", "F")):  # convert("RGB") would clip 16-bit / float values at 255
+                    raise UserError(f"{self.path}: image {name!r} has {'16-bit' if '16' in img.mode else '32-bit'} "
+                                    f"samples (PIL mode {img.mode}); the metrics read 8-bit images, as NVIDIA's "
+                                    "tools do: convert the set to 8 bits per channel first")
                 return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise UserError(f"{self.path}: cannot read image {name!r} ({e}); remove or replace it") from None

@@ -156,3 +156,13 @@ def test_image_grid_keeps_gray_when_asked():
     assert kept.mode == "L" and np.asarray(kept).shape == (10, 10)
     np.testing.assert_array_equal(np.asarray(kept)[5:10, 0:5], gray[2, 0])
     np.testing.assert_array_equal(np.asarray(image_grid(gray)), np.repeat(np.asarray(kept)[:, :, None], 3, axis=2))
+
+
+def test_16_bit_images_are_refused_not_clipped(tmp_path):
+    """convert("RGB") clips a 16-bit sample of 40000 to 255: the set would be measured as white images."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    PIL.Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(folder / "img0000.png")
+    with pytest.raises(UserError, match=r"image 'img0000.png' has 16-bit samples \(PIL mode I;16\); the metrics "
+                                        "read 8-bit images"):
+        list(open_image_set(folder).batches())
