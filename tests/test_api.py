@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,33 @@ def test_unknown_option_is_refused(tmp_path: Path):
 
     with pytest.raises(UserError, match="unknown options \\['stepz'\\]"):
         refiner.train(None, None, tmp_path, stepz=3)
+
+
+def test_networks_are_checked_and_data_feeds_the_discriminator_losses(tmp_path: Path):
+    """A path where a loaded network belongs names the loader; swapped networks are named as such; `data`
+    gives dmd2 its real images (the command line's --data), and dmd2 without it is refused before any work."""
+    import refiner
+    from common.errors import UserError
+    from gan_adapters import load_generator
+    from teachers import load_teacher
+    from tests.metrics_helpers import random_images, write_folder
+
+    teacher_path = write_edm_teacher(tmp_path / "teacher.pkl", resolution=32)
+    teacher, generator = load_teacher(teacher_path), load_generator(DATA / "sg2ada-small-uncond.pkl")
+    for args, message in [((DATA / "sg2ada-small-uncond.pkl", teacher), r"generator is a path .*load it first with "
+                                                                         r"gan_adapters.load_generator\(path\)"),
+                          ((generator, str(teacher_path)), r"teacher is a path .*teachers.load_teacher\(path\)"),
+                          ((teacher, generator), "the generator and the teacher are in each other's place"),
+                          ((generator, 3), "teacher is a int, not a teacher network")]:
+        with pytest.raises(UserError, match=message):
+            refiner.train(*args, tmp_path / "run", steps=1, batch=2, device="cpu")
+    with pytest.raises(UserError, match="dmd2"):
+        refiner.train(generator, teacher, tmp_path / "run", steps=1, batch=2, device="cpu", loss="dmd2")
+    assert not (tmp_path / "run").exists()
+
+    data = write_folder(tmp_path / "real", random_images(8, seed=3, size=32))
+    refined = refiner.train(generator, teacher, tmp_path / "run", steps=1, batch=2, device="cpu", loss="dmd2",
+                            data=data, echo=lambda s: None)
+    assert all(torch.isfinite(p).all() for p in refined.parameters())
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss_disc", "d_real", "d_fake"} <= set(record)  # the discriminator saw the real images
