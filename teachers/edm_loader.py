@@ -157,7 +157,15 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
 
 def teacher_from_pickle(data: Any, name: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None) -> EDMTeacher:
-    """`load_teacher` for a pickle already read by `nvpickle.load`."""
+    """`load_teacher` for a pickle already read by `nvpickle.load`. A one-step generator that refiner wrote
+    (its metadata records σ_init) has the teacher's layout but is no denoiser: it is refused."""
+    from gan_adapters.onestep import METADATA_KEY  # gan_adapters builds on this module
+
+    meta = data.get(METADATA_KEY) if isinstance(data, dict) else None
+    if isinstance(meta, dict) and "sigma_init" in meta:
+        raise UserError(f"{name} is a one-step generator written by refiner (σ_init {meta['sigma_init']:g}), not a "
+                        "diffusion model: give it as --init to distill or --generator to refine and metrics, and "
+                        "the EDM network it was distilled from as --teacher")
     record = find_ema(data, name)
     encoder = edm2.pixel_encoder(data, name)  # latent EDM2 teachers are refused until a VAE is available
     network = build_network(record, name).to(resolve_device(device))
