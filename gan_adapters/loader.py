@@ -18,6 +18,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from common.devices import resolve_device
 from common.errors import UserError
 from fileformats import nvpickle
 from fileformats.torchfiles import is_torch_checkpoint, local_path
@@ -48,6 +49,7 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
     is a UserError saying what the file holds.
     """
     name = source_name(source)
+    device = resolve_device(device)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         weights = os.path.join(source, "pytorch_model.bin")
         if not is_biggan_folder(source) and is_torch_checkpoint(weights):  # a DMD2 checkpoint folder

@@ -18,6 +18,7 @@ plain dict `refiner` = {'format', 'sigma_init', 'generator'}: those loaders only
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any
 
@@ -65,8 +66,9 @@ class OneStepGenerator(nn.Module):
     def __init__(self, network: Precond, template: nvpickle.PersistentObject, sigma_init: float,
                  name: str = "<network>"):
         super().__init__()
-        if not sigma_init > 0:
-            raise UserError(f"sigma_init must be > 0 (got {sigma_init}); Diff-Instruct uses 1.0, SiD 2.5")
+        if isinstance(sigma_init, bool) or not isinstance(sigma_init, (int, float)) or not 0 < sigma_init < math.inf:
+            raise UserError(f"sigma_init must be a finite number > 0 (got {sigma_init!r}); Diff-Instruct uses 1.0, "
+                            "SiD 2.5, DMD2 80")
         self.network = network
         self.template = _Template(template, name)
         self.sigma_init = float(sigma_init)

@@ -33,6 +33,7 @@ Training-time choices (options of `load_stylegan2` / `load_generator`):
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -82,6 +83,14 @@ class StyleGAN2Options:
             raise UserError(f"noise_mode must be one of {list(NOISE_MODES)}, not {options.noise_mode!r}")
         if options.trainable not in TRAINABLE:
             raise UserError(f"trainable must be one of {list(TRAINABLE)}, not {options.trainable!r}")
+        psi = options.truncation_psi
+        if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not math.isfinite(psi):
+            raise UserError(f"truncation_psi must be a finite number (1 = no truncation), not {psi!r}")
+        cutoff = options.truncation_cutoff
+        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 0):
+            raise UserError(f"truncation_cutoff must be None or a layer count >= 0, not {cutoff!r}")
+        if not isinstance(options.force_fp32, bool):
+            raise UserError(f"force_fp32 must be True or False, not {options.force_fp32!r}")
         return options
 
 

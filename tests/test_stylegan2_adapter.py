@@ -212,6 +212,24 @@ def test_an_option_the_generator_does_not_take_is_named_as_the_command_line_name
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("source, option, message", [
+    (PKL, {"truncation_psi": "a"}, "truncation_psi must be a finite number (1 = no truncation), not 'a'"),
+    (PKL, {"truncation_psi": float("nan")}, "truncation_psi must be a finite number"),
+    (PKL, {"truncation_cutoff": -1}, "truncation_cutoff must be None or a layer count >= 0, not -1"),
+    (PKL, {"force_fp32": "no"}, "force_fp32 must be True or False, not 'no'"),
+    (PKL, {"device": "bogus"}, "unknown device 'bogus'; use auto, cpu, cuda or cuda:N"),
+    (DATA / "edm-small-ddpmpp-edm-cond.pkl", {"sigma_init": float("inf")}, "sigma_init must be a finite number > 0"),
+    (DATA / "edm-small-ddpmpp-edm-cond.pkl", {"sigma_init": "1"}, "sigma_init must be a finite number > 0 (got '1')"),
+])
+def test_python_api_values_the_command_line_would_refuse_are_refused_on_load(source, option, message):
+    """load_generator takes what the command line's types check (finite floats, known devices) as plain
+    arguments: each is checked when the generator is loaded, not when it is first called (sigma_init inf drew
+    NaN images; truncation_psi 'a' failed inside the mapping network)."""
+    with pytest.raises(UserError) as error:
+        load_generator(source, **option)
+    assert message in str(error.value)
+
+
 def test_bad_options_and_mismatched_weights_are_user_errors():
     with pytest.raises(UserError, match="noise_mode"):
         load_stylegan2(PKL, noise_mode="fixed")
