@@ -103,6 +103,11 @@ def in_place_backup(source: str) -> Path:
     if os.path.islink(source):
         raise UserError(f"--in-place would replace {source}, a symbolic link to {os.path.realpath(source)}, by a "
                         "file or folder: give the link's target itself, or leave out --in-place")
+    parent = os.path.dirname(os.path.abspath(source))
+    if not os.access(parent, os.W_OK):  # access(2) also reports a read-only file system, even to root
+        raise UserError(f"--in-place writes {source}.bak and the refined generator into {parent}, which this user "
+                        "cannot write (permissions or a read-only file system): leave out --in-place and take the "
+                        "refined generator from --out")
     backup = Path(f"{source}.bak")
     if backup.exists():
         raise UserError(f"--in-place would keep the input as {backup}, which already exists; move it away first")

@@ -3,6 +3,7 @@ refine runs in test_refine.py / test_runs.py do not reach (their refusals)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -82,6 +83,12 @@ def test_in_place_backup_refuses_what_it_cannot_replace(tmp_path, monkeypatch):
     (tmp_path / "link.pkl").symlink_to(target)
     with pytest.raises(UserError, match=r"would replace .*link\.pkl, a symbolic link to .*sg2\.pkl, by a file"):
         in_place_backup(str(tmp_path / "link.pkl"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == str(tmp_path) else real_access(path, mode))
+    with pytest.raises(UserError, match=rf"writes .*sg2\.pkl\.bak and the refined generator into {tmp_path}, which "
+                                        "this user cannot write"):
+        in_place_backup(str(target))  # before any training, not when the backup is written
+    monkeypatch.setattr(os, "access", real_access)
     size = target.stat().st_size
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(0, 0, 2 * size - 1))
     with pytest.raises(UserError, match=f"needs {2 * size / 2**20:.1f} MiB free beside"):
