@@ -221,6 +221,12 @@ def fid(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, me
                         f"{s2.shape}; both sides must come from the same detector layer")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise UserError("FID statistics contain NaN or infinity: check the images and the detector")
+    for side, s in (("first", s1), ("second", s2)):
+        scale = max(float(np.abs(s).max()), np.finfo(np.float64).tiny)
+        if (np.diagonal(s) < 0).any() or np.abs(s - s.T).max() > 1e-6 * scale:
+            raise UserError(f"the {side} sigma of FID is not a covariance matrix (it must be symmetric with "
+                            "variances >= 0 on its diagonal): a mu/sigma .npz that is damaged or holds something "
+                            "else; make the reference from images")
     if method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(s1, s2, eps)
     elif method == "eig":
@@ -228,7 +234,11 @@ def fid(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, me
     else:
         raise UserError(f"unknown FID method {method!r}: use 'sqrtm' or 'eig'")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    if value < -1e-6 * max(float(np.trace(s1) + np.trace(s2)), 1.0):  # round-off reaches about 1e-12 of it
+        raise UserError(f"FID came out negative ({value:.6g}): a covariance is not positive semi-definite; make the "
+                        "reference statistics from images")
+    return value
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

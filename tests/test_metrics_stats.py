@@ -58,6 +58,19 @@ def test_fid_sqrtm_fallback_on_singular_covariances():
     assert value == pytest.approx(fid(m1, s1, m2, s2, method="eig"), rel=1e-4)
 
 
+def test_sigma_that_is_no_covariance_is_refused_and_a_negative_fid_is_an_error():
+    mu = np.zeros(8)
+    for sigma, message in [(-np.eye(8), "second sigma of FID is not a covariance matrix"),
+                           (np.triu(np.ones((8, 8))), "second sigma of FID is not a covariance matrix")]:
+        for method in METHODS:
+            with pytest.raises(UserError, match=message):
+                fid(mu, np.eye(8), mu, sigma, method=method)
+    indefinite = np.zeros((8, 8))  # symmetric, variances >= 0, eigenvalues 3 and -1: tr 2, yet tr (S S)^(1/2) = 3
+    indefinite[:2, :2] = [[1.0, 2.0], [2.0, 1.0]]
+    with pytest.raises(UserError, match=r"FID came out negative \(-2\)"):
+        fid(mu, indefinite, mu, indefinite, method="eig")
+
+
 def test_fid_sqrtm_zero_covariance_takes_the_eps_route():
     y = np.random.default_rng(3).normal(size=(50, 16))
     mu1, s1, mu2, s2 = np.ones(16), np.zeros((16, 16)), y.mean(0), np.cov(y, rowvar=False)
