@@ -93,6 +93,10 @@ class Detector(nn.Module):
     def has_logits(self) -> bool:
         return self.net.fc is not None
 
+    @property
+    def feature_dim(self) -> int:
+        return NUM_FEATURES
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor | None]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):

@@ -24,7 +24,7 @@ from common.errors import UserError
 from gan_adapters.base import seeded_global_rng
 from metrics.features import NO_LOGITS, FeatureCollector, collect, device_of
 from metrics.images import ImageSet, open_image_set, quantize, to_rgb
-from metrics.reference import ReferenceStats, load_reference
+from metrics.reference import ReferenceStats, load_reference, open_reference
 from metrics.stats import check_is_samples, fid, inception_score, kid
 
 DEFAULT_GENERATOR_SAMPLES = 50_000  # fid50k / is50k / kid50k
@@ -83,6 +83,20 @@ def _is_generator(source: object) -> bool:
     return all(callable(getattr(source, a, None)) for a in ("sample_latents", "sample_labels", "__call__"))
 
 
+def _check_arguments(source: object, detector: object, metrics: object, num: object, batch_size: object) -> None:
+    """UserErrors for arguments of the wrong kind, before any work (the command line's types check them there)."""
+    if source is None:
+        raise UserError("no source to measure: give a generator, an image set (or its path) or uint8 images")
+    if isinstance(detector, (str, os.PathLike)) or not callable(detector):
+        raise UserError(f"detector is a {type(detector).__name__}, not a loaded detector: give "
+                        "metrics.load_detector(path_or_url) (None there: the default detector)")
+    if not isinstance(metrics, (str, Sequence)):
+        raise UserError(f"metrics is a {type(metrics).__name__}: give names such as 'fid50k,is50k' or ['fid']")
+    for name, value in (("num", 1 if num is None else num), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a whole number >= 1, not {value!r}")
+
+
 def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid"),
              ref: str | os.PathLike | ImageSet | ReferenceStats | None = None, num: int | None = None, *,
              batch_size: int = 64, seed: int = 0, fid_method: str = "sqrtm", frontend: str | None = None,
@@ -93,6 +107,7 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
     or an iterable of such batches. num: samples for metrics named without a count (default: 50k for a
     generator, the whole set for images, everything for batches). An image set larger than a metric's
     count is subsampled with a fixed seed (EDM's fid.py). ref: reference images or statistics (FID, KID)."""
+    _check_arguments(source, detector, metrics, num, batch_size)
     requests = parse_metrics(metrics)
     if isinstance(source, (str, os.PathLike)):
         source = open_image_set(source)
@@ -106,21 +121,31 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
         default = num or sys.maxsize  # until the iterable ends
     counts = {r.name: r.num or default for r in requests}
     total = max(counts.values())
+    # every check before any sampling or detector pass
     if "is" in counts and getattr(detector, "has_logits", True) is False:
-        raise UserError(NO_LOGITS)  # before any sampling
-
+        raise UserError(NO_LOGITS)
+    for name in ("fid", "kid"):
+        if counts.get(name, 2) < 2:
+            raise UserError(f"{name.upper()} needs at least 2 samples (a covariance or a pair), got {counts[name]}")
+    if counts.get("is", sys.maxsize) < sys.maxsize:
+        check_is_samples(counts["is"])
+    if isinstance(source, ImageSet) and total > len(source):
+        raise UserError(f"{source.path} holds {len(source)} images but {total} were asked for; "
+                        "ask for fewer or add images")
     reference = None
     if "fid" in counts or "kid" in counts:
         if ref is None:
             raise UserError("FID and KID need reference statistics: give --ref (image folder, dataset .zip, "
                             ".npz of images or an .npz with mu and sigma)")
-        reference = load_reference(ref, detector, frontend=frontend, need_features="kid" in counts,
+        opened = open_reference(ref, need_features="kid" in counts)
+        dim = getattr(detector, "feature_dim", None)
+        if isinstance(opened, ReferenceStats) and dim is not None and len(opened.mu) != dim:
+            raise UserError(f"the reference statistics have {len(opened.mu)} features but the detector gives {dim}: "
+                            "they come from another network; make them with this detector")
+        reference = load_reference(opened, detector, frontend=frontend, need_features="kid" in counts,
                                    batch_size=batch_size, cache_dir=cache_dir)
 
     if isinstance(source, ImageSet):
-        if total > len(source):
-            raise UserError(f"{source.path} holds {len(source)} images but {total} were asked for; "
-                            "ask for fewer or add images")
         indices = None if total == len(source) else np.sort(np.random.RandomState(seed).permutation(
             len(source))[:total])
         batches: Iterable[torch.Tensor] = source.batches(batch_size, indices)

@@ -95,7 +95,8 @@ class ImageSet:
                                     "tools do: convert the set to 8 bits per channel first")
                 return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-            raise UserError(f"{self.path}: cannot read image {name!r} ({e}); remove or replace it") from None
+            reason = "not an image file PIL recognises" if isinstance(e, PIL.UnidentifiedImageError) else str(e)
+            raise UserError(f"{self.path}: cannot read image {name!r} ({reason}); remove or replace it") from None
 
     def batches(self, batch_size: int = 64, indices: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         """uint8 RGB batches [B, 3, H, W] of the images at `indices` (default: all, in order)."""
@@ -158,18 +159,35 @@ class ZipImages(ImageSet):
         return file_sha256(self.path)
 
 
-def _npz_images(path: Path) -> np.ndarray:
+def read_npz(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file (only `keys`, those present, when given), without Python objects: a file
+    that is no numpy zip, or holds pickled objects, is a UserError that says so."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not an .npz file (numpy.savez writes a zip archive of arrays)")
     try:
-        with np.load(path) as data:
-            keys = list(data.keys())
-            if "mu" in keys and "sigma" in keys:
-                raise UserError(f"{path} holds statistics (mu, sigma), not images; it can only be a --ref")
-            key = next((k for k in ("x", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise UserError(f"{path}: found arrays {keys}; store the images under the key 'x' or alone")
-            x = data[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.keys() if keys is None or k in keys}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise UserError(f"{path}: holds Python objects (pickled data), which are never loaded; store plain "
+                            "arrays") from None
         raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    arrays = read_npz(path)
+    keys = list(arrays)
+    if "mu" in keys and "sigma" in keys:
+        raise UserError(f"{path} holds statistics (mu, sigma), not images; it can only be a --ref")
+    if "mu" in keys or "sigma" in keys:
+        raise UserError(f"{path} holds {'mu' if 'mu' in keys else 'sigma'} without "
+                        f"{'sigma' if 'mu' in keys else 'mu'}: FID statistics need both (and images go under 'x')")
+    key = next((k for k in ("x", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+    if key is None:
+        raise UserError(f"{path}: found arrays {keys}; store the images under the key 'x' or alone")
+    x = arrays[key]
     if x.dtype != np.uint8:
         raise UserError(f"{path}: images must be uint8 0..255, got {x.dtype}; convert them, e.g. "
                         "np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8) for [-1, 1] floats")
@@ -190,6 +208,23 @@ class NpzImages(ImageSet):
 
     def content_hash(self) -> str:
         return file_sha256(self.path)
+
+
+class ArrayImages(ImageSet):
+    """uint8 images held in memory, [N, C, H, W] or [N, H, W, C] (a numpy array or a tensor)."""
+
+    def __init__(self, images: ImageArray):
+        try:
+            self._x = _to_nhwc(images, keep_gray=True)
+        except ValueError as e:
+            raise UserError(f"images given as an array: {e}") from None
+        super().__init__(Path("<array>"), [f"#{i}" for i in range(len(self._x))])
+
+    def _read(self, i: int) -> np.ndarray:
+        return self._x[i]
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(repr(self._x.shape).encode() + self._x.tobytes()).hexdigest()
 
 
 def open_image_set(path: str | os.PathLike) -> ImageSet:

@@ -25,7 +25,7 @@ from common.errors import UserError
 from fileformats.atomic import atomic_open, remove_stale_temps
 from fileformats.sources import CACHE_ADVICE, STALE_TEMP_AGE, cache_root
 from metrics.features import FeatureCollector, collect
-from metrics.images import ImageSet, open_image_set
+from metrics.images import ArrayImages, ImageSet, open_image_set, read_npz
 
 CACHE_VERSION = 1  # bump when the cached content or its meaning changes
 
@@ -52,14 +52,11 @@ def detector_fingerprint(detector: object) -> str:
 
 def _stats_npz(path: Path) -> ReferenceStats | None:
     """An .npz with `mu` and `sigma` -> statistics; None if the file holds something else (images)."""
-    try:
-        with np.load(path) as data:
-            if not {"mu", "sigma"} <= set(data.keys()):
-                return None
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            num = int(data["num"]) if "num" in data else 0
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    data = read_npz(path, ("mu", "sigma", "num"))
+    if not {"mu", "sigma"} <= set(data):
+        return None
+    mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    num = int(data["num"]) if "num" in data else 0
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} must be [D] and [D, D]")
     return ReferenceStats(mu, sigma, num)
@@ -92,11 +89,13 @@ def _load_cached(path: Path) -> ReferenceStats | None:
         return None
 
 
-def open_reference(ref: str | os.PathLike | ImageSet | ReferenceStats, need_features: bool = False
-                   ) -> ImageSet | ReferenceStats:
+def open_reference(ref: str | os.PathLike | ImageSet | ReferenceStats | np.ndarray | torch.Tensor,
+                   need_features: bool = False) -> ImageSet | ReferenceStats:
     """What `ref` names, opened and checked without a detector pass (commands call it before any other work):
-    the statistics of an mu/sigma .npz, or an image set. `need_features`: KID will need reference features,
-    which mu and sigma alone do not give."""
+    the statistics of an mu/sigma .npz, or an image set (uint8 images in memory too). `need_features`: KID
+    will need reference features, which mu and sigma alone do not give."""
+    if isinstance(ref, (np.ndarray, torch.Tensor)):
+        ref = ArrayImages(ref)
     if isinstance(ref, (str, os.PathLike)):
         path = Path(ref)
         if not path.exists():
@@ -104,6 +103,9 @@ def open_reference(ref: str | os.PathLike | ImageSet | ReferenceStats, need_feat
                             ".zip, an .npz of images or an .npz with mu and sigma")
         stats = _stats_npz(path) if path.suffix.lower() == ".npz" else None
         ref = open_image_set(path) if stats is None else stats
+    if not isinstance(ref, (ImageSet, ReferenceStats)):
+        raise UserError(f"the reference is a {type(ref).__name__}; give a path (image folder, dataset .zip, .npz of "
+                        "images or of mu and sigma), uint8 images or ReferenceStats")
     if need_features and isinstance(ref, ReferenceStats) and ref.features is None:
         raise UserError("the reference holds only mu and sigma, but KID needs reference features: give the "
                         "reference images (folder, dataset .zip or .npz) or leave KID out")

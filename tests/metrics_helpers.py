@@ -29,6 +29,10 @@ class StandInDetector(torch.nn.Module):
     def has_logits(self) -> bool:
         return self.with_logits
 
+    @property
+    def feature_dim(self) -> int:
+        return DIM
+
     def forward(self, images: torch.Tensor) -> dict:
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3
         self.calls += 1

@@ -61,6 +61,7 @@ SUBSETS = {"refine --teacher": {"os-system", "storage-with-code", "doubling-in-t
                                 "edm-model-channels-2**20", "edm-arguments-bigger-than-file", "sg2-z-dim-2**31"}}
 
 NOT_TEACHER = "expected an EDM network pickle|StyleGAN2-ADA snapshot"
+ONE_STEP = "a one-step generator written by refiner .*, not a diffusion model"
 NOT_DETECTOR = "not an Inception detector"
 
 
@@ -75,8 +76,11 @@ def expectation(command: str, scope: str) -> tuple[int, str | None] | None:
         return 2, NOT_DETECTOR
     family = scope.split("-")[0]
     generator = command in ("refine --generator", "metrics --generator")
-    if scope.endswith("args"):
-        return (2, None) if generator or family == "edm" else (2, NOT_TEACHER)
+    if scope.endswith("args"):  # the EDM cases carry refiner's one-step metadata: distill and refine refuse them
+        # as teachers before building anything; the generator commands and sample reach the arguments' check
+        if generator or family == "edm" and command == "sample --teacher":
+            return 2, None
+        return (2, ONE_STEP) if family == "edm" else (2, NOT_TEACHER)
     if family == "sg2":
         return {"refine --generator": (2, None), "metrics --generator": None}.get(command, (2, NOT_TEACHER))
     return {"distill --teacher": (2, None), "refine --generator": (2, "sigma-init")}.get(command)

@@ -163,3 +163,35 @@ def test_generated_batches_gray_to_rgb():
     (batch,) = generated_batches(TinyGenerator(channels=1), 5, batch_size=8)
     assert batch.shape == (5, 3, 8, 8) and batch.dtype == torch.uint8
     assert torch.equal(batch[:, 0], batch[:, 2])
+
+
+def test_arguments_of_the_wrong_kind_are_refused_before_any_detector_pass(tmp_path):
+    """compute_metrics from Python: each mistake in one line, and the detector never runs."""
+    images = random_images(24, seed=1).transpose(0, 3, 1, 2)  # NCHW uint8
+    detector = StandInDetector()
+    for kwargs, message in [(dict(source=None), "no source to measure"),
+                            (dict(detector="inception.pt"), r"detector is a str, not a loaded detector: give "
+                                                            r"metrics.load_detector\(path_or_url\)"),
+                            (dict(metrics=None), "metrics is a NoneType"),
+                            (dict(num=-1), "num must be a whole number >= 1, not -1"),
+                            (dict(num=0), "num must be a whole number >= 1, not 0"),
+                            (dict(batch_size=0), "batch_size must be a whole number >= 1, not 0"),
+                            (dict(metrics="fid1", ref=images), "FID needs at least 2 samples"),
+                            (dict(metrics="is", num=19), "at least 20 samples"),
+                            (dict(metrics="fid", ref=3), "the reference is a int"),
+                            (dict(metrics="fid", ref=tmp_path / "stats.npz"), "have 8 features but the detector "
+                                                                               "gives 16")]:
+        np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(8))
+        args = dict(source=images, detector=detector, metrics="is") | kwargs
+        with pytest.raises(UserError, match=message):
+            evaluate(args.pop("source"), args.pop("detector"), args.pop("metrics"), **args)
+    assert detector.calls == 0
+
+
+def test_a_reference_given_as_uint8_images_in_memory_equals_the_same_images_on_disk(tmp_path):
+    images, ref = random_images(24, seed=1), random_images(24, seed=2, offset=20)  # NHWC uint8
+    folder = write_folder(tmp_path / "ref", ref)
+    from_disk = evaluate(images.transpose(0, 3, 1, 2), StandInDetector(), "fid", ref=folder, cache_dir=tmp_path / "c")
+    in_memory = evaluate(images.transpose(0, 3, 1, 2), StandInDetector(), "fid", ref=torch.from_numpy(ref),
+                         cache_dir=tmp_path / "c")
+    assert in_memory == pytest.approx(from_disk, rel=1e-12) and from_disk["fid"] > 0

@@ -87,11 +87,28 @@ def test_npz_grayscale_nhw(tmp_path):
     (dict(a=np.zeros((2, 8, 8, 3), np.uint8), b=np.zeros(2)), "key 'x'"),
     (dict(mu=np.zeros(4), sigma=np.eye(4)), "statistics"),
     (dict(x=np.zeros((2, 8, 8, 5), np.uint8)), "C = 1 or 3"),
+    (dict(mu=np.zeros(4)), "holds mu without sigma: FID statistics need both"),
+    (dict(x=np.array([{"a": 1}], dtype=object)), r"holds Python objects \(pickled data\), which are never loaded"),
+    ("text", r"not an .npz file \(numpy.savez writes a zip archive of arrays\)"),
 ])
 def test_npz_errors(tmp_path, arrays, match):
-    np.savez(tmp_path / "bad.npz", **arrays)
+    if arrays == "text":
+        (tmp_path / "bad.npz").write_text("hello")
+    else:
+        np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(UserError, match=match):
         list(open_image_set(tmp_path / "bad.npz").batches())
+
+
+def test_an_unreadable_image_in_a_zip_is_named_without_python_reprs(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as z:
+        z.writestr("img0000.png", b"not an image")
+    with pytest.raises(UserError) as info:
+        list(open_image_set(tmp_path / "set.zip").batches())
+    assert "cannot read image 'img0000.png' (not an image file PIL recognises)" in str(info.value)
+    assert "BytesIO" not in str(info.value)
 
 
 def test_set_errors(tmp_path):

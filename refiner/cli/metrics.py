@@ -97,7 +97,7 @@ def command(images, generator, generator_sha256, sigma_init, resolution, ref, me
     for flag, value in (("--sigma-init", sigma_init), ("--resolution", resolution)):
         if value is not None and generator is None:
             raise UserError(f"{flag} applies to --generator (a one-step generator), not to --images")
-    spec = metrics or (DEFAULT_IMAGE_METRICS if images else DEFAULT_GENERATOR_METRICS)
+    spec = metrics if metrics is not None else DEFAULT_IMAGE_METRICS if images else DEFAULT_GENERATOR_METRICS
     requests = parse_metrics(spec)
     if ref is None and any(r.name in ("fid", "kid") for r in requests):
         raise UserError("FID and KID need --ref (image folder, dataset .zip, .npz of images or an .npz with "
