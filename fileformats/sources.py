@@ -125,7 +125,11 @@ def open_source(src: str | os.PathLike, sha256: str | None = None,
     """A local path for `src`: a path or file:// URL as it is, an http(s) URL via the cache.
     `sha256` (hex), if given, is checked for every kind of source. `timeout` (no progress) and
     `total_timeout` default to the environment's values (see Timeouts)."""
+    if not isinstance(src, (str, os.PathLike)) or isinstance(os.fspath(src), bytes):
+        raise UserError(f"a file is named by a path or URL (str or pathlib.Path), not a {type(src).__name__}")
     text = os.fspath(src)
+    if not text:
+        raise UserError("no file given (an empty path)")
     scheme = urlparse(text).scheme.lower() if is_url(text) else ""
     if scheme in ("http", "https"):
         return _download(text, sha256, cached_path(text, cache_dir), Timeouts.from_env(timeout, total_timeout))
@@ -140,7 +144,7 @@ def open_source(src: str | os.PathLike, sha256: str | None = None,
     if not path.exists():
         raise UserError(f"file not found: {path} (check the path)")
     if not path.is_file():
-        raise UserError(f"not a file: {path} (give the path of a file)")
+        raise UserError(f"not a file: {path} is a folder (give the path of a file)")
     if sha256 is not None:
         _check_sha256(file_sha256(path), sha256, str(path))
     return path

@@ -279,7 +279,7 @@ class BigGAN(nn.Module):
 
 
 def check_truncation(truncation: float) -> None:
-    if not 0 < truncation <= 1:
+    if isinstance(truncation, bool) or not isinstance(truncation, (int, float)) or not 0 < truncation <= 1:
         raise UserError(f"BigGAN truncation must lie in (0, 1], got {truncation}; "
                         "pass e.g. --truncation 1.0 (no truncation beyond the [-2, 2] prior) or 0.5")
 

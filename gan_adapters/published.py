@@ -122,6 +122,8 @@ def infer_consistency_unet(tensors: Tensors, name: str, resolution: int | None) 
                             "guided-diffusion default, so its image size cannot be read from the weights: give "
                             "the size it was trained at with --resolution N (Python API: "
                             "gan_adapters.loader.load_generator(path, resolution=N))")
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        raise UserError(f"{name}: resolution must be a whole number (the image size), not {resolution!r}")
     if resolution < 1 or resolution % (1 << (levels - 1)):
         raise UserError(f"{name}: resolution {resolution} does not fit a UNet of {levels} levels, which halves the "
                         f"image {levels - 1} times: give a multiple of {1 << (levels - 1)}")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.devices import resolve_device
 from common.errors import UserError
 from fileformats.sources import open_source
 from fileformats.torchfiles import is_torchscript, load_weights
@@ -180,5 +181,6 @@ def load_detector(source: str | None = None, frontend: str = "nvidia", device: s
     'pytorch-fid' (torch bilinear resize, x / 127.5 - 1).
     """
     _check_frontend(frontend)  # before reading a 100 MB file
+    device = resolve_device(device)
     net, name = _load_net(_resolve(source))
     return Detector(net, frontend, name).to(device)

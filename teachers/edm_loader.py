@@ -79,9 +79,11 @@ class EDMTeacher(nn.Module):
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """None (the file's choice), a name in DTYPES or one of its torch dtypes (floating point: the U-Net's
+    precision)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
@@ -144,8 +146,13 @@ def load_teacher(source: str | os.PathLike, device: str | torch.device | None = 
     device: None = CPU, 'auto' = CUDA when available. dtype: U-Net precision on CUDA ('bf16', 'fp16',
     'fp32' or a torch.dtype); None keeps the file's choice (fp16 iff use_fp16). `identity` = {'name':
     source, 'sha256': of the file's bytes} is what training checkpoints record of their teacher."""
+    from gan_adapters.biggan import is_biggan_folder  # gan_adapters builds on this module
+
+    if isinstance(source, (str, os.PathLike)) and is_biggan_folder(source):
+        raise UserError(f"{os.fspath(source)} is a BigGAN-deep folder, a GAN, not a diffusion teacher: load it with "
+                        "gan_adapters.load_generator (on the command line: --generator)")
+    local = open_source(source)  # a path or URL, else a UserError
     name = os.fspath(source)
-    local = open_source(source)
     if is_torch_checkpoint(str(local)):
         raise UserError(f"{name} is a torch state dict (a one-step generator such as DMD2's or a consistency "
                         "model's), not a diffusion teacher: give it as --generator to refine or metrics, and an "

@@ -109,6 +109,22 @@ def test_not_an_edm_network(tmp_path, make, message):
         load_teacher(tmp_path / "x.pkl")
 
 
+def test_python_arguments_of_the_wrong_kind_are_one_line_errors():
+    """load_teacher, load_generator and load_detector take Python values the command line's types would have
+    checked: a BigGAN folder, an integer dtype, a truncation of the wrong type, a bad device."""
+    from gan_adapters.loader import load_generator
+    from metrics.detector import load_detector
+
+    biggan = DATA / "biggan-deep-small"
+    for call, message in [(lambda: load_teacher(biggan), "is a BigGAN-deep folder, a GAN, not a diffusion teacher"),
+                          (lambda: load_teacher(COND, dtype=torch.int8), "unknown dtype torch.int8"),
+                          (lambda: load_generator(biggan, truncation="a"), "BigGAN truncation must lie in"),
+                          (lambda: load_detector(3), "not a int"),
+                          (lambda: load_detector(COND, device="bogus"), "unknown device 'bogus'")]:
+        with pytest.raises(UserError, match=message):
+            call()
+
+
 def test_device_and_dtype_options():
     assert resolve_device(None) == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

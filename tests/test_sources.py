@@ -254,7 +254,11 @@ def test_local_paths_and_file_urls(tmp_path):
         open_source(tmp_path / "missing.pkl")
     with pytest.raises(UserError, match="file not found"):
         open_source((tmp_path / "missing.pkl").as_uri())
-    with pytest.raises(UserError, match="not a file"):
+    with pytest.raises(UserError, match="not a file: .* is a folder"):
         open_source(tmp_path)
+    for value, message in [(b"/a.pkl", "not a bytes"), (None, "not a NoneType"), (3, "not a int"),
+                           ("", r"no file given \(an empty path\)")]:
+        with pytest.raises(UserError, match=message):
+            open_source(value)
     with pytest.raises(UserError, match="unsupported URL scheme 'ftp://'"):
         open_source("ftp://example.com/a.pkl")
