@@ -55,6 +55,8 @@ def unreadable_reason(error: Exception) -> str:
     line = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.splitlines()[0] if text else "")[:200]
     if "file in archive is not in a subdirectory" in line or "archive does not contain" in line:
         return f"a zip archive that torch.save did not write: {line}"
+    if any(s in text for s in ("PytorchStreamReader", "miniz", "hasRecord", "central directory")):
+        return f"a damaged torch file (a truncated download?): {line}"
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 

@@ -55,9 +55,11 @@ def load_generator(source: nvpickle.Source, device: torch.device | str | None = 
         if not is_biggan_folder(source) and is_torch_checkpoint(weights):  # a DMD2 checkpoint folder
             return load_published(weights, name, device, **opts)
         if not is_biggan_folder(source):
-            raise UserError(f"{name} is a folder without config.json and pytorch_model.bin; the only "
-                            "generators stored as a folder are BigGAN-deep (pytorch-pretrained-biggan) and "
-                            "DMD2 checkpoints (pytorch_model.bin)")
+            missing = " and ".join(f for f in ("config.json", "pytorch_model.bin")
+                                   if not os.path.isfile(os.path.join(source, f)))
+            raise UserError(f"{name} is a folder without {missing}; the only generators stored as a folder are "
+                            "BigGAN-deep (pytorch-pretrained-biggan: config.json and pytorch_model.bin) and DMD2 "
+                            "checkpoints (pytorch_model.bin)")
         unknown = sorted(set(opts) - {"truncation"})
         if unknown:
             raise refused_options(name, "a BigGAN-deep folder", unknown)

@@ -151,6 +151,8 @@ def check_free_space(target: Path) -> None:
     input's size must be free there (checked before training, and again before replacing)."""
     needed, free = 2 * _size(target), shutil.disk_usage(target.resolve().parent).free
     if free < needed:
-        raise UserError(f"--in-place needs {needed / 2**20:.1f} MiB free beside {target} (a backup and a "
-                        f"temporary copy), only {free / 2**20:.1f} MiB are: free some space, or leave out "
-                        f"--in-place and take the refined file from --out")
+        in_mib = [f"{n / 2**20:.1f} MiB" for n in (needed, free)]
+        need_text, free_text = in_mib if in_mib[0] != in_mib[1] else (f"{needed:,} bytes", f"{free:,} bytes")
+        raise UserError(f"--in-place needs {need_text} free beside {target} (a backup and a temporary copy), "
+                        f"only {free_text} are: free some space, or leave out --in-place and take the refined "
+                        "file from --out")

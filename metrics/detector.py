@@ -140,8 +140,9 @@ def _load_net(path: Path) -> tuple[FIDInception | NvidiaScript, str]:
     """The network in `path` (on the CPU) and a one-line description of it."""
     if is_torchscript(path):
         try:
-            with warnings.catch_warnings():  # torch >= 2.14 calls torch.jit.load deprecated; it still loads
+            with warnings.catch_warnings():  # newer torch calls torch.jit.load deprecated; it still loads
                 warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
                 script = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as e:
             raise UserError(f"cannot load TorchScript file {path}: {str(e).splitlines()[0]}") from None

@@ -101,3 +101,19 @@ def test_quantisation():
     """(x·127.5 + 128) clamped to [0, 255], truncated to uint8 (NVIDIA's image convention)."""
     x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).reshape(1, 1, 1, 7)
     assert to_uint8(x).ravel().tolist() == [0, 0, 64, 128, 255, 255, 255]
+
+
+@pytest.mark.parametrize("command", ["sample", "metrics", "refine", "distill"])
+def test_threads_sets_torchs_cpu_threads(command, tmp_path):
+    """--threads N is applied as the options are read (here the commands then stop at a missing input)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = {"sample": ["--teacher", str(tmp_path / "missing.pkl"), "--out", str(tmp_path / "s")],
+                "metrics": ["--images", str(tmp_path), "--metrics", "is"],
+                "refine": ["--generator", "g.pkl", "--teacher", "t.pkl", "--out", str(tmp_path / "r")],
+                "distill": ["--teacher", str(tmp_path / "missing.pkl"), "--out", str(tmp_path / "d")]}[command]
+        result = CliRunner().invoke(cli, [command, *args, "--threads", "1"])
+        assert result.exit_code == 2 and torch.get_num_threads() == 1, result.output
+    finally:
+        torch.set_num_threads(before)

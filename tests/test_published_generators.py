@@ -120,6 +120,10 @@ def test_bad_state_dicts(tmp_path):
     with pytest.raises(UserError, match=r"dataset.zip: cannot read it as a torch file \(a zip archive that torch.save "
                                         r"did not write: file in archive is not in a subdirectory: img000.png\); give"):
         load_generator(tmp_path / "dataset.zip")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "dmd2.bin").read_bytes()[:-5000])  # a download cut short
+    with pytest.raises(UserError, match=r"cut.bin: cannot read it as a torch file \(a damaged torch file \(a "
+                                        r"truncated download\?\)"):
+        load_generator(tmp_path / "cut.bin")
     torch.save({"a": [1, 2]}, tmp_path / "notensors.pt")
     with pytest.raises(UserError, match="not a readable torch state dict|not a state dict"):
         load_generator(tmp_path / "notensors.pt")
@@ -193,6 +197,8 @@ def test_sample_draws_a_state_dict_generator_in_one_step(tmp_path):
         else None
     with torch.no_grad():
         assert np.array_equal(x, to_uint8(generator(z, c)))
+    steps = CliRunner().invoke(cli, ["sample", "--teacher", path, "--steps", "4", "--out", str(tmp_path / "n")])
+    assert steps.exit_code == 2 and "--steps applies to a teacher's sampler" in steps.output
     folder = tmp_path / "checkpoint_model_001000"  # DMD2's checkpoint folder: the same images
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(open(path, "rb").read())

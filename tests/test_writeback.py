@@ -91,7 +91,7 @@ def test_in_place_backup_refuses_what_it_cannot_replace(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", real_access)
     size = target.stat().st_size
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(0, 0, 2 * size - 1))
-    with pytest.raises(UserError, match=f"needs {2 * size / 2**20:.1f} MiB free beside"):
+    with pytest.raises(UserError, match=f"needs {2 * size:,} bytes free beside .* only {2 * size - 1:,} bytes are"):
         in_place_backup(str(target))
 
 

@@ -26,6 +26,7 @@ from refiner.cli.options import (
     resolution_option,
     run_options,
     sha256_option,
+    threads_option,
     training_options,
 )
 from refiner.cli.source_options import check_sources, source_options
@@ -66,6 +67,7 @@ MAX_GRID = 1024  # images in one grid of fixed seeds (each snapshot's grid is dr
                    "snapshot, a Diff-Instruct / SiD snapshot (with --sigma-init), a DMD2 or consistency-model "
                    "state dict (σ_init 80 unless --sigma-init says otherwise).")
 @resolution_option
+@threads_option
 @data_option
 @source_options
 @metric_options

@@ -9,6 +9,7 @@ import click
 from common.devices import resolve_device
 from common.errors import UserError
 from metrics.evaluate import evaluate, parse_metrics
+from metrics.images import open_image_set
 from metrics.reference import open_reference
 from refiner.cli.options import (
     BATCH,
@@ -19,6 +20,7 @@ from refiner.cli.options import (
     given_options,
     resolution_option,
     sha256_option,
+    threads_option,
 )
 
 DEFAULT_IMAGE_METRICS = "fid,is"
@@ -57,6 +59,7 @@ def _print_human(results: dict[str, float]) -> None:
               help="σ_init of a one-step EDM generator without refiner's metadata, G(z) = D(σ_init·z; σ_init): "
                    "Diff-Instruct 1.0, SiD 2.5, DMD2 80.")
 @resolution_option
+@threads_option
 @click.option("--ref", "ref", type=click.Path(exists=True), default=None,
               help="Reference: image folder, dataset .zip, .npz of images, or an .npz with mu and sigma "
                    "(e.g. EDM's cifar10-32x32.npz). Needed for FID and KID.")
@@ -104,6 +107,8 @@ def command(images, generator, generator_sha256, sigma_init, resolution, ref, me
                         "mu and sigma); or ask only for --metrics is")
     if ref is not None:  # checked before the detector and the generator are loaded
         ref = open_reference(ref, need_features=any(r.name == "kid" for r in requests))
+    if images is not None:
+        images = open_image_set(images)
     device = resolve_device(device)
     if detector_source is not None:
         detector_source = fetch_source(detector_source, detector_sha256, "detector")

@@ -147,6 +147,21 @@ def sha256_option(name: str) -> Callable:
                                                     "before it is cached).")
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+
+
+def threads_option(f: Callable) -> Callable:
+    """--threads N: torch's CPU threads for this command (torch.set_num_threads, set as the options are read)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=_set_threads, metavar="N",
+                        help="CPU threads (default: torch's, one per core). Give --threads 1 on a shared machine: "
+                             "other programs holding the cores make several threads many times slower.")(f)
+
+
 def given_options(**options: Any) -> dict[str, Any]:
     """The loader options the user gave (those not None)."""
     return {k: v for k, v in options.items() if v is not None}

@@ -21,6 +21,7 @@ from refiner.cli.options import (
     resolution_option,
     run_options,
     sha256_option,
+    threads_option,
     training_options,
 )
 from refiner.cli.source_options import check_sources, source_options
@@ -47,6 +48,7 @@ from refiner.realdata import check_data_option, open_real_data
               help="One-step EDM generator without refiner's metadata (a Diff-Instruct or SiD snapshot): its "
                    "G(z) = D(σ_init·z; σ_init); Diff-Instruct 1.0, SiD 2.5, DMD2 80.")
 @resolution_option
+@threads_option
 @click.option("--resize-to-teacher", is_flag=True,
               help="Area-downsample the generator's images to the teacher's resolution (e.g. a 128 px "
                    "BigGAN refined by a 64 px teacher).")

@@ -29,6 +29,7 @@ from refiner.cli.options import (
     given_options,
     resolution_option,
     sha256_option,
+    threads_option,
 )
 from teachers.edm_loader import teacher_from_pickle
 from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
@@ -36,6 +37,7 @@ from teachers.sampler import SamplerConfig, SeededNoise, edm_sample
 GRID_NAME = "grid.png"
 NPZ_NAME = "samples.npz"
 MAX_SEED = 2**32 - 1  # each image's noise comes from torch.Generator().manual_seed(seed mod 2**32), as in EDM
+DEFAULT_STEPS = 18  # EDM's CIFAR-10 setting
 MAX_IMAGES = 1_000_000  # images per call, all held in memory for samples.npz and the grid
 
 
@@ -94,8 +96,9 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
               help="Seeds, e.g. 0-63 or 1,5,10-12 (one image each).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help=f"Output folder for {GRID_NAME} and {NPZ_NAME} (existing files are not overwritten).")
-@click.option("--steps", default=18, show_default=True, type=click.IntRange(min=2, max=10000),
-              help="Sampler steps N (2N-1 network evaluations; EDM uses 18 for CIFAR-10, 40 for ImageNet-64).")
+@click.option("--steps", default=None, type=click.IntRange(min=2, max=10000),
+              help=f"Sampler steps N of a teacher (2N-1 network evaluations; EDM uses {DEFAULT_STEPS} for CIFAR-10, "
+                   f"40 for ImageNet-64) [default: {DEFAULT_STEPS}]. A one-step generator takes none.")
 @click.option("--class", "class_idx", type=int, default=None,
               help="Class index for a conditional teacher (default: a random class per seed).")
 @click.option("--batch", default=64, show_default=True, type=BATCH, help="Images per batch.")
@@ -105,7 +108,9 @@ def one_hot(classes: torch.Tensor, label_dim: int) -> torch.Tensor:
                    "refiner's metadata (Diff-Instruct 1.0, SiD 2.5, DMD2 80). refiner's distill snapshots "
                    "are sampled in one step without it.")
 @resolution_option
-def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, steps: int, class_idx: int | None,
+@threads_option
+def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, steps: int | None,
+            class_idx: int | None,
             batch: int, device: str, sigma_init: float | None, resolution: int | None) -> None:
     """Sample images from an EDM teacher (or a one-step generator); writes an image grid and an .npz of
     uint8 images.
@@ -144,7 +149,10 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
     if class_idx is not None and not 0 <= class_idx < label_dim:
         raise UserError(f"--class {class_idx} is out of range; "
                         f"this teacher has classes 0 to {label_dim - 1}")
-    cfg = SamplerConfig(num_steps=steps)
+    if steps is not None and teacher is None:
+        raise UserError(f"--steps applies to a teacher's sampler; {source} is a one-step generator, drawn in one step: "
+                        "leave out --steps")
+    cfg = SamplerConfig(num_steps=DEFAULT_STEPS if steps is None else steps)
 
     images, classes = [], []
     with torch.inference_mode(), Progress(len(seed_list), desc="sample", unit="img") as bar:
@@ -175,4 +183,4 @@ def command(source: str, teacher_sha256: str | None, seeds: str, out_dir: Path, 
     except BaseException:  # both files or neither: this call wrote the .npz (it was refused if it existed)
         outputs[1].unlink(missing_ok=True)
         raise
-    click.echo(f"wrote {len(x)} images: {outputs[0]} and {outputs[1]}")
+    click.echo(f"wrote {len(x)} image{'s' * (len(x) != 1)}: {outputs[0]} and {outputs[1]}")

@@ -108,5 +108,6 @@ def state_dict_usage(path: str, name: str) -> dict[str, Any]:
         return {**_uses("torch state dict of no known network", refine="no", distill="no", sample="no",
                         metrics="no"), **info}
     gen = f"yes, as --generator (G(z) = f(80·z; σ=80)){needs}"
-    return {**_uses(kind, refine=gen, distill=f"yes, as --init (the starting generator) with an EDM --teacher{needs}",
+    return {**_uses(kind, refine=gen, distill=f"yes, as --init (the starting generator; the teacher: an EDM "
+                                                f"--teacher){needs}",
                     sample=f"yes, as --teacher (sampled in one step){needs}", metrics=gen), **info}
