@@ -129,7 +129,7 @@ def test_distill_without_data_refuses_and_writes_nothing(tmp_path):
     (lambda p: np.savez(p / "d.npz", x=np.zeros((2, 24, 24, 3), np.uint8)), "cannot be area-downsampled"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((2, 16, 16, 3), np.uint8)), "conditional (10 classes) but the data"),
     (lambda p: _zip_dataset(p / "d.zip", labels=(0, 1, 12)), "labels range over 0..12 but the teacher has 10"),
-    (lambda p: (p / "d.npz").write_bytes(b"garbage"), "not a readable .npz"),
+    (lambda p: (p / "d.npz").write_bytes(b"garbage"), "not an .npz file"),
 ])
 @pytest.mark.parametrize("loss", [["--loss", "sida"], ["--loss", "uni", "--divergence", "fkl"]], ids=["sida", "uni"])
 def test_unreadable_or_mismatched_data_exits_2_with_one_line_and_nothing_written(tmp_path, make, needle, loss):
@@ -227,7 +227,7 @@ def test_refine_refuses_missing_unreadable_or_unused_data_with_one_line_and_writ
     out = tmp_path / "run"
     for args, needle in [
         (["--loss", "uni", "--divergence", "fkl"], "--loss uni with --divergence fkl trains a discriminator"),
-        (["--loss", "sida", "--data", str(tmp_path / "bad.npz")], "not a readable .npz"),
+        (["--loss", "sida", "--data", str(tmp_path / "bad.npz")], "not an .npz file"),
         (["--loss", "uni", "--divergence", "js", "--data", str(tmp_path / "small.npz")], "cannot be area-downsampled"),
         (["--loss", "sid", "--data", str(tmp_path / "ok.npz")], "--data is read by the losses that train a"),
     ]:

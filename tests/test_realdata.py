@@ -78,7 +78,7 @@ def _npz(size: int):
     (_npz(8), (1, 8, 8), 0, "in colour but the teacher has one channel"),
     (_npz(8), (3, 8, 8), 10, "conditional \\(10 classes\\) but the data has no labels"),
     (lambda p: _zip(p / "d.zip", _images(2, 8), [0, 12]), (3, 8, 8), 10, "labels range over 0..12 but the teacher"),
-    (lambda p: (p / "d.npz").write_bytes(b"not a zip"), (3, 8, 8), 0, "not a readable .npz"),
+    (lambda p: (p / "d.npz").write_bytes(b"not a zip"), (3, 8, 8), 0, "not an .npz file"),
     (lambda p: None, (3, 8, 8), 0, "no such file or folder"),
 ])
 def test_data_that_does_not_fit_is_one_line_user_error(tmp_path, make, shape, classes, message):
