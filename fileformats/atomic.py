@@ -13,6 +13,7 @@ command line prints as one line `Error: ...` with exit code 2.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -153,6 +154,23 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, advice: str = OU
     return Path(dst)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # linux/fcntl.h, linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE); False, with nothing changed,
+    where the C library, the kernel or the file system does not offer it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _temp_folder(folder: Path) -> Path:
     """An empty folder `.NAME.XXXXXXXX.tmp` beside `folder`, with the usual permissions (mkdtemp makes 0700)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
@@ -163,9 +181,10 @@ def _temp_folder(folder: Path) -> Path:
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, advice: str = OUT_ADVICE) -> Iterator[Path]:
     """A temporary folder beside `folder` to write into; on success it becomes `folder` in one rename. An
-    existing `folder` is swapped whole: it is renamed aside, the new one takes its name and the old one is
-    removed, or renamed back if the new one cannot take its place; a reader never sees a mix of old and new
-    files. On any exception the temporary folder is removed and `folder` is as it was."""
+    existing `folder` is swapped whole: in one step where the system can exchange two paths (`exchange`),
+    else it is renamed aside, the new one takes its name and the old one is removed, or renamed back if the
+    new one cannot take its place. A reader never sees a mix of old and new files. On any exception the
+    temporary folder is removed and `folder` is as it was."""
     folder = Path(folder)
     ensure_dir(folder.parent, advice)
     tmp = None
@@ -175,6 +194,8 @@ def atomic_folder(folder: str | os.PathLike, advice: str = OUT_ADVICE) -> Iterat
             yield tmp
             if not folder.is_dir():
                 os.rename(tmp, folder)
+                return
+            if exchange(tmp, folder):  # tmp now holds the old folder, removed below
                 return
             old = _temp_folder(folder)
             os.rename(folder, old)  # onto an empty folder: allowed, and one step

@@ -367,9 +367,14 @@ def test_a_disk_error_no_writer_expected_is_still_one_line(monkeypatch):
     assert isinstance(CliRunner().invoke(cli, ["inspect", "net.pkl"]).exception, ConnectionResetError)
 
 
-def test_an_existing_folder_is_swapped_whole(tmp_path: Path):
-    """The new folder takes the old one's place in one rename: no file of the old one stays, none is mixed in,
-    and no temporary folder is left."""
+@pytest.mark.parametrize("one_step", [True, False])
+def test_an_existing_folder_is_swapped_whole(tmp_path: Path, monkeypatch, one_step: bool):
+    """The new folder takes the old one's place, in one exchange where the system has it and by two renames
+    where it does not: no file of the old one stays, none is mixed in, and no temporary folder is left."""
+    import fileformats.atomic
+
+    if not one_step:
+        monkeypatch.setattr(fileformats.atomic, "exchange", lambda a, b: False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
@@ -378,3 +383,18 @@ def test_an_existing_folder_is_swapped_whole(tmp_path: Path):
         (tmp / "config.json").write_text("new")
         assert (out / "config.json").read_text() == "old"  # nothing changes until the block ends
     assert _files(tmp_path) == ["out", "out/config.json"] and (out / "config.json").read_text() == "new"
+
+
+def test_exchange_swaps_two_folders_in_one_step_or_changes_nothing(tmp_path: Path):
+    from fileformats.atomic import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from_a").write_text("a")
+    (b / "from_b").write_text("b")
+    swapped = exchange(a, b)
+    assert _files(tmp_path) == (["a", "a/from_b", "b", "b/from_a"] if swapped else ["a", "a/from_a", "b", "b/from_b"])
+    with pytest.raises(OSError):  # a missing side is an error, not a silent rename
+        if not exchange(a, tmp_path / "missing"):
+            raise OSError("no exchange on this system")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import fileformats.atomic as atomic
 import refiner.cli.metrics as cli_metrics
 import refiner.loop as loop
 from common.errors import UserError
@@ -468,20 +469,26 @@ def test_a_folder_replaced_in_place_is_swapped_whole_or_left_as_it_was(tmp_path:
             raise OSError(errno.EIO, "Input/output error")
         return copytree(src, dst, **kwargs)
 
-    def swap_failing(src, dst):
+    def swap_failing(src, dst):  # the second of the two renames that replace a one-step exchange
         if Path(dst) == folder and not calls:
             calls.append(src)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return rename(src, dst)
 
-    for patch, message in ((("copytree", copytree_failing_part_way), "Input/output error"),
-                           (("rename", swap_failing), "cross-device")):
+    def exchange_failing(a, b):
+        raise OSError(errno.EIO, "Input/output error")
+
+    for patches, message in (([(shutil, "copytree", copytree_failing_part_way)], "Input/output error"),
+                             ([(atomic, "exchange", lambda a, b: False), (os, "rename", swap_failing)],
+                              "cross-device"),
+                             ([(atomic, "exchange", exchange_failing)], "Input/output error")):
         calls.clear()
         with monkeypatch.context() as m:
-            m.setattr(shutil if patch[0] == "copytree" else os, *patch)
+            for module, name, value in patches:
+                m.setattr(module, name, value)
             with pytest.raises(OSError, match=message):
                 replace_input(folder, refined, tmp_path / "biggan.bak", generator, {})
-        assert _tree(folder) == original, patch[0]
+        assert _tree(folder) == original, patches
         assert sorted(p.name for p in tmp_path.iterdir()) == ["biggan", "out"]  # no backup, no temporary folder
 
     replace_input(folder, refined, tmp_path / "biggan.bak", generator, {})
