@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from typing import IO, Any
 
@@ -67,7 +68,9 @@ def load_weights(path: str | os.PathLike, name: str, expected: str) -> Any:
         raise UserError(f"{name}: a TorchScript archive (compiled code, which refiner runs only as the Inception "
                         f"detector of `refiner metrics --detector`), not weights; {expected}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the refusal says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged, foreign or unsafe files
         raise UserError(f"{name}: cannot read it as a torch file ({unreadable_reason(e)}); {expected}") from None
 

@@ -101,12 +101,17 @@ class RunDir:
         """Arrays a run computes once and keeps in the file `name` (.npz) of its directory, so that a resumed
         run uses the very same ones (the untrained generator's samples, grid and metrics): read back when
         the file exists, else `compute()`d and written atomically."""
+        from metrics.images import read_npz
+
         path = self.path / name
         if not path.exists():
             with atomic_open(path) as f:
                 np.savez(f, **compute())
-        with np.load(path) as stored:
-            return dict(stored)
+        try:
+            return read_npz(path)
+        except UserError as e:  # damaged after the run wrote it: what it kept cannot be made again
+            raise UserError(f"{e}; it keeps what this run measured before training, which a resumed run cannot "
+                            "measure again: start a new run with another --out (or --force)") from None
 
     # -- ownership and lock ---------------------------------------------------------------------------
     def _is_run(self) -> bool:

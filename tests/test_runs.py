@@ -101,6 +101,10 @@ def test_refine_same_seed_twice_and_resume_equal_an_uninterrupted_run(tmp_path: 
     assert more.exit_code == 0, more.output
     assert all((a / n).read_bytes() == (resumed / n).read_bytes() for n in outputs)
     assert_same(_final_state(a), _final_state(resumed))
+    (resumed / "before.npz").write_bytes((a / "before.npz").read_bytes()[:100])  # damaged after it was written
+    damaged = _refine(SG2, teacher32, resumed, "--steps", "3", "--snapshot-every", "1", "--resume")
+    assert damaged.exit_code == 2 and "before.npz: not an .npz file" in damaged.output, damaged.output
+    assert "a resumed run cannot measure again" in damaged.output and "Traceback" not in damaged.output
 
 
 def test_distill_same_seed_twice_and_resume_after_a_hard_kill(tmp_path: Path):
