@@ -120,7 +120,9 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: nn.Modul
     weights (a `Resized` one's: the wrapped generator's); then copy the input to `backup` and put the refined
     file in its place, each copy atomic. A folder is replaced whole: a copy of it with the refined files
     written over takes its place in one swap (`atomic_folder`), so files of the input that refine does not
-    write stay. If anything fails, the input is as it was and neither a backup nor a temporary copy is left."""
+    write stay. If anything fails before the input is replaced, it is as it was and neither a backup nor a
+    temporary copy is left; once it is replaced (the path names another inode), the backup stays whatever
+    happens after, an interrupt included."""
     from gan_adapters.loader import load_generator
 
     reference = reference.gen if isinstance(reference, Resized) else reference
@@ -129,6 +131,7 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: nn.Modul
     if reread.keys() != expected.keys() or not all(torch.equal(reread[k], expected[k].cpu()) for k in expected):
         raise UserError(f"{refined} did not read back as the refined generator; {target} was left unchanged")
     check_free_space(target)
+    original = os.stat(target).st_ino
     atomic_copy(target, backup, advice=IN_PLACE_ADVICE)
     try:
         if refined.is_dir():
@@ -138,8 +141,16 @@ def replace_input(target: Path, refined: Path, backup: Path, reference: nn.Modul
         else:
             atomic_copy(refined, target, advice=IN_PLACE_ADVICE)
     except BaseException:
-        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+        if _inode(target) == original:  # not replaced: the backup is a needless copy
+            shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
         raise
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _size(path: Path) -> int:

@@ -498,3 +498,48 @@ def test_a_folder_replaced_in_place_is_swapped_whole_or_left_as_it_was(tmp_path:
     replace_input(folder, refined, tmp_path / "biggan.bak", generator, {})
     assert _tree(tmp_path / "biggan.bak") == original and _tree(folder) == {**original, **written}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["biggan", "biggan.bak", "out"]
+
+
+def test_an_interrupt_after_the_input_is_replaced_keeps_the_backup(tmp_path: Path, monkeypatch):
+    """Ctrl-C while the last steps of --in-place run (the pickle's mode copied after its rename; the old folder
+    removed after the swap): the input is the refined one by then, so FILE.bak must stay, whole. The old code
+    deleted the backup on any interrupt and the original was lost."""
+    gen, refined = tmp_path / "sg2.pkl", tmp_path / "out" / "network-refined.pkl"
+    shutil.copy(SG2, gen)
+    refined.parent.mkdir()
+    generator = load_generator(SG2)
+    with torch.no_grad():
+        generator.network.mapping.fc0.weight.mul_(2.0)
+    generator.save(refined)
+
+    copymode = shutil.copymode
+
+    def interrupt_after_the_rename(src, dst, **kwargs):
+        if Path(dst) == gen:
+            raise KeyboardInterrupt
+        return copymode(src, dst, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copymode", interrupt_after_the_rename)
+        with pytest.raises(KeyboardInterrupt):
+            replace_input(gen, refined, tmp_path / "sg2.pkl.bak", generator, {})
+    assert gen.read_bytes() == refined.read_bytes() and (tmp_path / "sg2.pkl.bak").read_bytes() == SG2.read_bytes()
+
+    folder, refined_folder = tmp_path / "biggan", tmp_path / "out" / "biggan-refined"
+    shutil.copytree(BIGGAN, folder)
+    biggan = load_generator(BIGGAN)
+    with torch.no_grad():
+        next(biggan.parameters()).add_(1.0)
+    biggan.save(refined_folder)
+    rmtree = shutil.rmtree
+
+    def interrupt_removal_of_the_old_folder(path, *args, **kwargs):
+        if Path(path).name.startswith(".biggan.") and not Path(path).name.startswith(".biggan.bak."):
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", interrupt_removal_of_the_old_folder)
+        with pytest.raises(KeyboardInterrupt):
+            replace_input(folder, refined_folder, tmp_path / "biggan.bak", biggan, {})
+    assert _tree(folder) == _tree(refined_folder) and _tree(tmp_path / "biggan.bak") == _tree(BIGGAN)
