@@ -29,9 +29,17 @@ _CKPT = re.compile(r"^state-(\d{8})\.pt$")
 
 MARKER = ".refiner-run"  # written first into every run directory: what --force may empty is marked ours
 LOCK = ".refiner-lock"  # flock'ed for a run's life; holds "pid host" of the holder for the message
-# What runs write into their directory (every job's outputs): --force and a restart remove these, nothing else.
-RUN_FILES = (MARKER, LOCK, "config.json", "log.jsonl", "checkpoints", "before.npz", "grid*.png", "report.*",
-             "metrics.jsonl", "network-*.pkl", "generator-*", "biggan-refined", "toy.*", ".*.tmp")
+_IMAGES_SEEN = "[0-9]" * 9  # NNNNNNNNN in the names of snapshot files
+# What runs write once they are past their first checkpoint (snapshots, the end): a run that holds any of these
+# and no checkpoint had its checkpoints removed; it is restarted only with --force.
+SNAPSHOT_FILES = (f"grid-{_IMAGES_SEEN}.png", "grid-after.png", "report.html", "report.json",
+                  "network-refined.pkl", f"network-snapshot-{_IMAGES_SEEN}.pkl", "generator-refined.pt",
+                  "generator-onestep.pkl", "biggan-refined", f"biggan-snapshot-{_IMAGES_SEEN}", "toy.json", "toy.png",
+                  "grids.png")
+# What runs write into their directory, by exact name (every job's outputs): --force and a restart remove these
+# and nothing else, so a file of the user's with a similar name (report.pdf, grid-curated.png) stays.
+RUN_FILES = (MARKER, LOCK, "config.json", "log.jsonl", "checkpoints", "before.npz", "grid-before.png",
+             "metrics.jsonl", "toy.before.npz", "grid-teacher.png", "grid-real.png", ".*.tmp", *SNAPSHOT_FILES)
 
 
 class RunDir:
@@ -81,6 +89,11 @@ class RunDir:
             elif checkpoint is not None and not force:
                 raise UserError(f"--out {self.path} holds a run with checkpoints; add --resume to continue it, "
                                 f"--force to delete it and start over, or choose a new --out")
+            outputs = sorted(self._matching(SNAPSHOT_FILES)) if existing and checkpoint is None else []
+            if outputs and not force:
+                raise UserError(f"--out {self.path} holds a run's outputs ({', '.join(outputs[:3])}) but no "
+                                "checkpoint (checkpoints/ was removed), so it cannot be resumed: --force deletes "
+                                "them and starts over; or choose a new --out")
             if existing and (checkpoint is None or force):
                 self._clear(inputs)
                 checkpoint = None
@@ -155,8 +168,7 @@ class RunDir:
         if here == Path.cwd().resolve() or here in Path.cwd().resolve().parents:
             raise UserError(f"--out {self.path} is the working directory (or contains it); refiner does not "
                             f"empty it: choose a subfolder as --out")
-        doomed = [child for child in self.path.iterdir() if child.name not in (MARKER, LOCK)
-                  and any(fnmatch.fnmatchcase(child.name, pattern) for pattern in RUN_FILES)]
+        doomed = [self.path / name for name in self._matching(RUN_FILES) if name not in (MARKER, LOCK)]
         for item in inputs:
             resolved = Path(item).resolve()
             if any(resolved == child.resolve() or child.resolve() in resolved.parents for child in doomed):
@@ -167,6 +179,11 @@ class RunDir:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+    def _matching(self, patterns: Iterable[str]) -> list[str]:
+        """Names in the directory that match one of `patterns` (fnmatch, case-sensitive)."""
+        return [child.name for child in self.path.iterdir()
+                if any(fnmatch.fnmatchcase(child.name, pattern) for pattern in patterns)]
 
     def read_config(self) -> TrainConfig:
         try:

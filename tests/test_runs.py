@@ -220,10 +220,35 @@ def test_run_killed_before_its_first_checkpoint_restarts(tmp_path: Path):
     (out / ".toy.json.123.tmp").write_text("partial")
     assert _toy(out).exit_code == 0  # no --force needed: nothing to lose
     assert not (out / ".toy.json.123.tmp").exists() and RunDir(out).latest_checkpoint() is not None
-    shutil.rmtree(out / "checkpoints")
-    result = _toy(out, "--resume")  # --resume there starts from the beginning and says so
+    fresh = tmp_path / "fresh"
+    RunDir(fresh).prepare(config)
+    result = _toy(fresh, "--resume")  # --resume there starts from the beginning and says so
     assert result.exit_code == 0 and "no checkpoint yet" in result.output
     assert "starting from the beginning" in result.output
+    # a finished run whose checkpoints were removed is no run killed early: its outputs stay unless --force
+    shutil.rmtree(out / "checkpoints")
+    (out / "toy-notes.json").write_text("the user's")  # not a name runs write: --force keeps it
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for extra in ((), ("--resume",)):
+        refused = _toy(out, *extra)
+        assert refused.exit_code == 2 and "holds a run's outputs (toy.json, toy.png) but no checkpoint" in \
+            refused.output, refused.output
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert _toy(out, "--force").exit_code == 0 and (out / "toy-notes.json").read_text() == "the user's"
+
+
+def test_force_removes_only_the_names_runs_write(tmp_path: Path):
+    """Files of the user's whose names resemble a run's outputs (report.pdf, grid-curated.png,
+    network-best-fid.pkl, generator-export.onnx, toy.ipynb) stay; the run's own files go."""
+    out = tmp_path / "run"
+    assert _toy(out).exit_code == 0
+    mine = ["report.pdf", "grid-curated.png", "network-best-fid.pkl", "generator-export.onnx", "toy.ipynb"]
+    for name in mine:
+        (out / name).write_text("mine")
+    (out / "grid-000000016.png").write_text("a snapshot grid")
+    assert _toy(out, "--force").exit_code == 0
+    assert all((out / name).read_text() == "mine" for name in mine)
+    assert not (out / "grid-000000016.png").exists()
 
 
 def test_a_live_run_is_locked_and_a_dead_ones_lock_is_taken_over(tmp_path: Path):
@@ -543,3 +568,18 @@ def test_an_interrupt_after_the_input_is_replaced_keeps_the_backup(tmp_path: Pat
         with pytest.raises(KeyboardInterrupt):
             replace_input(folder, refined_folder, tmp_path / "biggan.bak", biggan, {})
     assert _tree(folder) == _tree(refined_folder) and _tree(tmp_path / "biggan.bak") == _tree(BIGGAN)
+
+
+def test_force_never_deletes_an_input_given_as_init_or_ref(tmp_path: Path):
+    """distill --force --init OUT/network-snapshot-...pkl: the starting generator lies among the files that
+    starting over deletes, so it is refused and the file stays (it was deleted, then written anew)."""
+    out = tmp_path / "run"
+    assert _distill(out, "--steps", "2", "--snapshot-every", "1").exit_code == 0
+    snapshot = out / "network-snapshot-000000004.pkl"
+    kept = snapshot.read_bytes()
+    refused = _distill(out, "--steps", "1", "--force", "--init", str(snapshot))
+    assert refused.exit_code == 2 and f"holds {snapshot}, an input of this command" in refused.output, refused.output
+    assert snapshot.read_bytes() == kept
+    np.savez(out / "before.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # in a run's name: a --ref there, too
+    refused = _distill(out, "--steps", "1", "--force", "--metrics", "fid2", "--ref", str(out / "before.npz"))
+    assert refused.exit_code == 2 and "an input of this command" in refused.output, refused.output

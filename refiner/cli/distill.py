@@ -17,6 +17,7 @@ from common.errors import UserError
 from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
+    command_inputs,
     config_from_options,
     data_option,
     fetch_source,
@@ -107,6 +108,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
     config.extra["sigma_init"] = sigma_init
     device = dist.setup(resolve_device(config.device))
     config = config.for_device(device)  # precision auto -> bf16 or fp32, before the teacher's dtype follows it
+    inputs = command_inputs(kwargs, teacher_src, init_src, data_src, source_from)
     evaluate = make_evaluator(kwargs, device)  # a bad --ref or --detector is refused before the networks load
     main = dist.rank() == 0
     echo = (lambda s: click.echo(s, err=True)) if main else (lambda s: None)
@@ -143,7 +145,7 @@ def command(teacher_src: str, teacher_sha256: str | None, preset_name: str | Non
                    snapshot_grids=True,
                    title="Diff-Instruct distillation of an EDM teacher into a one-step generator",
                    info={"teacher": teacher_src, "preset": preset.name, "sigma_init": generator.sigma_init,
-                         "processes": dist.world_size()}, echo=echo, inputs=(teacher_src,), real_data=real_data)
+                         "processes": dist.world_size()}, echo=echo, inputs=inputs, real_data=real_data)
     result = job.run(resume=resume, force=force)
     if main:
         click.echo(json.dumps(result))

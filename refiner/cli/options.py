@@ -162,6 +162,13 @@ def threads_option(f: Callable) -> Callable:
                              "other programs holding the cores make several threads many times slower.")(f)
 
 
+def command_inputs(kwargs: dict[str, Any], *sources: str | None) -> tuple[str, ...]:
+    """Every file a training command reads (its sources, and --ref / --detector when given): what starting over
+    in --out must not delete. Call it before `make_evaluator` removes the metric options from kwargs."""
+    given = [*sources, kwargs.get("ref"), kwargs.get("detector")]
+    return tuple(s for s in given if s is not None and not is_url(s))
+
+
 def given_options(**options: Any) -> dict[str, Any]:
     """The loader options the user gave (those not None)."""
     return {k: v for k, v in options.items() if v is not None}

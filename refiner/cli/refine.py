@@ -12,6 +12,7 @@ import click
 from refiner import distributed as dist
 from refiner.cli.options import (
     FINITE_FLOAT,
+    command_inputs,
     config_from_options,
     data_option,
     fetch_source,
@@ -88,6 +89,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
                                  data=input_name(data_src), **family_options)
     check_data_option(config.loss, data_src, config.loss_options)
     device = dist.setup(resolve_device(config.device))
+    inputs = command_inputs(kwargs, generator_src, teacher_src, data_src, source_from)
     evaluate = make_evaluator(kwargs, device)  # a bad --ref or --detector is refused before the networks load
     main = dist.rank() == 0
     backup = in_place_backup(generator_src) if in_place else None
@@ -108,7 +110,7 @@ def command(generator_src: str, generator_sha256: str | None, teacher_src: str, 
                    title="Diff-Instruct refinement of a GAN",
                    info={"generator": generator_src, "teacher": teacher_src},
                    echo=(lambda s: click.echo(s, err=True)) if main else (lambda s: None),
-                   inputs=(generator_src, teacher_src), real_data=real_data)
+                   inputs=inputs, real_data=real_data)
     result = job.run(resume=resume, force=force)
     if not main:
         return
