@@ -4,6 +4,7 @@ and the collectives the loop and the jobs need. Without torchrun everything is a
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from typing import Callable, TypeVar
 
@@ -52,6 +53,31 @@ def on_rank0(fn: Callable[[], T]) -> T:
     if status == "error":
         raise UserError(value)
     return value
+
+
+def check_same(values: dict[str, str]) -> None:
+    """Refuse, on every process alike, when the processes disagree on any of `values` (fingerprints of their
+    inputs and options): each would train on its own files while their gradients are averaged."""
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return
+    gathered: list = [None] * td.get_world_size()
+    td.all_gather_object(gathered, values)
+    differing = sorted(k for k in values if len({g.get(k) for g in gathered}) > 1)
+    if differing:
+        raise UserError(f"the {len(gathered)} processes differ in {', '.join(differing)}: every process must get "
+                        "the same files and options (across machines: the same files at the same paths)")
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A module's identity for `check_same`: the sha256 of the file it was loaded from where it records one
+    (a teacher), else the sha256 of its tensors' names and shapes (its architecture)."""
+    identity = getattr(module, "identity", None)
+    if isinstance(identity, dict) and identity.get("sha256"):
+        return identity["sha256"]
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()
 
 
 def world_size() -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import os
 import shutil
 import sys
@@ -55,7 +56,7 @@ from refiner import distributed as dist
 from refiner import heap
 from refiner.adversarial import Adversary, gan_options
 from refiner.augment import AugmentPipe
-from refiner.config import TrainConfig
+from refiner.config import INPUT_OPTIONS, TrainConfig
 from refiner.ema import ema_beta, update_ema
 from refiner.losses import add_noise, denoising_loss, generator_objective, get_loss
 from refiner.optim import make_adam
@@ -291,6 +292,10 @@ class Trainer:
                         "generator": torch.amp.GradScaler("cuda", init_scale=2.0**16, enabled=fp16)}
         self.peak_rss = 0
         self.nonfinite_steps = 0  # consecutive generator steps skipped for a non-finite gradient
+        options = {k: v for k, v in config.to_json().items() if k not in ("device", "sources")}
+        options["extra"] = {k: v for k, v in options["extra"].items() if k not in INPUT_OPTIONS}  # compared by content
+        dist.check_same({"teacher": dist.fingerprint(teacher), "generator architecture": dist.fingerprint(generator),
+                         "options": json.dumps(options, sort_keys=True, default=str)})
         dist.broadcast_module(generator)
         dist.broadcast_module(fake)
         dist.broadcast_module(self.ema)

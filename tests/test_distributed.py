@@ -103,3 +103,34 @@ def test_reuse_pass_in_two_processes_follows_one(tmp_path: Path):
     one, two = _state(tmp_path / "one", 2), _state(tmp_path / "two", 2)
     assert one["counters"]["fake_steps"] == 2  # no separate fake step: one per iteration, in the shared pass
     _assert_same_training_state(one, two)
+
+
+def test_processes_given_different_teachers_refuse_together(tmp_path: Path):
+    """Two ranks launched as torchrun launches them, each with its own teacher file (the same path holding
+    different files on two machines): both stop with one line naming what differs, before any training.
+    They trained before, each on its own teacher, with averaged gradients."""
+    import os
+    import socket
+
+    from tests.helpers import write_edm_teacher
+
+    teachers = [write_edm_teacher(tmp_path / f"teacher{i}.pkl", seed=i, resolution=16, label_dim=10) for i in (0, 1)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for a in ARGS if a != str(TEACHER)]
+    args.remove("--teacher")
+    processes = []
+    for rank, teacher in enumerate(teachers):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "refiner", "distill", *args, "--teacher", str(teacher), "--steps", "1",
+             "--out", str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=Path(__file__).parents[1]))
+    outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-2000:]
+        assert "the 2 processes differ in teacher: every process must get the same files" in err
+        assert "Traceback" not in err
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
