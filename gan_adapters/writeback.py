@@ -21,6 +21,7 @@ through a temporary file and a rename, so a killed run never leaves a half-writt
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import shutil
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ def in_place_backup(source: str) -> Path:
         raise UserError(f"--in-place writes {source}.bak and the refined generator into {parent}, which this user "
                         "cannot write (permissions or a read-only file system): leave out --in-place and take the "
                         "refined generator from --out")
+    for stale in Path(parent).glob(f".{glob.escape(os.path.basename(source))}.*.tmp"):  # a killed --in-place's
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     backup = Path(f"{source}.bak")
     if backup.exists():
         raise UserError(f"--in-place would keep the input as {backup}, which already exists; move it away first")

@@ -583,3 +583,39 @@ def test_force_never_deletes_an_input_given_as_init_or_ref(tmp_path: Path):
     np.savez(out / "before.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # in a run's name: a --ref there, too
     refused = _distill(out, "--steps", "1", "--force", "--metrics", "fid2", "--ref", str(out / "before.npz"))
     assert refused.exit_code == 2 and "an input of this command" in refused.output, refused.output
+
+
+def test_sigterm_ends_a_command_through_its_cleanup(tmp_path: Path):
+    """SIGTERM (kill, Slurm) while a checkpoint is being written: the temporary file goes, the exit code is
+    128 + 15, and the run resumes. Python's default ended the process at once and left the temporary file."""
+    out = tmp_path / "run"
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import fileformats.atomic as atomic
+        from refiner.cli import main
+        fsync = atomic.os.fsync
+        def fsync_then_term(fd):
+            fsync(fd)
+            if "state-" in os.readlink(f"/proc/self/fd/{fd}"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        atomic.os.fsync = fsync_then_term
+        main(sys.argv[1:])
+    """)
+    command = ["toy", "--steps", "2", "--batch", "16", "--samples", "50", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert not list(out.rglob(".*.tmp")) and not RunDir(out).checkpoints()
+    assert _cli(*command, "--resume").exit_code == 0
+
+
+def test_in_place_removes_the_temporary_copies_a_killed_in_place_left(tmp_path: Path):
+    from gan_adapters.writeback import in_place_backup
+
+    target = tmp_path / "sg2.pkl"
+    shutil.copy(SG2, target)
+    (tmp_path / ".sg2.pkl.a1b2c3.tmp").write_bytes(b"half a copy")
+    (tmp_path / ".sg2.pkl.bak.d4e5f6.tmp").mkdir()
+    (tmp_path / ".notes.txt.x.tmp").write_text("another program's")
+    in_place_backup(str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.x.tmp", "sg2.pkl"]

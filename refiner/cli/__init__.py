@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -56,5 +57,12 @@ def cli() -> None:
     """Refine GANs and distill EDM teachers with Diff-Instruct (Luo et al., NeurIPS 2023)."""
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    # SIGTERM (kill, Slurm, Kubernetes) ends the command as Ctrl-C does: through its cleanup (temporary files
+    # removed, the run's lock released), not at once as Python's default does
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="refiner")
