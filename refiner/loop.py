@@ -283,6 +283,7 @@ class Trainer:
                       + ("this CPU or torch build lacks (it needs AVX2)" if device.type == "cpu" else
                          f"does not apply on {device.type}"))
         self.counters = Counters()
+        self.window = _Window()  # the statistics since the last log record (kept in checkpoints)
         # fp16 loss scaling, one scaler per loss, as the two differ in scale by orders of magnitude. The
         # denoising loss's weight λ(σ) ~ 1/σ² makes its gradients large at small σ: scaled by PyTorch's
         # default 2^16 (even by 2^11) they overflow fp16, so its scale starts at 1 and grows (x2 after
@@ -542,6 +543,8 @@ class Trainer:
             "config": self.config.to_json(),
             "teacher": self.teacher_id,
             "counters": vars(self.counters).copy(),
+            "log_window": {"values": dict(self.window.values), "counts": dict(self.window.counts),
+                           "images": self.window.images},
             "generator": self.generator.state_dict(),
             "fake": self.fake.state_dict(),
             "ema": self.ema.state_dict(),
@@ -567,6 +570,9 @@ class Trainer:
         reused = state.get("reused")
         self.reused = None if not reused else (self._local(reused["x"]), self._local(reused.get("c")))
         self.counters = Counters(**state["counters"])
+        window = state.get("log_window")  # a resumed log record averages the steps the uninterrupted one does
+        self.window = _Window() if window is None else _Window(dict(window["values"]), dict(window["counts"]),
+                                                               images=window["images"])
         self.rng.set_state(state["rng"]["loop"])
         if self.rank == 0:
             torch.set_rng_state(state["rng"]["torch"])
@@ -623,20 +629,19 @@ class Trainer:
         cfg = self.config
         while self.counters.fake_steps < cfg.fake_warmup:
             self.fake_step()
-        window = _Window()
         with Progress(cfg.steps, desc="train", unit="step", initial=self.counters.step,
                       enabled=None if self.rank == 0 else False) as bar:
             while self.counters.step < cfg.steps:
                 steps = self.iteration()
                 for step_stats in steps:
-                    window.add(**step_stats)
+                    self.window.add(**step_stats)
                 stats = steps[-1]  # the generator step's
-                window.images += cfg.batch
+                self.window.images += cfg.batch
                 bar.update(1, loss=stats["loss_gen"])
                 step = self.counters.step
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    self._log(window)
-                    window = _Window()
+                    self._log(self.window)
+                    self.window = _Window()
                 if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
                     self.checkpoint()
         self.checkpoint()

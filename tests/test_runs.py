@@ -619,3 +619,37 @@ def test_in_place_removes_the_temporary_copies_a_killed_in_place_left(tmp_path: 
     (tmp_path / ".notes.txt.x.tmp").write_text("another program's")
     in_place_backup(str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.x.tmp", "sg2.pkl"]
+
+
+def test_a_resumed_log_averages_the_steps_the_uninterrupted_one_does(tmp_path: Path):
+    """--log-every 2 --snapshot-every 3, killed right after step 4 was logged: the resume starts at the step-3
+    checkpoint, and its step-4 record must average steps 3 and 4 as the uninterrupted run's does (the window
+    of statistics since the last record is kept in the checkpoint); it averaged step 4 alone."""
+    args = ["toy", "--steps", "6", "--batch", "16", "--samples", "50", "--device", "cpu", "--log-every", "2",
+            "--snapshot-every", "3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _cli(*args, "--out", str(whole)).exit_code == 0
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import refiner.loop as loop
+        from refiner.cli import main
+        log = loop.Trainer._log
+        def log_and_die(self, window):
+            log(self, window)
+            if self.counters.step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+        loop.Trainer._log = log_and_die
+        main(sys.argv[1:])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--out", str(killed)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _cli(*args, "--out", str(killed), "--resume").exit_code == 0
+    timing = ("img_per_s", "peak_rss_mb")
+
+    def records(run: Path) -> list[dict]:
+        lines = (run / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+    assert [r["step"] for r in records(killed)] == [2, 4, 6]
+    assert records(killed) == records(whole)
