@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from common.values import is_integer
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,9 @@ class Bound:
 
     def admits(self, value: Any) -> bool:
         if self.items is None:
-            return _integer(value) and self.low <= value <= self.high
+            return is_integer(value) and self.low <= value <= self.high
         return (isinstance(value, (list, tuple)) and len(value) <= self.items
-                and all(_integer(v) and self.low <= v <= self.high for v in value))
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+                and all(is_integer(v) and self.low <= v <= self.high for v in value))
 
 
 def check_ranges(name: str, what: str, values: Mapping[str, Any], bounds: Mapping[str, Bound]) -> None:

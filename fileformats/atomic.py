@@ -228,16 +228,17 @@ def append_text(path: str | os.PathLike, text: str, advice: str = OUT_ADVICE) ->
             os.close(fd)
 
 
-def remove_stale_temps(*folders: str | os.PathLike, older_than: float = 0.0) -> list[Path]:
+def remove_stale_temps(*folders: str | os.PathLike, older_than: float = 0.0, of: str | None = None) -> list[Path]:
     """Remove the temporary files and folders (`.NAME.XXXXXXXX.tmp`) that a killed process left in `folders`,
     not descending into sub-folders; `older_than` (seconds since the last change) spares the temporary files
-    of live writers in a folder that several processes share, like the download cache. Returns what went."""
+    of live writers in a folder that several processes share, like the download cache; `of` keeps to those of
+    the file or folder of that name (and of its `.bak`), in a folder of the user's. Returns what went."""
     removed = []
     now = time.time()
     for folder in folders:
         with contextlib.suppress(OSError):
             for entry in os.scandir(folder):
-                if not TEMP_NAME.match(entry.name):
+                if not TEMP_NAME.match(entry.name) or of is not None and not entry.name.startswith(f".{of}."):
                     continue
                 with contextlib.suppress(OSError):
                     if now - entry.stat(follow_symlinks=False).st_mtime < older_than:

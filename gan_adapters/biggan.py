@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
+from common.values import is_number
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from fileformats.atomic import atomic_folder, atomic_write
 from fileformats.torchfiles import load_weights, save_legacy
@@ -279,7 +280,7 @@ class BigGAN(nn.Module):
 
 
 def check_truncation(truncation: float) -> None:
-    if isinstance(truncation, bool) or not isinstance(truncation, (int, float)) or not 0 < truncation <= 1:
+    if not is_number(truncation) or not 0 < truncation <= 1:
         raise UserError(f"BigGAN truncation must lie in (0, 1], got {truncation}; "
                         "pass e.g. --truncation 1.0 (no truncation beyond the [-2, 2] prior) or 0.5")
 

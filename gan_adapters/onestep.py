@@ -18,7 +18,6 @@ plain dict `refiner` = {'format', 'sigma_init', 'generator'}: those loaders only
 from __future__ import annotations
 
 import copy
-import math
 import os
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.values import is_number
 from fileformats import nvpickle
 from gan_adapters.base import refused_options, standard_normal, uniform_one_hot
 from teachers import edm2
@@ -66,7 +66,7 @@ class OneStepGenerator(nn.Module):
     def __init__(self, network: Precond, template: nvpickle.PersistentObject, sigma_init: float,
                  name: str = "<network>"):
         super().__init__()
-        if isinstance(sigma_init, bool) or not isinstance(sigma_init, (int, float)) or not 0 < sigma_init < math.inf:
+        if not is_number(sigma_init) or not sigma_init > 0:
             raise UserError(f"sigma_init must be a finite number > 0 (got {sigma_init!r}); Diff-Instruct uses 1.0, "
                             "SiD 2.5, DMD2 80")
         self.network = network

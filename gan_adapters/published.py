@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from common.values import is_integer
 from fileformats.arguments import shape_mismatch
 from fileformats.torchfiles import load_weights
 from gan_adapters.base import refused_options
@@ -122,7 +123,7 @@ def infer_consistency_unet(tensors: Tensors, name: str, resolution: int | None) 
                             "guided-diffusion default, so its image size cannot be read from the weights: give "
                             "the size it was trained at with --resolution N (Python API: "
                             "gan_adapters.loader.load_generator(path, resolution=N))")
-    if isinstance(resolution, bool) or not isinstance(resolution, int):
+    if not is_integer(resolution):
         raise UserError(f"{name}: resolution must be a whole number (the image size), not {resolution!r}")
     if resolution < 1 or resolution % (1 << (levels - 1)):
         raise UserError(f"{name}: resolution {resolution} does not fit a UNet of {levels} levels, which halves the "

@@ -33,7 +33,6 @@ Training-time choices (options of `load_stylegan2` / `load_generator`):
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from common.values import is_integer, is_number
 from fileformats import nvpickle
 from fileformats.arguments import Bound, check_ranges, meta_shapes, shape_mismatch
 from gan_adapters.base import refused_options, standard_normal, uniform_one_hot
@@ -83,11 +83,11 @@ class StyleGAN2Options:
             raise UserError(f"noise_mode must be one of {list(NOISE_MODES)}, not {options.noise_mode!r}")
         if options.trainable not in TRAINABLE:
             raise UserError(f"trainable must be one of {list(TRAINABLE)}, not {options.trainable!r}")
-        psi = options.truncation_psi
-        if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not math.isfinite(psi):
-            raise UserError(f"truncation_psi must be a finite number (1 = no truncation), not {psi!r}")
+        if not is_number(options.truncation_psi):
+            raise UserError(f"truncation_psi must be a finite number (1 = no truncation), not "
+                            f"{options.truncation_psi!r}")
         cutoff = options.truncation_cutoff
-        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 0):
+        if cutoff is not None and not (is_integer(cutoff) and cutoff >= 0):
             raise UserError(f"truncation_cutoff must be None or a layer count >= 0, not {cutoff!r}")
         if not isinstance(options.force_fp32, bool):
             raise UserError(f"force_fp32 must be True or False, not {options.force_fp32!r}")

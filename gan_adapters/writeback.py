@@ -21,7 +21,6 @@ through a temporary file and a rename, so a killed run never leaves a half-writt
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import shutil
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from torch import nn
 
 from common.errors import UserError
 from fileformats import nvpickle
-from fileformats.atomic import atomic_copy, atomic_folder
+from fileformats.atomic import atomic_copy, atomic_folder, remove_stale_temps
 from fileformats.torchfiles import is_torch_checkpoint
 from gan_adapters.biggan import BigGANGenerator
 from gan_adapters.onestep import METADATA_KEY, OneStepGenerator
@@ -109,8 +108,7 @@ def in_place_backup(source: str) -> Path:
         raise UserError(f"--in-place writes {source}.bak and the refined generator into {parent}, which this user "
                         "cannot write (permissions or a read-only file system): leave out --in-place and take the "
                         "refined generator from --out")
-    for stale in Path(parent).glob(f".{glob.escape(os.path.basename(source))}.*.tmp"):  # a killed --in-place's
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    remove_stale_temps(parent, of=os.path.basename(source))  # what a killed --in-place left beside its input
     backup = Path(f"{source}.bak")
     if backup.exists():
         raise UserError(f"--in-place would keep the input as {backup}, which already exists; move it away first")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.values import is_integer
 from gan_adapters.base import seeded_global_rng
 from metrics.features import NO_LOGITS, FeatureCollector, collect, device_of
 from metrics.images import ImageSet, open_image_set, quantize, to_rgb
@@ -61,6 +62,18 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
     return list(requests.values())
 
 
+def open_needed_reference(requests: Sequence[MetricRequest], ref: object) -> ImageSet | ReferenceStats | None:
+    """The reference that FID and KID compare with, opened and checked without a detector pass (the commands
+    call it before anything else); None when no request needs one."""
+    names = {r.name for r in requests}
+    if not names & {"fid", "kid"}:
+        return None
+    if ref is None:
+        raise UserError("FID and KID need --ref (ref= in Python: an image folder, a dataset .zip, an .npz of images "
+                        "or an .npz with mu and sigma); or ask only for IS")
+    return open_reference(ref, need_features="kid" in names)
+
+
 def generated_batches(G, num: int, batch_size: int = 64, seed: int = 0) -> Iterator[torch.Tensor]:
     """`num` samples of G as uint8 RGB batches [B, 3, H, W]; latents and labels come from G's own priors
     through one torch.Generator seeded with `seed`, so a seed gives the same latents to any generator
@@ -93,7 +106,7 @@ def _check_arguments(source: object, detector: object, metrics: object, num: obj
     if not isinstance(metrics, (str, Sequence)):
         raise UserError(f"metrics is a {type(metrics).__name__}: give names such as 'fid50k,is50k' or ['fid']")
     for name, value in (("num", 1 if num is None else num), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, not {value!r}")
 
 
@@ -133,11 +146,8 @@ def evaluate(source, detector, metrics: str | Sequence[str] = ("fid", "is", "kid
         raise UserError(f"{source.path} holds {len(source)} images but {total} were asked for; "
                         "ask for fewer or add images")
     reference = None
-    if "fid" in counts or "kid" in counts:
-        if ref is None:
-            raise UserError("FID and KID need reference statistics: give --ref (image folder, dataset .zip, "
-                            ".npz of images or an .npz with mu and sigma)")
-        opened = open_reference(ref, need_features="kid" in counts)
+    opened = open_needed_reference(requests, ref)
+    if opened is not None:
         dim = getattr(detector, "feature_dim", None)
         if isinstance(opened, ReferenceStats) and dim is not None and len(opened.mu) != dim:
             raise UserError(f"the reference statistics have {len(opened.mu)} features but the detector gives {dim}: "

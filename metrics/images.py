@@ -27,6 +27,7 @@ import torch
 
 from common.errors import UserError
 from fileformats.atomic import atomic_open
+from fileformats.npz import read_npz
 from fileformats.sources import file_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -157,23 +158,6 @@ class ZipImages(ImageSet):
 
     def content_hash(self) -> str:
         return file_sha256(self.path)
-
-
-def read_npz(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file (only `keys`, those present, when given), without Python objects: a file
-    that is no numpy zip, or holds pickled objects, is a UserError that says so."""
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not an .npz file (numpy.savez writes a zip archive of arrays)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.keys() if keys is None or k in keys}
-    except ValueError as e:
-        if "pickle" in str(e):
-            raise UserError(f"{path}: holds Python objects (pickled data), which are never loaded; store plain "
-                            "arrays") from None
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
-    except (OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
 
 
 def _npz_images(path: Path) -> np.ndarray:

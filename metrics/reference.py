@@ -23,9 +23,10 @@ import torch
 
 from common.errors import UserError
 from fileformats.atomic import atomic_open, remove_stale_temps
+from fileformats.npz import read_npz
 from fileformats.sources import CACHE_ADVICE, STALE_TEMP_AGE, cache_root
 from metrics.features import FeatureCollector, collect
-from metrics.images import ArrayImages, ImageSet, open_image_set, read_npz
+from metrics.images import ArrayImages, ImageSet, open_image_set
 
 CACHE_VERSION = 1  # bump when the cached content or its meaning changes
 

@@ -629,6 +629,7 @@ class Trainer:
         cfg = self.config
         while self.counters.fake_steps < cfg.fake_warmup:
             self.fake_step()
+        self.window.start = time.perf_counter()  # img_per_s counts training steps, not the warm-up or setup
         with Progress(cfg.steps, desc="train", unit="step", initial=self.counters.step,
                       enabled=None if self.rank == 0 else False) as bar:
             while self.counters.step < cfg.steps:

@@ -20,6 +20,7 @@ import torch
 
 from common.errors import UserError
 from fileformats.atomic import append_text, atomic_open, atomic_write_text, ensure_dir, remove_stale_temps
+from fileformats.npz import read_npz
 from fileformats.torchfiles import load_weights
 from refiner import distributed as dist
 from refiner.config import TrainConfig
@@ -114,8 +115,6 @@ class RunDir:
         """Arrays a run computes once and keeps in the file `name` (.npz) of its directory, so that a resumed
         run uses the very same ones (the untrained generator's samples, grid and metrics): read back when
         the file exists, else `compute()`d and written atomically."""
-        from metrics.images import read_npz
-
         path = self.path / name
         if not path.exists():
             with atomic_open(path) as f:

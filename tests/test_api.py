@@ -71,7 +71,7 @@ def test_networks_are_checked_and_data_feeds_the_discriminator_losses(tmp_path: 
                           ((generator, 3), "teacher is a int, not a teacher network")]:
         with pytest.raises(UserError, match=message):
             refiner.train(*args, tmp_path / "run", steps=1, batch=2, device="cpu")
-    with pytest.raises(UserError, match="dmd2"):
+    with pytest.raises(UserError, match="--loss dmd2 trains a discriminator on real images: give them with --data"):
         refiner.train(generator, teacher, tmp_path / "run", steps=1, batch=2, device="cpu", loss="dmd2")
     assert not (tmp_path / "run").exists()
 

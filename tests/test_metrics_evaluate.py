@@ -118,7 +118,7 @@ def test_evaluate_subsets_and_counts(tmp_path):
     assert (out["is_mean"], out["is_std"]) == pytest.approx(inception_score(feats["logits"]), rel=1e-6)
     with pytest.raises(UserError, match="holds 30 images but 31"):
         evaluate(tmp_path / "a.npz", det, "fid31", ref=ref)
-    with pytest.raises(UserError, match="need reference"):
+    with pytest.raises(UserError, match=r"FID and KID need --ref \(ref= in Python"):
         evaluate(tmp_path / "a.npz", det, "fid")
     with pytest.raises(UserError, match="no classifier head"):
         evaluate(tmp_path / "a.npz", StandInDetector(logits=False), "is")

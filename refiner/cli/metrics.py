@@ -8,9 +8,8 @@ import click
 
 from common.devices import resolve_device
 from common.errors import UserError
-from metrics.evaluate import evaluate, parse_metrics
+from metrics.evaluate import evaluate, open_needed_reference, parse_metrics
 from metrics.images import open_image_set
-from metrics.reference import open_reference
 from refiner.cli.options import (
     BATCH,
     DEVICE,
@@ -102,11 +101,7 @@ def command(images, generator, generator_sha256, sigma_init, resolution, ref, me
             raise UserError(f"{flag} applies to --generator (a one-step generator), not to --images")
     spec = metrics if metrics is not None else DEFAULT_IMAGE_METRICS if images else DEFAULT_GENERATOR_METRICS
     requests = parse_metrics(spec)
-    if ref is None and any(r.name in ("fid", "kid") for r in requests):
-        raise UserError("FID and KID need --ref (image folder, dataset .zip, .npz of images or an .npz with "
-                        "mu and sigma); or ask only for --metrics is")
-    if ref is not None:  # checked before the detector and the generator are loaded
-        ref = open_reference(ref, need_features=any(r.name == "kid" for r in requests))
+    ref = open_needed_reference(requests, ref)  # before the detector and the generator are loaded
     if images is not None:
         images = open_image_set(images)
     device = resolve_device(device)

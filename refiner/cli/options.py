@@ -323,14 +323,9 @@ def make_evaluator(kwargs: dict[str, Any], device) -> Callable | None:
             raise UserError("--ref / --detector are given without --metrics; add e.g. --metrics fid10k")
         return None
     from metrics.detector import load_detector
-    from metrics.evaluate import evaluate, parse_metrics
-    from metrics.reference import open_reference
+    from metrics.evaluate import evaluate, open_needed_reference, parse_metrics
 
-    requests = parse_metrics(spec)
-    if ref is None and any(r.name in ("fid", "kid") for r in requests):
-        raise UserError("FID and KID need --ref (reference images or an .npz with mu and sigma)")
-    if ref is not None:  # a bad reference is found now, not after the networks are loaded
-        ref = open_reference(ref, need_features=any(r.name == "kid" for r in requests))
+    ref = open_needed_reference(parse_metrics(spec), ref)  # a bad reference is found now, before the networks
     if detector is not None:
         detector = fetch_source(detector, detector_sha256, "detector")
     net = load_detector(detector, frontend=frontend, device=device)
